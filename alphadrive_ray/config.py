@@ -1,0 +1,549 @@
+"""The one typed configuration of a training run.
+
+Loaded from a YAML file under jobs/, with `--set section.key=value` overrides, and
+validated once at load time; every actor receives only its own section, and nothing
+mutates it afterwards. Each field is documented by the string right under it; that
+text also builds docs/config.md (`alphadrive-ray config-docs`).
+
+    alphadrive-ray train jobs/quickstart_cpu.yaml --set grpo.steps=10
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alphadrive_ray.errors import UserError
+
+REWARD_COMPONENTS = ("accuracy", "weight", "diversity", "format")
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "alphadrive"
+    """Name of the run; the run directory is `output_dir/name`."""
+    output_dir: str = "runs"
+    """Folder that holds run directories (resolved config, metrics, checkpoints, report)."""
+    seed: int = 0
+    """Seed of every random choice: data order, sampling, initialisation of the tiny model."""
+    overwrite: bool = True
+    """Reuse an existing run directory (files of the earlier run are replaced)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "artifacts/tiny-qwen2vl"
+    """Local folder of a Hugging Face Qwen2-VL (or text-only Qwen2) checkpoint. Nothing is downloaded."""
+    init_tiny: bool = False
+    """Build the tiny random Qwen2-VL at `path` first when the folder has no model (the embedded default)."""
+    dtype: str = "float32"
+    """Parameter dtype of learners and engines: float32 or bfloat16 (GPU)."""
+    freeze_vision: bool = False
+    """Keep the vision tower fixed: it is neither trained nor synced to the engines."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel for transformers models: sdpa, eager or flash_attention_2 (GPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (large models)."""
+
+
+@dataclass(frozen=True)
+class SynthSplitConfig:
+    n: int = 0
+    """Number of scenes; 0 means this split is not generated (use the file as it is)."""
+    seed: int = 0
+    """Seed of the scene generator for this split."""
+    speed_mix: dict[str, float] = field(default_factory=dict)
+    """Relative weights of SPEED classes (empty: the generator's default, all classes equal)."""
+    path_mix: dict[str, float] = field(default_factory=dict)
+    """Relative weights of PATH classes (empty: the generator's default)."""
+    size: int = 224
+    """Rendered image side in pixels."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "artifacts/scenes-train/data.jsonl"
+    """Training dataset (canonical JSONL or parquet; see `alphadrive-ray data validate`)."""
+    eval: str = "artifacts/scenes-eval/data.jsonl"
+    """Held-out dataset for periodic and final evaluation."""
+    synth_train: SynthSplitConfig = field(default_factory=SynthSplitConfig)
+    """Generate `train` with the synthetic scene generator when the file does not exist."""
+    synth_eval: SynthSplitConfig = field(default_factory=SynthSplitConfig)
+    """Generate `eval` with the synthetic scene generator when the file does not exist."""
+    prompt_template: str = ""
+    """Planning prompt with {speed} and {navigation} slots; empty means the AlphaDrive release prompt."""
+    skip_bad: bool = False
+    """Skip (and count) bad records instead of stopping at load time."""
+    image_cache: bool = True
+    """Preprocess each image once per worker and reuse the pixel tensors."""
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    enabled: bool = True
+    """Run stage 1, the SFT warm-up on samples that carry reasoning."""
+    samples: int = 2000
+    """How many training samples with reasoning the warm-up uses (the paper: ~30k of 110k)."""
+    epochs: int = 1
+    """Passes over the warm-up samples."""
+    lr: float = 2e-5
+    """Peak learning rate (the release: 2e-5)."""
+    warmup_ratio: float = 0.1
+    """Fraction of SFT steps with linear warm-up before the cosine decay."""
+    batch_size: int = 16
+    """Samples per optimizer step, over all learners."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward on one learner; accumulation fills the batch."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    enabled: bool = True
+    """Run stage 2, GRPO with the planning rewards."""
+    steps: int = 100
+    """Optimizer steps of stage 2 (each on `prompts_per_step` x `group_size` completions)."""
+    prompts_per_step: int = 8
+    """Prompts per step (the release: 32)."""
+    group_size: int = 8
+    """Completions per prompt, G (the release: 2)."""
+    lr: float = 1e-6
+    """Learning rate (the release: 1e-6); constant after `warmup_steps`."""
+    warmup_steps: int = 0
+    """Linear warm-up steps of the GRPO learning rate."""
+    beta: float = 0.04
+    """Weight of the KL penalty to the frozen reference model; 0 removes the reference model."""
+    kl_estimator: str = "k3"
+    """KL estimator in the loss: k1, k2 or k3 (the release: k3)."""
+    eps_low: float = 0.2
+    """Lower clip of the policy ratio, 1 - eps_low."""
+    eps_high: float = 0.2
+    """Upper clip of the policy ratio, 1 + eps_high (DAPO raises it, e.g. 0.28)."""
+    advantage: str = "std"
+    """Group advantage: `std` (r - mean) / (std + eps) as in GRPO, or `mean` (r - mean) as in Dr.GRPO."""
+    advantage_eps: float = 1e-4
+    """Added to the group std (the release: 1e-4)."""
+    loss_agg: str = "token_mean"
+    """Loss aggregation: token_mean over all tokens of the global batch, or seq_mean (mean per sequence, then over sequences)."""
+    micro_batch_size: int = 16
+    """Completions per forward/backward on one learner."""
+    updates_per_batch: int = 1
+    """Optimizer steps per generated batch (the release: 1)."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards all agree (zero advantage) and generate more, as in DAPO."""
+    max_resample_rounds: int = 3
+    """With dynamic sampling, how many extra generation rounds may refill one batch."""
+    off_policy_steps: int = 0
+    """0: on-policy. 1: generate step t+1 while the learners update on step t (one-step off-policy)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: str = "hf"
+    """Rollout engine: `hf` (transformers, any device) or `vllm` (GPU, needs the [gpu] extra)."""
+    num_workers: int = 2
+    """Rollout worker actors, each owning one engine."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per rollout worker (also its torch thread count, rounded up)."""
+    gpus_per_worker: float = 0.0
+    """GPUs per rollout worker (1 for vLLM on GPU)."""
+    temperature: float = 1.0
+    """Sampling temperature; the learner scales logits the same way for log-probs."""
+    top_p: float = 1.0
+    """Nucleus sampling; the learner masks the same nucleus for log-probs."""
+    max_new_tokens: int = 256
+    """Longest completion (the release: 256)."""
+    batch_size: int = 64
+    """Sequences generated together by one engine (prompts x G)."""
+    vllm_gpu_memory_utilization: float = 0.6
+    """vLLM: fraction of GPU memory for weights and KV cache."""
+    vllm_enforce_eager: bool = False
+    """vLLM: disable CUDA graphs (faster start, slower decode)."""
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    num_workers: int = 2
+    """Reward worker actors scoring whole groups."""
+    variant: str = "paper"
+    """Reward semantics: `paper` (F1 x weight x diversity) or `release` (the authors' code: additive +-0.4 diversity)."""
+    components: tuple[str, ...] = REWARD_COMPONENTS
+    """Reward components in use (ablations): any of accuracy, weight, diversity, format."""
+    speed_weight: float = 1.0
+    """Weight of the SPEED planning reward in the total."""
+    path_weight: float = 1.0
+    """Weight of the PATH planning reward in the total."""
+    format_weight: float = 1.0
+    """Weight of the format reward in the total."""
+    diversity_cap: float = 0.2
+    """Largest diversity penalty of the paper variant (20%)."""
+    timeout_s: float = 60.0
+    """Seconds a reward batch may take before the step fails with a clear error."""
+    cpus_per_worker: float = 0.25
+    """CPUs reserved per reward worker."""
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_workers: int = 2
+    """Learner actors (DeepSpeed data-parallel ranks)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage, 0-3."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with GPUs, else gloo), gloo or nccl."""
+    cpus_per_worker: float = 1.0
+    """CPUs per learner (also its torch thread count, rounded up)."""
+    gpus_per_worker: float = 0.0
+    """GPUs per learner."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0 disables)."""
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    backend: str = "object_store"
+    """Weight sync: object_store (CPU, cross-node) or nccl (GPU learners and vLLM engines)."""
+    bucket_mb: int = 256
+    """Tensors are packed into buckets of about this size for the transfer."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate on the held-out split every this many GRPO steps (0: only before and after training)."""
+    samples: int = 200
+    """Held-out samples per evaluation (0: all)."""
+    reasoning_metrics: bool = True
+    """Compute BLEU-4 / CIDEr / METEOR of the reasoning (needs Java for METEOR)."""
+    baseline: bool = True
+    """Also evaluate the untrained model and the SFT-only checkpoint, and print all three."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save a resumable checkpoint every this many GRPO steps (0: only the final one)."""
+    keep: int = 2
+    """Resumable checkpoints kept (older ones are deleted)."""
+    export_hf: bool = True
+    """Export the final policy in Hugging Face format (`from_pretrained` loads it)."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""
+    """Cluster to join; empty: RAY_ADDRESS when set, else start a local cluster."""
+    num_cpus: int = 0
+    """Logical CPUs of a local cluster (0: what the actors ask for, at least the machine's cores)."""
+    dashboard_host: str = "127.0.0.1"
+    """Dashboard bind address of a local cluster; 127.0.0.1 keeps it private."""
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert a YAML value to the annotated type, or say how to fix it."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_t, val_t = typing.get_args(tp)
+        return {_coerce(k, key_t, where): _coerce(v, val_t, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+            raise ConfigError(f"{where}: expected text, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean `{where + '.' if where else ''}{close[0]}`?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key `{path}`{hint}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: `{key}` is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'grpo.steps=10' -> ('grpo.steps', 10); the value is read as YAML."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. grpo.steps=10), got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text}: value is not valid YAML ({exc})") from None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
+    import yaml
+
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (run, model, data, ...)")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    try:
+        config = _build(Config, tree)
+    except ConfigError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+    validate(config, source=str(path or "config"))
+    return config
+
+
+def validate(c: Config, source: str = "config") -> None:
+    """Check values and their combinations; each message says how to fix the value."""
+    errors: list[str] = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    def choice(value: str, key: str, options: tuple[str, ...]) -> None:
+        check(value in options, f"{key} must be one of {', '.join(options)}; got {value!r}")
+
+    choice(c.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+    choice(c.model.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
+    choice(c.grpo.kl_estimator, "grpo.kl_estimator", ("k1", "k2", "k3"))
+    choice(c.grpo.advantage, "grpo.advantage", ("std", "mean"))
+    choice(c.grpo.loss_agg, "grpo.loss_agg", ("token_mean", "seq_mean"))
+    choice(c.rollout.engine, "rollout.engine", ("hf", "vllm"))
+    choice(c.reward.variant, "reward.variant", ("paper", "release"))
+    choice(c.learner.backend, "learner.backend", ("auto", "gloo", "nccl"))
+    choice(c.sync.backend, "sync.backend", ("object_store", "nccl"))
+    for comp in c.reward.components:
+        choice(comp, "reward.components[]", REWARD_COMPONENTS)
+    check(len(set(c.reward.components)) == len(c.reward.components), "reward.components lists a component twice")
+    check(c.learner.zero_stage in (0, 1, 2, 3), f"learner.zero_stage must be 0, 1, 2 or 3; got {c.learner.zero_stage}")
+    for key, value in (
+        ("rollout.num_workers", c.rollout.num_workers),
+        ("reward.num_workers", c.reward.num_workers),
+        ("learner.num_workers", c.learner.num_workers),
+        ("grpo.prompts_per_step", c.grpo.prompts_per_step),
+        ("grpo.micro_batch_size", c.grpo.micro_batch_size),
+        ("grpo.updates_per_batch", c.grpo.updates_per_batch),
+        ("sft.batch_size", c.sft.batch_size),
+        ("sft.micro_batch_size", c.sft.micro_batch_size),
+        ("sft.epochs", c.sft.epochs),
+        ("rollout.max_new_tokens", c.rollout.max_new_tokens),
+        ("rollout.batch_size", c.rollout.batch_size),
+        ("sync.bucket_mb", c.sync.bucket_mb),
+    ):
+        check(value >= 1, f"{key} must be at least 1; got {value}")
+    check(c.grpo.group_size >= 2, f"grpo.group_size must be at least 2 (GRPO compares completions of a prompt); got {c.grpo.group_size}")
+    check(c.grpo.steps >= 0 and c.sft.samples >= 0, "grpo.steps and sft.samples must be >= 0")
+    check(0 < c.rollout.temperature <= 10, f"rollout.temperature must be in (0, 10]; got {c.rollout.temperature}")
+    check(0 < c.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1]; got {c.rollout.top_p}")
+    check(c.grpo.beta >= 0, f"grpo.beta must be >= 0; got {c.grpo.beta}")
+    check(0 <= c.grpo.eps_low < 1 and c.grpo.eps_high >= 0, "grpo.eps_low must be in [0, 1) and grpo.eps_high >= 0")
+    check(c.grpo.lr > 0 and c.sft.lr > 0, "learning rates (sft.lr, grpo.lr) must be > 0")
+    check(0 <= c.sft.warmup_ratio < 1, f"sft.warmup_ratio must be in [0, 1); got {c.sft.warmup_ratio}")
+    check(c.grpo.off_policy_steps in (0, 1), f"grpo.off_policy_steps must be 0 (on-policy) or 1; got {c.grpo.off_policy_steps}")
+    check(c.reward.timeout_s > 0, "reward.timeout_s must be > 0")
+    check(c.eval.samples >= 0 and c.eval.every_steps >= 0, "eval.samples and eval.every_steps must be >= 0")
+    check(c.checkpoint.keep >= 1, f"checkpoint.keep must be at least 1; got {c.checkpoint.keep}")
+
+    n = c.learner.num_workers
+    if n >= 1 and c.sft.micro_batch_size >= 1:
+        per_rank, rem = divmod(c.sft.batch_size, n)
+        check(
+            rem == 0 and per_rank % c.sft.micro_batch_size == 0,
+            f"sft.batch_size ({c.sft.batch_size}) must split evenly over learner.num_workers ({n}) "
+            f"into micro-batches of sft.micro_batch_size ({c.sft.micro_batch_size}); "
+            f"e.g. set sft.batch_size to {n * c.sft.micro_batch_size * max(1, round(c.sft.batch_size / (n * c.sft.micro_batch_size)))}",
+        )
+    samples = c.grpo.prompts_per_step * c.grpo.group_size
+    if n >= 1:
+        check(
+            samples % n == 0,
+            f"grpo.prompts_per_step x grpo.group_size = {samples} completions must split evenly over "
+            f"learner.num_workers ({n})",
+        )
+    if c.rollout.num_workers >= 1:
+        check(
+            c.grpo.prompts_per_step % c.rollout.num_workers == 0,
+            f"grpo.prompts_per_step ({c.grpo.prompts_per_step}) must be a multiple of rollout.num_workers "
+            f"({c.rollout.num_workers}) so that every worker gets whole groups",
+        )
+    check(
+        c.rollout.batch_size >= c.grpo.group_size,
+        f"rollout.batch_size ({c.rollout.batch_size}) must hold at least one group (grpo.group_size = {c.grpo.group_size})",
+    )
+    if c.data.prompt_template:
+        check(
+            "{speed}" in c.data.prompt_template and "{navigation}" in c.data.prompt_template,
+            "data.prompt_template must contain the {speed} and {navigation} slots",
+        )
+    check(c.sync.backend != "nccl" or c.rollout.engine == "vllm", "sync.backend=nccl needs rollout.engine=vllm on GPUs")
+    check(
+        c.rollout.engine != "vllm" or c.rollout.gpus_per_worker > 0,
+        "rollout.engine=vllm needs GPUs: set rollout.gpus_per_worker (e.g. 1)",
+    )
+    check(c.learner.backend != "nccl" or c.learner.gpus_per_worker > 0, "learner.backend=nccl needs learner.gpus_per_worker > 0")
+    if errors:
+        listing = "\n".join(f"  - {e}" for e in errors)
+        raise ConfigError(f"{source}: invalid configuration:\n{listing}")
+
+
+# --- documentation -------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string under each field of a config dataclass (its documentation)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every section and field with its type, default and documentation."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `alphadrive_ray/config.py` by `alphadrive-ray config-docs`; do not edit by hand.",
+        "A run is configured by one YAML file (see jobs/) plus `--set section.key=value` overrides.",
+        "",
+    ]
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        cls = hints[section.name]
+        lines += [f"## `{section.name}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        docs = field_docs(cls)
+        sub_hints = typing.get_type_hints(cls)
+        default = cls()
+        for f in dataclasses.fields(cls):
+            value = _to_plain(getattr(default, f.name))
+            shown = "(section)" if dataclasses.is_dataclass(getattr(default, f.name)) else f"`{value!r}`"
+            tname = str(sub_hints[f.name]).replace("typing.", "") if not isinstance(sub_hints[f.name], type) else sub_hints[f.name].__name__
+            lines.append(f"| `{section.name}.{f.name}` | {tname} | {shown} | {docs.get(f.name, '')} |")
+            if dataclasses.is_dataclass(getattr(default, f.name)):
+                sub = type(getattr(default, f.name))
+                sdocs = field_docs(sub)
+                for g in dataclasses.fields(sub):
+                    lines.append(f"| `{section.name}.{f.name}.{g.name}` | | `{_to_plain(getattr(sub(), g.name))!r}` | {sdocs.get(g.name, '')} |")
+        lines.append("")
+    return "\n".join(lines)

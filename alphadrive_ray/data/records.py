@@ -1,0 +1,301 @@
+"""The canonical dataset record, its validation, and reading/writing datasets.
+
+A dataset is a JSONL file (one record per line) or a parquet file with the same columns:
+
+    {"id": "scene-000001", "image": "images/scene-000001.png", "speed": 8.4,
+     "navigation": "turn left", "speed_action": "DECELERATE", "path_action": "LEFT_TURN",
+     "reasoning": "The light ahead is red, ..."}
+
+`image` is relative to the dataset file. Every loader in the project goes through
+`load_records`, so training, evaluation and `alphadrive-ray data validate` agree on what a
+bad record is: by default the first load fails fast listing every problem (file, line,
+field); with `skip_bad=True` bad records are skipped and counted, never silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from alphadrive_ray.actions import PATH_ACTIONS, SPEED_ACTIONS
+from alphadrive_ray.errors import UserError
+
+REQUIRED_FIELDS: tuple[str, ...] = ("id", "image", "speed", "navigation", "speed_action", "path_action")
+OPTIONAL_FIELDS: tuple[str, ...] = ("reasoning",)
+
+# Images larger than this (either side, or in total pixels) are refused: a planner input
+# is a camera frame, and a huge file is almost always a mistake or a decompression bomb.
+MAX_IMAGE_SIDE = 8192
+MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_SPEED = 100.0  # m/s; anything above is a unit mistake (km/h?) rather than a vehicle speed
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    image: str  # absolute path (resolved against the dataset file's folder)
+    speed: float  # m/s
+    navigation: str
+    speed_action: str
+    path_action: str
+    reasoning: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self, relative_to: Path | None = None) -> dict[str, Any]:
+        image = self.image
+        if relative_to is not None:
+            image = os.path.relpath(self.image, relative_to)
+        out: dict[str, Any] = {
+            "id": self.id,
+            "image": image,
+            "speed": self.speed,
+            "navigation": self.navigation,
+            "speed_action": self.speed_action,
+            "path_action": self.path_action,
+        }
+        if self.reasoning is not None:
+            out["reasoning"] = self.reasoning
+        out.update(self.extra)
+        return out
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int  # 1-based; 0 for problems of the whole file
+    field: str  # "" when the problem is not about one field
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class DatasetError(UserError):
+    def __init__(self, path: str | Path, problems: Sequence[Problem], n_records: int):
+        self.problems = list(problems)
+        shown = "\n".join(f"  {p}" for p in self.problems[:20])
+        more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
+        super().__init__(
+            f"{path}: {len(self.problems)} problem(s) in {n_records} record(s):\n{shown}{more}\n"
+            f"Run `alphadrive-ray data validate {path}` for the full list, or pass --skip-bad "
+            f"to skip bad records (they are counted)."
+        )
+
+
+@dataclass
+class LoadReport:
+    path: str
+    records: list[Record]
+    problems: list[Problem]
+    n_lines: int  # records seen (valid or not)
+
+    @property
+    def n_bad(self) -> int:
+        return len({(p.line, p.file) for p in self.problems if p.line}) + sum(1 for p in self.problems if not p.line)
+
+
+def check_image(path: Path, *, decode: bool = True) -> str | None:
+    """None when `path` is a readable, complete image of sane size; else what is wrong."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        return f"image file not found: {path}"
+    if not path.is_file():
+        return f"image path is not a file: {path}"
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+                return f"image too large ({width}x{height}); at most {MAX_IMAGE_SIDE} px per side"
+            if width < 1 or height < 1:
+                return f"image has no pixels ({width}x{height})"
+            if decode:
+                img.load()  # a truncated or corrupt file fails here, not at training time
+    except PermissionError:
+        return f"image file not readable (permission denied): {path}"
+    except UnidentifiedImageError:
+        return f"not an image file (corrupt or unknown format): {path}"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return f"corrupt or truncated image: {path} ({exc})"
+    return None
+
+
+def parse_record(obj: Any, base_dir: Path, file: str, line: int, check_images: bool = True) -> tuple[Record | None, list[Problem]]:
+    """Validate one decoded JSON value; returns the record or the problems found."""
+    problems: list[Problem] = []
+
+    def bad(field_name: str, message: str) -> None:
+        problems.append(Problem(file, line, field_name, message))
+
+    if not isinstance(obj, dict):
+        bad("", f"expected a JSON object, got {type(obj).__name__}")
+        return None, problems
+    for name in REQUIRED_FIELDS:
+        if name not in obj or obj[name] is None:
+            bad(name, "missing required field")
+    if problems:
+        return None, problems
+
+    rid = obj["id"]
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid).strip() == "":
+        bad("id", f"must be a non-empty string or integer, got {rid!r}")
+    speed = obj["speed"]
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)):
+        bad("speed", f"must be a number in m/s, got {speed!r}")
+    elif not math.isfinite(speed) or speed < 0:
+        bad("speed", f"must be a finite, non-negative number in m/s, got {speed!r}")
+    elif speed > MAX_SPEED:
+        bad("speed", f"{speed} m/s is implausible (> {MAX_SPEED}); is it in km/h? convert to m/s")
+    nav = obj["navigation"]
+    if not isinstance(nav, str) or not nav.strip():
+        bad("navigation", f"must be a non-empty string, got {nav!r}")
+    if obj["speed_action"] not in SPEED_ACTIONS:
+        bad("speed_action", f"unknown label {obj['speed_action']!r}; expected one of {', '.join(SPEED_ACTIONS)}")
+    if obj["path_action"] not in PATH_ACTIONS:
+        bad("path_action", f"unknown label {obj['path_action']!r}; expected one of {', '.join(PATH_ACTIONS)}")
+    reasoning = obj.get("reasoning")
+    if reasoning is not None and not isinstance(reasoning, str):
+        bad("reasoning", f"must be a string when present, got {type(reasoning).__name__}")
+    image = obj["image"]
+    image_path: Path | None = None
+    if not isinstance(image, str) or not image.strip():
+        bad("image", f"must be a path relative to the dataset file, got {image!r}")
+    else:
+        image_path = (base_dir / image).resolve()
+        if check_images:
+            issue = check_image(image_path)
+            if issue:
+                bad("image", issue)
+    if problems:
+        return None, problems
+    extra = {k: v for k, v in obj.items() if k not in REQUIRED_FIELDS and k not in OPTIONAL_FIELDS}
+    record = Record(
+        id=str(rid),
+        image=str(image_path),
+        speed=float(speed),
+        navigation=nav.strip(),
+        speed_action=obj["speed_action"],
+        path_action=obj["path_action"],
+        reasoning=reasoning,
+        extra=extra,
+    )
+    return record, problems
+
+
+def _iter_jsonl(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
+    """(line number, decoded value or None, problem or None) for each non-blank line."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield lineno, None, Problem(str(path), lineno, "", f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield lineno, json.loads(text), None
+            except json.JSONDecodeError as exc:
+                yield lineno, None, Problem(str(path), lineno, "", f"bad JSON: {exc.msg} (column {exc.colno})")
+
+
+def _iter_parquet(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
+    import datasets
+
+    try:
+        table = datasets.Dataset.from_parquet(str(path))
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the user's file
+        yield 0, None, Problem(str(path), 0, "", f"cannot read parquet file: {exc}")
+        return
+    for row_number, row in enumerate(table, start=1):
+        yield row_number, row, None
+
+
+def read_report(path: str | Path, *, check_images: bool = True) -> LoadReport:
+    """Read and validate every record of a dataset file; never raises for bad content."""
+    path = Path(path)
+    file = str(path)
+    if not path.exists():
+        return LoadReport(file, [], [Problem(file, 0, "", "dataset file not found")], 0)
+    if path.is_dir():
+        return LoadReport(file, [], [Problem(file, 0, "", "is a folder; pass the .jsonl or .parquet file")], 0)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return LoadReport(file, [], [Problem(file, 0, "", f"cannot read: {exc}")], 0)
+    if size == 0:
+        return LoadReport(file, [], [Problem(file, 0, "", "empty file: no records")], 0)
+
+    rows = _iter_parquet(path) if path.suffix == ".parquet" else _iter_jsonl(path)
+    records: list[Record] = []
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    n_lines = 0
+    try:
+        for lineno, obj, problem in rows:
+            if lineno:
+                n_lines += 1
+            if problem is not None:
+                problems.append(problem)
+                continue
+            record, found = parse_record(obj, path.parent, file, lineno, check_images)
+            problems.extend(found)
+            if record is None:
+                continue
+            if record.id in seen:
+                problems.append(Problem(file, lineno, "id", f"duplicate id {record.id!r} (first on line {seen[record.id]})"))
+                continue
+            seen[record.id] = lineno
+            records.append(record)
+    except OSError as exc:
+        problems.append(Problem(file, 0, "", f"cannot read: {exc}"))
+    if n_lines == 0 and not problems:
+        problems.append(Problem(file, 0, "", "no records (only blank lines)"))
+    return LoadReport(file, records, problems, n_lines)
+
+
+def load_records(
+    path: str | Path,
+    *,
+    skip_bad: bool = False,
+    check_images: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[Record]:
+    """Load a dataset, failing fast on any bad record unless `skip_bad`.
+
+    With `skip_bad`, bad records are dropped and their count is logged; a dataset with
+    no good record at all is still an error.
+    """
+    report = read_report(path, check_images=check_images)
+    if report.problems:
+        if not skip_bad or not report.records:
+            raise DatasetError(path, report.problems, report.n_lines)
+        log(f"{path}: skipped {report.n_bad} bad record(s) of {report.n_lines} (--skip-bad); first: {report.problems[0]}")
+    return report.records
+
+
+def write_records(path: str | Path, records: Iterable[Record]) -> int:
+    """Write records as canonical JSONL with image paths relative to the file; atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = path.parent.resolve()
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record.to_json(relative_to=base), ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def to_hf_dataset(records: Sequence[Record]):
+    """The records as a Hugging Face `datasets.Dataset` (images as absolute paths)."""
+    import datasets
+
+    return datasets.Dataset.from_list([r.to_json() for r in records])

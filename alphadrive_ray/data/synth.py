@@ -1,0 +1,517 @@
+"""Synthetic front-camera driving scenes, labelled by a documented rule-based planner.
+
+The embedded default dataset: a perspective road with lanes and markings, an optional
+intersection (near or far) with a traffic light and stop line, a lead vehicle at some
+distance, a crossing pedestrian, a lane closure with cones, distractor vehicles in other
+lanes, and varied sky and road colours. Each scene has an ego speed and a navigation
+command, and its SPEED / PATH meta-actions follow from what is visible plus speed and
+navigation, by the rules below (the whole planner is `plan_scene`).
+
+SPEED, first rule that applies:
+  1. hazard: a pedestrian on the road, a red light at a near intersection, or a lead
+     vehicle closer than 10 m -> STOP if speed < 4 m/s, else DECELERATE;
+  2. caution: a yellow light at a near intersection, a lead vehicle 10-25 m ahead, cones
+     closing the ego lane, or a turn at a near intersection at more than 8 m/s -> DECELERATE;
+  3. following a lead vehicle 25-45 m ahead -> ACCELERATE below 5 m/s, else KEEP;
+  4. otherwise (free road) -> ACCELERATE below 8 m/s, DECELERATE above 15 m/s, else KEEP.
+PATH, first rule that applies:
+  1. STOP, or a red light at a near intersection -> STRAIGHT;
+  2. a near intersection and navigation "turn left/right" -> LEFT_TURN / RIGHT_TURN;
+  3. cones closing the ego lane -> LEFT_CHANGE if there is a lane on the left, else RIGHT_CHANGE;
+  4. navigation "turn left/right" with no near intersection, and a lane on that side
+     -> LEFT_CHANGE / RIGHT_CHANGE (move over for the coming turn);
+  5. otherwise STRAIGHT.
+
+    alphadrive-ray data synth artifacts/scenes --n 2000 --seed 0
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+from alphadrive_ray.actions import PATH_ACTIONS, SPEED_ACTIONS
+from alphadrive_ray.data.records import Record, write_records
+
+# Thresholds of the rule-based planner (metres, m/s); see the module docstring.
+STOP_BELOW_SPEED = 4.0
+TURN_SLOW_ABOVE_SPEED = 8.0
+CRUISE_MIN_SPEED = 8.0
+CRUISE_MAX_SPEED = 15.0
+FOLLOW_ACCELERATE_BELOW = 5.0
+LEAD_HAZARD_M = 10.0
+LEAD_CAUTION_M = 25.0
+LEAD_FOLLOW_M = 45.0
+
+DEFAULT_SPEED_MIX: dict[str, float] = {"KEEP": 1.0, "ACCELERATE": 1.0, "DECELERATE": 1.0, "STOP": 1.0}
+DEFAULT_PATH_MIX: dict[str, float] = {
+    "STRAIGHT": 0.4,
+    "LEFT_TURN": 0.15,
+    "RIGHT_TURN": 0.15,
+    "LEFT_CHANGE": 0.15,
+    "RIGHT_CHANGE": 0.15,
+}
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything the renderer draws and the planner reads."""
+
+    speed: float  # ego speed, m/s (one decimal)
+    navigation: str  # "go straight" | "turn left" | "turn right"
+    num_lanes: int  # lanes in the ego direction, 1-3
+    ego_lane: int  # 0 = leftmost
+    intersection: str | None  # None | "near" | "far"
+    light: str | None  # None | "red" | "yellow" | "green" (only with an intersection)
+    lead_distance: float | None  # metres to the vehicle ahead in the ego lane
+    pedestrian_distance: float | None  # metres to a pedestrian crossing in the ego lane
+    cones_distance: float | None  # metres to cones closing the ego lane
+    others: tuple[tuple[int, float], ...] = ()  # (lane, distance) of vehicles in other lanes
+    style: int = 0  # sky / road palette
+
+    @property
+    def lane_on_left(self) -> bool:
+        return self.ego_lane > 0
+
+    @property
+    def lane_on_right(self) -> bool:
+        return self.ego_lane < self.num_lanes - 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    speed_action: str
+    path_action: str
+    speed_reason: str  # which speed rule fired, e.g. "pedestrian"
+    path_reason: str
+
+
+def plan_scene(scene: Scene) -> Plan:
+    """The rule-based planner of the module docstring."""
+    near = scene.intersection == "near"
+    red = near and scene.light == "red"
+    lead = scene.lead_distance
+    turning = near and scene.navigation in ("turn left", "turn right")
+
+    if scene.pedestrian_distance is not None or red or (lead is not None and lead < LEAD_HAZARD_M):
+        reason = "pedestrian" if scene.pedestrian_distance is not None else "red" if red else "lead_hazard"
+        speed_action = "STOP" if scene.speed < STOP_BELOW_SPEED else "DECELERATE"
+    elif near and scene.light == "yellow":
+        speed_action, reason = "DECELERATE", "yellow"
+    elif lead is not None and lead < LEAD_CAUTION_M:
+        speed_action, reason = "DECELERATE", "lead_close"
+    elif scene.cones_distance is not None:
+        speed_action, reason = "DECELERATE", "cones"
+    elif turning and scene.speed > TURN_SLOW_ABOVE_SPEED:
+        speed_action, reason = "DECELERATE", "turn_fast"
+    elif lead is not None and lead < LEAD_FOLLOW_M:
+        speed_action = "ACCELERATE" if scene.speed < FOLLOW_ACCELERATE_BELOW else "KEEP"
+        reason = "follow"
+    elif scene.speed < CRUISE_MIN_SPEED:
+        speed_action, reason = "ACCELERATE", "free_slow"
+    elif scene.speed > CRUISE_MAX_SPEED:
+        speed_action, reason = "DECELERATE", "free_fast"
+    else:
+        speed_action, reason = "KEEP", "free"
+
+    side = scene.navigation.split()[-1]  # "left" | "right" | "straight"
+    if speed_action == "STOP" or red:
+        path_action, path_reason = "STRAIGHT", "hold"
+    elif turning:
+        path_action, path_reason = f"{side.upper()}_TURN", "turn"
+    elif scene.cones_distance is not None:
+        path_action = "LEFT_CHANGE" if scene.lane_on_left else "RIGHT_CHANGE"
+        path_reason = "cones"
+    elif side == "left" and scene.lane_on_left:
+        path_action, path_reason = "LEFT_CHANGE", "prepare"
+    elif side == "right" and scene.lane_on_right:
+        path_action, path_reason = "RIGHT_CHANGE", "prepare"
+    else:
+        path_action, path_reason = "STRAIGHT", "straight"
+    return Plan(speed_action, path_action, reason, path_reason)
+
+
+# --- reasoning -------------------------------------------------------------------------
+
+_SPEED_REASONS = {
+    "pedestrian": "a pedestrian is crossing the road ahead",
+    "red": "the traffic light at the intersection ahead is red",
+    "lead_hazard": "the vehicle ahead in my lane is very close",
+    "yellow": "the traffic light at the intersection ahead is yellow",
+    "lead_close": "a vehicle is close ahead in my lane",
+    "cones": "cones close my lane ahead",
+    "turn_fast": "I am too fast for the turn at the intersection ahead",
+    "follow": "I am following a vehicle at a safe distance",
+    "free_slow": "the road ahead is clear and I am below cruising speed",
+    "free_fast": "the road ahead is clear but I am above cruising speed",
+    "free": "the road ahead is clear and my speed is right",
+}
+_SPEED_VERBS = {
+    "STOP": "stop",
+    "DECELERATE": "slow down",
+    "ACCELERATE": "speed up",
+    "KEEP": "keep my speed",
+}
+
+
+def reasoning_for(scene: Scene, plan: Plan) -> str:
+    """One or two sentences explaining the plan, as a teacher would."""
+    speed = f"{scene.speed:.1f}"
+    first = f"At {speed} m/s, {_SPEED_REASONS[plan.speed_reason]}, so I {_SPEED_VERBS[plan.speed_action]}."
+    side = scene.navigation.split()[-1]
+    second = {
+        "hold": "I stay in my lane.",
+        "turn": f"The navigation says turn {side} at this intersection, so I turn {side}.",
+        "cones": f"I change to the {'left' if plan.path_action == 'LEFT_CHANGE' else 'right'} lane to pass them.",
+        "prepare": f"The navigation says turn {side} ahead, so I move to the {side} lane.",
+        "straight": "I keep straight.",
+    }[plan.path_reason]
+    return f"{first} {second}"
+
+
+def reasoning_corpus() -> list[str]:
+    """Every reasoning phrase the generator can write (for training the tiny tokenizer)."""
+    out = []
+    for reason in _SPEED_REASONS.values():
+        for verb in _SPEED_VERBS.values():
+            out.append(f"At 12.5 m/s, {reason}, so I {verb}.")
+    for side in ("left", "right"):
+        out += [
+            f"The navigation says turn {side} at this intersection, so I turn {side}.",
+            f"I change to the {side} lane to pass them.",
+            f"The navigation says turn {side} ahead, so I move to the {side} lane.",
+        ]
+    out += ["I stay in my lane.", "I keep straight."]
+    return out
+
+
+# --- sampling --------------------------------------------------------------------------
+
+
+def random_scene(rng: random.Random) -> Scene:
+    """A scene with every element drawn at random (the proposal of `sample_scene`)."""
+    num_lanes = rng.choice((1, 2, 2, 3, 3))
+    ego_lane = rng.randrange(num_lanes)
+    intersection = rng.choice((None, None, "near", "near", "far"))
+    light = rng.choice((None, "red", "yellow", "green", "green")) if intersection else None
+    lead = None
+    if rng.random() < 0.55:
+        lead = round(rng.choice((rng.uniform(4, 10), rng.uniform(10, 25), rng.uniform(25, 45), rng.uniform(45, 80))), 1)
+    pedestrian = round(rng.uniform(6, 20), 1) if rng.random() < 0.12 else None
+    cones = None
+    if num_lanes > 1 and rng.random() < 0.18:
+        cones = round(rng.uniform(8, 25), 1)
+        if lead is not None and lead > cones:
+            lead = None  # the closure hides anything behind it
+    if pedestrian is not None and lead is not None and lead < pedestrian:
+        pedestrian = None
+    speed_kind = rng.random()
+    if speed_kind < 0.25:
+        speed = rng.uniform(0.0, STOP_BELOW_SPEED)
+    elif speed_kind < 0.35:
+        speed = rng.uniform(STOP_BELOW_SPEED, CRUISE_MIN_SPEED)
+    else:
+        speed = rng.uniform(0.0, 20.0)
+    others = []
+    for lane in range(num_lanes):
+        if lane != ego_lane and rng.random() < 0.5:
+            others.append((lane, round(rng.uniform(6, 60), 1)))
+    return Scene(
+        speed=round(speed, 1),
+        navigation=rng.choice(("go straight", "go straight", "turn left", "turn right")),
+        num_lanes=num_lanes,
+        ego_lane=ego_lane,
+        intersection=intersection,
+        light=light,
+        lead_distance=lead,
+        pedestrian_distance=pedestrian,
+        cones_distance=cones,
+        others=tuple(others),
+        style=rng.randrange(4),
+    )
+
+
+def _normalise(mix: Mapping[str, float], vocab: tuple[str, ...], what: str) -> list[float]:
+    unknown = set(mix) - set(vocab)
+    if unknown:
+        raise ValueError(f"{what} mix names unknown classes {sorted(unknown)}; expected some of {list(vocab)}")
+    weights = [float(mix.get(c, 0.0)) for c in vocab]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"{what} mix weights must be >= 0 and not all zero, got {dict(mix)}")
+    return weights
+
+
+def sample_scene(
+    rng: random.Random,
+    speed_mix: Mapping[str, float] = DEFAULT_SPEED_MIX,
+    path_mix: Mapping[str, float] = DEFAULT_PATH_MIX,
+    max_tries: int = 400,
+) -> tuple[Scene, Plan]:
+    """Draw target classes from the mixes, then propose random scenes until one matches.
+
+    Some (SPEED, PATH) pairs cannot occur (STOP with a turn); when no proposal matches
+    both targets, the first proposal matching the SPEED target is taken, then any.
+    """
+    speed_target = rng.choices(SPEED_ACTIONS, weights=_normalise(speed_mix, SPEED_ACTIONS, "speed"))[0]
+    path_target = rng.choices(PATH_ACTIONS, weights=_normalise(path_mix, PATH_ACTIONS, "path"))[0]
+    fallback = None
+    for _ in range(max_tries):
+        scene = random_scene(rng)
+        plan = plan_scene(scene)
+        if plan.speed_action == speed_target:
+            if plan.path_action == path_target:
+                return scene, plan
+            fallback = fallback or (scene, plan)
+    if fallback is not None:
+        return fallback
+    scene = random_scene(rng)
+    return scene, plan_scene(scene)
+
+
+# --- rendering -------------------------------------------------------------------------
+
+_SKIES = ((135, 190, 235), (170, 200, 225), (240, 170, 120), (110, 130, 170))
+_ROADS = ((95, 95, 100), (80, 80, 85), (110, 105, 100), (70, 72, 80))
+_GRASS = ((70, 130, 60), (95, 140, 70), (120, 120, 80), (60, 100, 60))
+_CAR_COLOURS = ((200, 30, 30), (30, 60, 200), (230, 230, 230), (40, 40, 40), (200, 180, 40), (20, 140, 140))
+_LIGHT_COLOURS = {"red": (255, 30, 30), "yellow": (255, 210, 0), "green": (40, 230, 60)}
+_LANE_M = 3.5  # lane width, metres
+_NEAR_M = 4.0  # distance seen at the bottom row of the image
+NEAR_INTERSECTION_M = (12.0, 20.0)
+FAR_INTERSECTION_M = (40.0, 60.0)
+
+
+class _Camera:
+    """A pinhole view of a flat road: distance d (m) and lateral x (m) to pixels."""
+
+    def __init__(self, size: int, ego_offset_m: float):
+        self.w = self.h = size
+        self.horizon = 0.42 * size
+        self.px_per_m = 0.45 * size / _LANE_M  # at the bottom row
+        self.offset = ego_offset_m  # lateral position of the ego car
+
+    def scale(self, d: float) -> float:
+        return _NEAR_M / max(d, 0.5)
+
+    def y(self, d: float) -> float:
+        return self.horizon + (self.h - self.horizon) * self.scale(d)
+
+    def x(self, lateral_m: float, d: float) -> float:
+        return self.w / 2 + (lateral_m - self.offset) * self.px_per_m * self.scale(d)
+
+
+def _box(draw, cam: _Camera, lateral: float, d: float, width_m: float, height_m: float, fill, outline=None):
+    s = cam.scale(d) * cam.px_per_m
+    x, y = cam.x(lateral, d), cam.y(d)
+    draw.rectangle([x - width_m * s / 2, y - height_m * s, x + width_m * s / 2, y], fill=fill, outline=outline)
+    return x, y, s
+
+
+def _vehicle(draw, cam: _Camera, lateral: float, d: float, colour):
+    x, y, s = _box(draw, cam, lateral, d, 1.8, 1.4, colour, outline=(20, 20, 20))
+    # rear window and tail lights make it read as the back of a car
+    draw.rectangle([x - 0.7 * s, y - 1.25 * s, x + 0.7 * s, y - 0.85 * s], fill=(60, 70, 90))
+    draw.rectangle([x - 0.9 * s, y - 0.6 * s, x - 0.6 * s, y - 0.4 * s], fill=(255, 60, 40))
+    draw.rectangle([x + 0.6 * s, y - 0.6 * s, x + 0.9 * s, y - 0.4 * s], fill=(255, 60, 40))
+
+
+def render_scene(scene: Scene, size: int = 224, seed: int = 0):
+    """Draw `scene` as an RGB PIL image of `size` x `size` pixels."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    img = Image.new("RGB", (size, size), _SKIES[scene.style])
+    draw = ImageDraw.Draw(img)
+    lane_left_m = -_LANE_M * (scene.ego_lane + 0.5)  # left edge of the road, ego at 0
+    road_right_m = lane_left_m + _LANE_M * scene.num_lanes
+    cam = _Camera(size, ego_offset_m=0.0)
+    far = 400.0
+    draw.rectangle([0, cam.horizon, size, size], fill=_GRASS[scene.style])
+    # buildings / trees on the horizon as clutter
+    for _ in range(rng.randrange(2, 6)):
+        x0 = rng.uniform(0, size)
+        h = rng.uniform(4, 22) * size / 224
+        draw.rectangle([x0, cam.horizon - h, x0 + rng.uniform(8, 30) * size / 224, cam.horizon], fill=tuple(rng.randrange(60, 200) for _ in range(3)))
+    road = [
+        (cam.x(lane_left_m - 0.5, _NEAR_M), size),
+        (cam.x(road_right_m + 0.5, _NEAR_M), size),
+        (cam.x(road_right_m + 0.5, far), cam.y(far)),
+        (cam.x(lane_left_m - 0.5, far), cam.y(far)),
+    ]
+    draw.polygon(road, fill=_ROADS[scene.style])
+    # an oncoming lane on the left, beyond a solid yellow line
+    draw.polygon(
+        [(cam.x(lane_left_m - 3.5, _NEAR_M), size), road[0], road[3], (cam.x(lane_left_m - 3.5, far), cam.y(far))],
+        fill=_ROADS[scene.style],
+    )
+    cross = None
+    if scene.intersection:
+        lo, hi = NEAR_INTERSECTION_M if scene.intersection == "near" else FAR_INTERSECTION_M
+        d0 = rng.uniform(lo, hi)
+        cross = (d0, d0 + 12.0)
+        draw.rectangle([0, cam.y(cross[1]), size, cam.y(cross[0])], fill=_ROADS[scene.style])
+
+    def line(lateral: float, colour, width: float, dashed: bool):
+        d = _NEAR_M
+        while d < 150:
+            step = 3.0 if dashed else 150
+            d1 = min(d + step, 150.0)
+            if not (cross and cross[0] < d1 and d < cross[1]):
+                draw.line([(cam.x(lateral, d), cam.y(d)), (cam.x(lateral, d1), cam.y(d1))], fill=colour, width=max(1, int(width)))
+            d = d1 + (3.0 if dashed else 0)
+
+    edge_w = 3 * size / 224
+    line(lane_left_m, (240, 200, 0), edge_w, dashed=False)
+    line(road_right_m, (240, 240, 240), edge_w, dashed=False)
+    for k in range(1, scene.num_lanes):
+        line(lane_left_m + k * _LANE_M, (240, 240, 240), 2 * size / 224, dashed=True)
+
+    if cross and scene.intersection == "near":
+        y0 = cam.y(cross[0] - 1.0)
+        draw.rectangle([cam.x(lane_left_m, cross[0] - 1.0), y0 - 2 * size / 224, cam.x(road_right_m, cross[0] - 1.0), y0], fill=(250, 250, 250))
+    if cross and scene.light:
+        d = cross[1]
+        x, y, s = cam.x(road_right_m + 1.0, d), cam.y(d), max(cam.scale(d) * cam.px_per_m, 1.5)
+        pole_h = 6.0 * s
+        draw.rectangle([x - 0.15 * s, y - pole_h, x + 0.15 * s, y], fill=(40, 40, 40))
+        # the light housing is drawn 2x life size so that a 112 px input still shows it
+        hx, hy = x, y - pole_h
+        draw.rectangle([hx - 1.0 * s, hy - 3.2 * s, hx + 1.0 * s, hy], fill=(25, 25, 25))
+        slot = {"red": 0, "yellow": 1, "green": 2}[scene.light]
+        for k in range(3):
+            cy = hy - 3.2 * s + (k + 0.5) * 1.05 * s
+            colour = _LIGHT_COLOURS[scene.light] if k == slot else (60, 60, 60)
+            draw.ellipse([hx - 0.75 * s, cy - 0.5 * s, hx + 0.75 * s, cy + 0.5 * s], fill=colour)
+
+    # far to near, so nearer objects hide farther ones
+    objects = [(d, "other", lane) for lane, d in scene.others]
+    if scene.lead_distance is not None:
+        objects.append((scene.lead_distance, "lead", scene.ego_lane))
+    if scene.pedestrian_distance is not None:
+        objects.append((scene.pedestrian_distance, "pedestrian", scene.ego_lane))
+    if scene.cones_distance is not None:
+        objects.append((scene.cones_distance, "cones", scene.ego_lane))
+    for d, kind, lane in sorted(objects, reverse=True):
+        lateral = lane_left_m + (lane + 0.5) * _LANE_M
+        if kind in ("other", "lead"):
+            _vehicle(draw, cam, lateral + rng.uniform(-0.3, 0.3), d, rng.choice(_CAR_COLOURS))
+        elif kind == "pedestrian":
+            x, y, s = _box(draw, cam, lateral + rng.uniform(-0.8, 0.8), d, 0.6, 1.3, (rng.choice(_CAR_COLOURS)))
+            draw.ellipse([x - 0.3 * s, y - 1.8 * s, x + 0.3 * s, y - 1.25 * s], fill=(230, 190, 150))
+            draw.rectangle([x - 0.25 * s, y - 0.05 * s, x + 0.25 * s, y], fill=(30, 30, 30))
+        else:  # cones across the lane, then a barrier
+            for k in range(4):
+                cd = d + 2.5 * k
+                cx, cy, s = cam.x(lateral - 1.4 + 0.9 * k, cd), cam.y(cd), cam.scale(cd) * cam.px_per_m
+                draw.polygon([(cx - 0.45 * s, cy), (cx + 0.45 * s, cy), (cx, cy - 1.3 * s)], fill=(255, 120, 0))
+                draw.rectangle([cx - 0.25 * s, cy - 0.75 * s, cx + 0.25 * s, cy - 0.55 * s], fill=(250, 250, 250))
+    return img
+
+
+# --- the dataset -----------------------------------------------------------------------
+
+
+@dataclass
+class SynthStats:
+    n: int = 0
+    seconds: float = 0.0
+    speed_counts: dict[str, int] = field(default_factory=lambda: {c: 0 for c in SPEED_ACTIONS})
+    path_counts: dict[str, int] = field(default_factory=lambda: {c: 0 for c in PATH_ACTIONS})
+
+
+def generate_dataset(
+    out_dir: str | Path,
+    n: int,
+    seed: int = 0,
+    *,
+    size: int = 224,
+    speed_mix: Mapping[str, float] = DEFAULT_SPEED_MIX,
+    path_mix: Mapping[str, float] = DEFAULT_PATH_MIX,
+    id_prefix: str = "scene",
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Path, SynthStats]:
+    """Render `n` scenes into `out_dir/images/` and write `out_dir/data.jsonl`.
+
+    Deterministic in (`n`, `seed`, `size`, the mixes): the same call writes the same files.
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    stats = SynthStats()
+    start = time.perf_counter()
+    records = []
+    for i in range(n):
+        scene, plan = sample_scene(rng, speed_mix, path_mix)
+        sample_id = f"{id_prefix}-{seed}-{i:06d}"
+        image_path = out / "images" / f"{sample_id}.png"
+        render_scene(scene, size=size, seed=rng.randrange(2**31)).save(image_path, compress_level=1)
+        records.append(
+            Record(
+                id=sample_id,
+                image=str(image_path.resolve()),
+                speed=scene.speed,
+                navigation=scene.navigation,
+                speed_action=plan.speed_action,
+                path_action=plan.path_action,
+                reasoning=reasoning_for(scene, plan),
+                extra={"scene": asdict(scene)},
+            )
+        )
+        stats.speed_counts[plan.speed_action] += 1
+        stats.path_counts[plan.path_action] += 1
+        if progress is not None:
+            progress(i + 1, n)
+    path = out / "data.jsonl"
+    write_records(path, records)
+    stats.n = n
+    stats.seconds = time.perf_counter() - start
+    (out / "synth.json").write_text(
+        json.dumps(
+            {
+                "n": n,
+                "seed": seed,
+                "size": size,
+                "speed_mix": dict(speed_mix),
+                "path_mix": dict(path_mix),
+                "speed_counts": stats.speed_counts,
+                "path_counts": stats.path_counts,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return path, stats
+
+
+def scene_from_json(obj: Mapping) -> Scene:
+    """Rebuild a Scene from the `scene` field a generated record carries."""
+    data = dict(obj)
+    data["others"] = tuple(tuple(o) for o in data.get("others", ()))
+    return Scene(**data)
+
+
+def parse_mix(text: str, vocab: Iterable[str]) -> dict[str, float]:
+    """'KEEP=1,STOP=2' -> {'KEEP': 1.0, 'STOP': 2.0}; classes not named get weight 0."""
+    vocab = tuple(vocab)
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"expected CLASS=WEIGHT, got {part!r}")
+        name = name.strip().upper()
+        if name not in vocab:
+            raise ValueError(f"unknown class {name!r}; expected one of {', '.join(vocab)}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError(f"weight of {name} must be a number, got {value!r}") from None
+        if not math.isfinite(out[name]) or out[name] < 0:
+            raise ValueError(f"weight of {name} must be >= 0, got {value!r}")
+    if not out or sum(out.values()) <= 0:
+        raise ValueError(f"mix {text!r} gives no class a positive weight")
+    return out

@@ -1,0 +1,208 @@
+"""`evaluate`: planning and reasoning metrics of one set of predictions, metrics.json and the report.
+
+Called by `alphadrive-ray eval` and by the training driver for periodic and final evaluation:
+
+    from alphadrive_ray.evaluation import evaluate
+    metrics = evaluate({"scene-1": "<think> … </think><answer> KEEP, STRAIGHT </answer>"},
+                       records, "runs/x/eval/step-100")
+    metrics["planning"]["accuracy"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from alphadrive_ray.data.records import Record
+from alphadrive_ray.evaluation.metrics import ParsedOutput, compute_planning_metrics, parse_output
+from alphadrive_ray.evaluation.predictions import align
+
+DEFAULT_SAMPLES = 24
+
+
+def evaluate(
+    predictions: Mapping[str, str],
+    references: Sequence[Record],
+    out_dir: str | os.PathLike[str],
+    *,
+    reasoning_metrics: bool = True,
+    progress: bool = True,
+    skip_missing: bool = False,
+    extra: Mapping[str, Any] | None = None,
+    n_samples: int = DEFAULT_SAMPLES,
+    predictions_name: str = "predictions",
+    references_name: str = "references",
+    prediction_lines: Mapping[str, int] | None = None,
+    title: str = "AlphaDrive evaluation",
+) -> dict[str, Any]:
+    """Score raw outputs (id -> model text) against the references; write metrics.json and report.html.
+
+    Returns the metrics dict written to `out_dir/metrics.json`:
+      n                     samples evaluated
+      planning.accuracy     SPEED and PATH both right
+      planning.<family>     per class {precision, recall, f1, support}; accuracy, macro_f1
+                            (over the classes present in truth or predictions),
+                            macro_f1_labels, miss_rate  (family: speed, path)
+      parse                 format_ok_rate, speed_found_rate, path_found_rate, reasoning_found_rate
+      reasoning             computed, n (samples with a reference reasoning), bleu4, cider,
+                            meteor (None when not computed), no_think, note
+      ids                   n_predictions, n_references, evaluated, missing, extra
+      confusion.<family>    true_labels, pred_labels (last: "(none)" = miss), matrix (counts)
+      timing_s              seconds per stage
+    Ids must match unless `skip_missing` (then the mismatches are counted under `ids`); a
+    mismatch is a UserError naming the ids. `extra` is shown at the top of the report.
+    """
+    started = time.perf_counter()
+    timing: dict[str, float] = {}
+    stages = ["parse", "planning", *(["tokenize", "bleu", "cider", "meteor"] if reasoning_metrics else []), "report"]
+    bar = _progress_bar(len(stages), progress)
+    last = [started]
+
+    def stage(name: str) -> None:
+        now = time.perf_counter()
+        timing[name] = round(now - last[0], 3)
+        last[0] = now
+        bar.set_postfix_str(name)
+        bar.update(1)
+
+    try:
+        alignment = align(
+            predictions,
+            references,
+            skip_missing=skip_missing,
+            predictions_name=predictions_name,
+            references_name=references_name,
+            prediction_lines=prediction_lines,
+        )
+        parsed = [parse_output(text) for text in alignment.outputs]
+        stage("parse")
+        metrics: dict[str, Any] = {"n": len(parsed)}
+        planning = compute_planning_metrics(
+            parsed, [r.speed_action for r in alignment.records], [r.path_action for r in alignment.records]
+        )
+        metrics["planning"] = planning["planning"]
+        metrics["parse"] = planning["parse"]
+        stage("planning")
+        metrics["reasoning"], per_sample = compute_reasoning_metrics(
+            parsed, alignment.records, enabled=reasoning_metrics, on_stage=stage
+        )
+        metrics["ids"] = alignment.summary(len(predictions), len(references))
+        metrics["confusion"] = planning["confusion"]
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        samples = build_samples(alignment.records, alignment.outputs, parsed, per_sample, n_samples)
+        write_json(out / "metrics.json", metrics)  # first, so that a failing report loses nothing
+        from alphadrive_ray.evaluation.report import write_report
+
+        write_report(out, metrics, samples, extra, title=title)
+        stage("report")
+        timing["total"] = round(time.perf_counter() - started, 3)
+        metrics["timing_s"] = timing
+        write_json(out / "metrics.json", metrics)
+    finally:
+        bar.close()
+    return metrics
+
+
+def compute_reasoning_metrics(
+    parsed: Sequence[ParsedOutput],
+    records: Sequence[Record],
+    *,
+    enabled: bool = True,
+    on_stage: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], dict[int, dict[str, float]]]:
+    """The `reasoning` section and per-sample scores (by sample index) for the report.
+
+    Pairs are (predicted <think> text, reference reasoning) over the samples whose reference
+    has a non-blank reasoning; an output without a <think> block is scored as an empty text.
+    """
+    with_reference = [i for i, record in enumerate(records) if record.reasoning and record.reasoning.strip()]
+    no_think = sum(1 for i in with_reference if parsed[i].reasoning is None)
+    section: dict[str, Any] = {
+        "computed": False,
+        "n": len(with_reference),
+        "bleu4": None,
+        "cider": None,
+        "meteor": None,
+        "no_think": no_think,
+        "note": "",
+    }
+    if not enabled:
+        section["note"] = "disabled (--no-reasoning-metrics)"
+        return section, {}
+    if not with_reference:
+        section["note"] = "no reference has a reasoning"
+        for name in ("tokenize", "bleu", "cider", "meteor"):
+            if on_stage:
+                on_stage(name)
+        return section, {}
+    from alphadrive_ray.evaluation.captions import compute_caption_metrics
+
+    scores = compute_caption_metrics(
+        [parsed[i].reasoning or "" for i in with_reference],
+        [[records[i].reasoning] for i in with_reference],
+        on_stage=on_stage,
+    )
+    section.update(computed=True, bleu4=scores["bleu4"], cider=scores["cider"], meteor=scores["meteor"])
+    per_sample = {
+        i: {name: scores["per_sample"][name][k] for name in ("bleu4", "cider", "meteor")} for k, i in enumerate(with_reference)
+    }
+    return section, per_sample
+
+
+def build_samples(
+    records: Sequence[Record],
+    outputs: Sequence[str],
+    parsed: Sequence[ParsedOutput],
+    per_sample: Mapping[int, Mapping[str, float]],
+    n: int = DEFAULT_SAMPLES,
+) -> list[dict[str, Any]]:
+    """Rows for the report's sample table: up to n/2 wrong plans, then right ones (more wrong
+    ones if there are too few right), each group spread evenly over the evaluation set."""
+    wrong = [i for i, (r, p) in enumerate(zip(records, parsed)) if (p.speed, p.path) != (r.speed_action, r.path_action)]
+    right = [i for i, (r, p) in enumerate(zip(records, parsed)) if (p.speed, p.path) == (r.speed_action, r.path_action)]
+    n_wrong = min(len(wrong), max(n - len(right), n // 2 + n % 2))
+    chosen = spread(wrong, n_wrong) + spread(right, min(len(right), n - n_wrong))
+    return [
+        {
+            "id": records[i].id,
+            "image": records[i].image,
+            "output": outputs[i],
+            "reasoning": parsed[i].reasoning,
+            "reference_reasoning": records[i].reasoning,
+            "pred_speed": parsed[i].speed,
+            "pred_path": parsed[i].path,
+            "true_speed": records[i].speed_action,
+            "true_path": records[i].path_action,
+            "scores": dict(per_sample.get(i, {})),
+        }
+        for i in chosen
+    ]
+
+
+def spread(items: Sequence[int], k: int) -> list[int]:
+    """k items evenly spaced over `items` (first and last included), in order."""
+    if k <= 0 or not items:
+        return []
+    if k >= len(items):
+        return list(items)
+    if k == 1:
+        return [items[0]]
+    return [items[round(j * (len(items) - 1) / (k - 1))] for j in range(k)]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="eval", unit="stage", disable=not enabled, file=sys.stderr, leave=False)

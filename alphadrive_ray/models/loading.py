@@ -1,0 +1,82 @@
+"""Load a policy (Qwen2-VL, or a text-only Qwen2) and its processor from a local folder.
+
+The tiny embedded model and a real Qwen2-VL-2B checkpoint go through the same code; the
+only difference between them is the folder. Nothing is downloaded: `path` must be a
+local folder written by `save_pretrained` (or `alphadrive-ray model init-tiny`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from alphadrive_ray.errors import UserError
+
+VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+TEXT_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+
+
+def read_model_type(path: str | Path) -> str:
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not folder.is_dir():
+        raise UserError(
+            f"model folder not found: {folder}. Point model.path at a local Hugging Face checkpoint, or build "
+            f"the tiny demo model with `alphadrive-ray model init-tiny {folder}` (or model.init_tiny: true)."
+        )
+    if not config_file.is_file():
+        raise UserError(f"{folder} has no config.json; it is not a Hugging Face model folder")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type", "")
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_file}: not valid JSON ({exc})") from None
+    if model_type not in VISION_MODEL_TYPES + TEXT_MODEL_TYPES:
+        raise UserError(
+            f"{config_file}: model_type {model_type!r} is not supported; expected Qwen2-VL "
+            f"({', '.join(VISION_MODEL_TYPES)}) or a text-only causal LM ({', '.join(TEXT_MODEL_TYPES)})"
+        )
+    return model_type
+
+
+def is_vision_model(path: str | Path) -> bool:
+    return read_model_type(path) in VISION_MODEL_TYPES
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_processor(path: str | Path):
+    """The Qwen2-VL processor of a vision model, or the tokenizer of a text-only model."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if is_vision_model(path):
+        return AutoProcessor.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_model(path: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa"):
+    """The policy model in eval mode on CPU; callers move it to their device."""
+    from transformers import AutoModelForCausalLM, Qwen2VLForConditionalGeneration
+
+    kwargs = dict(dtype=torch_dtype(dtype), attn_implementation=attn_implementation)
+    if read_model_type(path) in VISION_MODEL_TYPES:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model.eval()
+    return model
+
+
+def ensure_model(path: str | Path, init_tiny: bool, seed: int = 0) -> Path:
+    """Build the tiny model at `path` when asked and missing; then check the folder."""
+    folder = Path(path)
+    if init_tiny and not (folder / "config.json").is_file():
+        from alphadrive_ray.models.tiny import TinySpec, build_tiny_qwen2vl
+
+        print(f"building the tiny Qwen2-VL at {folder} (seed {seed})", flush=True)
+        build_tiny_qwen2vl(folder, TinySpec(seed=seed))
+    read_model_type(folder)
+    return folder

@@ -1,0 +1,445 @@
+"""The driver: AlphaDrive's two stages as one readable loop over Ray actor groups.
+
+    generate -> score -> advantages -> update -> sync
+
+Stage 1 (SFT warm-up) trains the learners on distilled reasoning; stage 2 (GRPO) samples
+groups of plans on the rollout workers, scores them on the reward pool, turns rewards
+into group-relative advantages here, updates the learners, and syncs the new weights
+back to the engines. The held-out split is evaluated before training (untrained), after
+SFT, every `eval.every_steps` and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from alphadrive_ray.actions import format_completion
+from alphadrive_ray.config import Config
+from alphadrive_ray.data.records import Record, load_records
+from alphadrive_ray.engines.base import Group, SamplingParams
+from alphadrive_ray.errors import UserError
+from alphadrive_ray.schedule import EpochSampler, constant_lr, cosine_lr
+from alphadrive_ray.tracking import Tracker, progress_line
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    accuracy: dict[str, float] = field(default_factory=dict)  # "untrained", "sft", "final"
+    seconds: dict[str, float] = field(default_factory=dict)
+    grpo_steps: int = 0
+    sft_steps: int = 0
+    export_dir: str | None = None
+
+
+def prepare_run_dir(config: Config) -> Path:
+    run_dir = config.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not config.run.overwrite:
+            raise UserError(f"run directory {run_dir} exists; pick another run.name or set run.overwrite: true")
+        for child in ("metrics.jsonl", "tensorboard", "eval", "report", "export"):
+            target = run_dir / child
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return run_dir
+
+
+def prepare_data(config: Config, say=print) -> tuple[list[Record], list[Record]]:
+    """Generate the synthetic splits when configured and missing, then load both splits."""
+    from alphadrive_ray.data.synth import DEFAULT_PATH_MIX, DEFAULT_SPEED_MIX, generate_dataset
+
+    for path, synth, prefix in (
+        (config.data.train, config.data.synth_train, "train"),
+        (config.data.eval, config.data.synth_eval, "eval"),
+    ):
+        if synth.n > 0 and not Path(path).exists():
+            if Path(path).name != "data.jsonl":
+                raise UserError(f"data.{prefix}: a generated split is written as <folder>/data.jsonl; got {path}")
+            say(f"generating {synth.n} synthetic scenes for the {prefix} split (seed {synth.seed}) -> {path}")
+            generate_dataset(
+                Path(path).parent,
+                synth.n,
+                synth.seed,
+                size=synth.size,
+                speed_mix=synth.speed_mix or DEFAULT_SPEED_MIX,
+                path_mix=synth.path_mix or DEFAULT_PATH_MIX,
+                id_prefix=prefix,
+            )
+    train = load_records(config.data.train, skip_bad=config.data.skip_bad, log=say)
+    held_out = load_records(config.data.eval, skip_bad=config.data.skip_bad, log=say)
+    overlap = {r.id for r in train} & {r.id for r in held_out}
+    if overlap:
+        raise UserError(f"{len(overlap)} id(s) are in both the train and eval splits (e.g. {sorted(overlap)[0]}); the held-out split must be disjoint")
+    return train, held_out
+
+
+def connect_ray(config: Config, say=print):
+    """Join the cluster named by ray.address or RAY_ADDRESS, else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS", "")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
+    if address:
+        say(f"joining Ray cluster at {address}")
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    r, l, w = config.rollout, config.learner, config.reward
+    need = r.num_workers * r.cpus_per_worker + l.num_workers * l.cpus_per_worker + w.num_workers * w.cpus_per_worker
+    num_cpus = config.ray.num_cpus or max(math.ceil(need), os.cpu_count() or 1)
+    say(f"starting a local Ray cluster ({num_cpus} logical CPUs, dashboard on {config.ray.dashboard_host})")
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host=config.ray.dashboard_host,
+        runtime_env=env,
+        log_to_driver=True,
+    )
+
+
+class Trainer:
+    def __init__(self, config: Config, train_records: Sequence[Record], eval_records: Sequence[Record], run_dir: Path, tracker: Tracker):
+        from alphadrive_ray.workers.group import LearnerGroup, Resources, RewardPool, RolloutGroup
+        from alphadrive_ray.workers.learner import LearnerSpec
+        from alphadrive_ray.workers.reward import RewardSpec
+        from alphadrive_ray.workers.rollout import RolloutSpec
+
+        c = self.config = config
+        self.run_dir = run_dir
+        self.tracker = tracker
+        self.train_records = list(train_records)
+        self.eval_records = list(eval_records)[: c.eval.samples or None]
+        self.version = 0
+        gpu = c.learner.gpus_per_worker > 0
+        backend = c.learner.backend if c.learner.backend != "auto" else ("nccl" if gpu else "gloo")
+        learner_spec = LearnerSpec(
+            model_path=c.model.path,
+            dtype=c.model.dtype,
+            attn_implementation=c.model.attn_implementation,
+            gradient_checkpointing=c.model.gradient_checkpointing,
+            freeze_vision=c.model.freeze_vision,
+            prompt_template=c.data.prompt_template,
+            image_cache=c.data.image_cache,
+            zero_stage=c.learner.zero_stage,
+            backend=backend,
+            grad_clip=c.learner.grad_clip,
+            cpus=c.learner.cpus_per_worker,
+            temperature=c.rollout.temperature,
+            top_p=c.rollout.top_p,
+            seed=c.run.seed,
+        )
+        rollout_spec = RolloutSpec(
+            model_path=c.model.path,
+            engine=c.rollout.engine,
+            dtype=c.model.dtype,
+            attn_implementation=c.model.attn_implementation,
+            prompt_template=c.data.prompt_template,
+            image_cache=c.data.image_cache,
+            batch_size=c.rollout.batch_size,
+            cpus=c.rollout.cpus_per_worker,
+            device="cuda" if c.rollout.gpus_per_worker > 0 else "cpu",
+            vllm_gpu_memory_utilization=c.rollout.vllm_gpu_memory_utilization,
+            vllm_enforce_eager=c.rollout.vllm_enforce_eager,
+        )
+        reward_spec = RewardSpec(
+            variant=c.reward.variant,
+            components=c.reward.components,
+            speed_weight=c.reward.speed_weight,
+            path_weight=c.reward.path_weight,
+            format_weight=c.reward.format_weight,
+            diversity_cap=c.reward.diversity_cap,
+        )
+        say = tracker.say
+        say(f"starting {c.learner.num_workers} learner(s) (DeepSpeed ZeRO-{c.learner.zero_stage}, {backend})")
+        self.learners = LearnerGroup.start(learner_spec, c.learner.num_workers, Resources(c.learner.cpus_per_worker, c.learner.gpus_per_worker))
+        say(f"starting {c.rollout.num_workers} rollout worker(s) ({c.rollout.engine} engine)")
+        self.rollout = RolloutGroup.start(rollout_spec, c.rollout.num_workers, Resources(c.rollout.cpus_per_worker, c.rollout.gpus_per_worker))
+        say(f"starting {c.reward.num_workers} reward worker(s) ({c.reward.variant} rewards: {', '.join(c.reward.components)})")
+        self.rewards = RewardPool.start(reward_spec, c.reward.num_workers, Resources(c.reward.cpus_per_worker, 0), c.reward.timeout_s)
+
+    # --- the pieces ---------------------------------------------------------------------
+
+    def sync_weights(self) -> float:
+        """Learners -> engines; returns seconds taken. Every sync bumps the weight version."""
+        start = time.monotonic()
+        bucket_refs = self.learners.export_weights(self.config.sync.bucket_mb)
+        self.version += 1
+        self.rollout.load_weights(bucket_refs, self.version)
+        return time.monotonic() - start
+
+    def evaluate(self, tag: str, extra: dict | None = None) -> dict:
+        """Greedy plans for the held-out split, scored with the `alphadrive-ray eval` logic."""
+        from alphadrive_ray.evaluation import evaluate
+
+        start = time.monotonic()
+        params = SamplingParams(n=1, max_new_tokens=self.config.rollout.max_new_tokens, greedy=True)
+        groups = self.rollout.generate(self.eval_records, params)
+        predictions = {g.record.id: g.completions[0].text for g in groups}
+        out_dir = self.run_dir / ("report" if tag == "final" else f"eval/{tag}")
+        metrics = evaluate(
+            predictions,
+            self.eval_records,
+            out_dir,
+            reasoning_metrics=self.config.eval.reasoning_metrics,
+            progress=False,
+            extra=extra,
+            title=f"AlphaDrive evaluation: {self.config.run.name} ({tag})",
+        )
+        with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
+            for rid, text in predictions.items():
+                fh.write(json.dumps({"id": rid, "output": text}) + "\n")
+        flat = {
+            "eval/accuracy": metrics["planning"]["accuracy"],
+            "eval/speed_macro_f1": metrics["planning"]["speed"]["macro_f1"],
+            "eval/path_macro_f1": metrics["planning"]["path"]["macro_f1"],
+            "eval/format_ok_rate": metrics["parse"]["format_ok_rate"],
+            "perf/eval_s": time.monotonic() - start,
+        }
+        for key in ("bleu4", "cider", "meteor"):
+            value = metrics["reasoning"].get(key)
+            if value is not None:
+                flat[f"eval/{key}"] = value
+        self.tracker.log("eval", self.version, {**flat, "eval/weight_version": self.version})
+        self.tracker.say(
+            f"eval [{tag}] accuracy {flat['eval/accuracy']:.3f}  speed F1 {flat['eval/speed_macro_f1']:.3f}  "
+            f"path F1 {flat['eval/path_macro_f1']:.3f}  format {flat['eval/format_ok_rate']:.3f}  ({flat['perf/eval_s']:.1f}s)"
+        )
+        return metrics
+
+    def sft(self) -> int:
+        """Stage 1: next-token loss on (prompt, reasoning + plan) pairs."""
+        c = self.config.sft
+        with_reasoning = [r for r in self.train_records if r.reasoning and r.reasoning.strip()]
+        if not with_reasoning:
+            raise UserError(f"sft.enabled is true but no record of {self.config.data.train} has a `reasoning`; run `alphadrive-ray distill` or disable SFT")
+        subset = EpochSampler(with_reasoning, self.config.run.seed).take(min(c.samples, len(with_reasoning)))
+        sampler = EpochSampler(subset, self.config.run.seed + 1)
+        steps = (len(subset) * c.epochs) // c.batch_size
+        if steps == 0:
+            raise UserError(f"sft.samples x sft.epochs ({len(subset)} x {c.epochs}) is smaller than one batch (sft.batch_size = {c.batch_size})")
+        from alphadrive_ray.workers.learner import SFTExample
+
+        self.tracker.say(f"stage 1: SFT warm-up, {steps} steps on {len(subset)} samples with reasoning")
+        self.learners.begin_stage("sft")
+        started = time.monotonic()
+        for step in range(steps):
+            records = sampler.take(c.batch_size)
+            examples = [SFTExample(r, format_completion(r.reasoning, r.speed_action, r.path_action)) for r in records]
+            lr = cosine_lr(step, steps, c.lr, c.warmup_ratio)
+            t0 = time.monotonic()
+            metrics = self.learners.sft_step(examples, c.micro_batch_size, lr)
+            metrics["perf/step_s"] = time.monotonic() - t0
+            metrics["perf/samples_per_s"] = c.batch_size / metrics["perf/step_s"]
+            self.tracker.log("sft", step + 1, metrics)
+            if (step + 1) % max(1, steps // 20) == 0 or step + 1 == steps:
+                self.tracker.say(progress_line("sft", step + 1, steps, metrics, ("loss/sft", "perf/lr", "perf/samples_per_s"), started))
+        return steps
+
+    def grpo(self) -> int:
+        """Stage 2: GRPO over the training set."""
+        c = self.config.grpo
+        import ray
+        import torch
+
+        from alphadrive_ray import algo
+        from alphadrive_ray.workers.learner import GRPOSample
+
+        sampler = EpochSampler(self.train_records, self.config.run.seed + 2)
+        self.tracker.say(
+            f"stage 2: GRPO, {c.steps} steps of {c.prompts_per_step} prompts x {c.group_size} completions "
+            f"({'one-step off-policy' if c.off_policy_steps else 'on-policy'})"
+        )
+        self.learners.begin_stage("grpo", c.beta)
+        use_engine_logprobs = c.off_policy_steps > 0 or c.updates_per_batch > 1
+        started = time.monotonic()
+
+        def launch(step: int) -> tuple[list, list]:
+            params = SamplingParams(
+                n=c.group_size,
+                temperature=self.config.rollout.temperature,
+                top_p=self.config.rollout.top_p,
+                max_new_tokens=self.config.rollout.max_new_tokens,
+                seed=self.config.run.seed * 100_003 + step,
+            )
+            gen_refs = self.rollout.generate_refs(sampler.take(c.prompts_per_step), params)
+            return gen_refs, self.rewards.score_refs(gen_refs)
+
+        pending = launch(0)
+        for step in range(c.steps):
+            t0 = time.monotonic()
+            gen_refs, score_refs = pending
+            groups: list[Group] = [g for part in ray.get(gen_refs) for g in part]
+            t_gen = time.monotonic() - t0
+            scores = self.rewards.gather(score_refs)
+            t_reward = time.monotonic() - t0 - t_gen
+            groups, scores, dropped = self._dynamic_sampling(groups, scores, step) if c.dynamic_sampling else (groups, scores, 0)
+            if c.off_policy_steps and step + 1 < c.steps:
+                pending = launch(step + 1)  # overlaps with the update below, on the current weights
+
+            totals = torch.tensor([s["total"] for group in scores for s in group])
+            advantages = algo.compute_group_advantages(totals, c.group_size, c.advantage, c.advantage_eps)
+            samples = []
+            for group in groups:
+                for completion in group.completions:
+                    samples.append(GRPOSample(group.record, completion.token_ids, completion.logprobs, 0.0))
+            for sample, adv in zip(samples, advantages.tolist()):
+                sample.advantage = adv
+            lr = constant_lr(step, c.lr, c.warmup_steps)
+            t1 = time.monotonic()
+            metrics = {}
+            for _ in range(c.updates_per_batch):
+                metrics = self.learners.grpo_step(
+                    samples,
+                    c.micro_batch_size,
+                    lr,
+                    eps_low=c.eps_low,
+                    eps_high=c.eps_high,
+                    beta=c.beta,
+                    kl_estimator=c.kl_estimator,
+                    loss_agg=c.loss_agg,
+                    use_engine_logprobs=use_engine_logprobs,
+                )
+            t_learn = time.monotonic() - t1
+            t_sync = self.sync_weights()
+            if not c.off_policy_steps and step + 1 < c.steps:
+                pending = launch(step + 1)
+
+            step_s = time.monotonic() - t0
+            metrics.update(self._rollout_metrics(groups, scores))
+            metrics.update(
+                {
+                    "perf/step_s": step_s,
+                    "perf/rollout_s": t_gen,
+                    "perf/reward_s": t_reward,
+                    "perf/learner_s": t_learn,
+                    "perf/sync_s": t_sync,
+                    "perf/samples_per_s": len(samples) / step_s,
+                    "perf/tokens_per_s": metrics.get("perf/tokens", 0.0) / step_s,
+                    "rollout/dropped_groups": dropped,
+                    "rollout/weight_version_lag": self.version - 1 - min(cc.weight_version for g in groups for cc in g.completions),
+                }
+            )
+            self.tracker.log("grpo", step + 1, metrics)
+            if (step + 1) % max(1, c.steps // 25) == 0 or step + 1 == c.steps:
+                self.tracker.say(progress_line("grpo", step + 1, c.steps, metrics, ("reward/total", "rollout/accuracy", "loss/kl", "perf/step_s"), started))
+            every = self.config.eval.every_steps
+            if every and (step + 1) % every == 0 and step + 1 < c.steps:
+                self.evaluate(f"step-{step + 1:06d}")
+        return c.steps
+
+    def _rollout_metrics(self, groups: Sequence[Group], scores: Sequence[Sequence[dict]]) -> dict:
+        from alphadrive_ray.rewards import parse_plan
+
+        flat = [s for group in scores for s in group]
+        out = {f"reward/{k}": sum(s[k] for s in flat) / len(flat) for k in flat[0]}
+        right = lengths = 0
+        stops = 0
+        for group in groups:
+            for completion in group.completions:
+                speed, path = parse_plan(completion.text)
+                right += speed == group.record.speed_action and path == group.record.path_action
+                lengths += len(completion.token_ids)
+                stops += completion.finish_reason == "stop"
+        n = sum(len(g.completions) for g in groups)
+        out["rollout/accuracy"] = right / n
+        out["rollout/response_len"] = lengths / n
+        out["rollout/stop_rate"] = stops / n
+        return out
+
+    def _dynamic_sampling(self, groups, scores, step):
+        """DAPO: keep groups whose rewards differ; top up with fresh groups; whole groups only."""
+        c = self.config.grpo
+        keep = [(g, s) for g, s in zip(groups, scores) if len({round(x["total"], 9) for x in s}) > 1]
+        dropped = len(groups) - len(keep)
+        rounds = 0
+        sampler = EpochSampler(self.train_records, self.config.run.seed * 7 + step)
+        while len(keep) < c.prompts_per_step and rounds < c.max_resample_rounds:
+            rounds += 1
+            params = SamplingParams(
+                n=c.group_size,
+                temperature=self.config.rollout.temperature,
+                top_p=self.config.rollout.top_p,
+                max_new_tokens=self.config.rollout.max_new_tokens,
+                seed=self.config.run.seed * 100_003 + step + 1_000_000 * rounds,
+            )
+            more = self.rollout.generate(sampler.take(c.prompts_per_step - len(keep) + self.config.rollout.num_workers - 1), params)
+            more_scores = self.rewards.score(more)
+            for g, s in zip(more, more_scores):
+                if len({round(x["total"], 9) for x in s}) > 1:
+                    keep.append((g, s))
+                else:
+                    dropped += 1
+        keep = keep[: c.prompts_per_step]
+        # the learners need whole groups that split evenly over the ranks
+        k = self.config.learner.num_workers
+        while keep and (len(keep) * c.group_size) % k:
+            keep.pop()
+        if not keep:
+            keep = list(zip(groups, scores))[: max(1, len(groups))]
+        return [g for g, _ in keep], [s for _, s in keep], dropped
+
+
+def train(config: Config) -> RunSummary:
+    """Run both stages end to end; returns the summary written to run_dir/summary.json."""
+    run_dir = prepare_run_dir(config)
+    tracker = Tracker(run_dir)
+    summary = RunSummary(run_dir=str(run_dir))
+    t_start = time.monotonic()
+    try:
+        from alphadrive_ray.models.loading import ensure_model
+
+        ensure_model(config.model.path, config.model.init_tiny, config.run.seed)
+        train_records, eval_records = prepare_data(config, tracker.say)
+        tracker.say(f"data: {len(train_records)} train / {len(eval_records)} held-out records; run directory {run_dir}")
+        connect_ray(config, tracker.say)
+        trainer = Trainer(config, train_records, eval_records, run_dir, tracker)
+        summary.seconds["startup"] = round(time.monotonic() - t_start, 1)
+
+        if config.eval.baseline:
+            summary.accuracy["untrained"] = trainer.evaluate("untrained")["planning"]["accuracy"]
+        if config.sft.enabled:
+            t0 = time.monotonic()
+            summary.sft_steps = trainer.sft()
+            trainer.sync_weights()
+            summary.seconds["sft"] = round(time.monotonic() - t0, 1)
+            if config.eval.baseline:
+                summary.accuracy["sft"] = trainer.evaluate("sft")["planning"]["accuracy"]
+        if config.grpo.enabled and config.grpo.steps > 0:
+            t0 = time.monotonic()
+            summary.grpo_steps = trainer.grpo()
+            summary.seconds["grpo"] = round(time.monotonic() - t0, 1)
+        extra = {"accuracy by stage (held-out)": {k: round(v, 4) for k, v in summary.accuracy.items()}}
+        final = trainer.evaluate("final", extra=None)
+        summary.accuracy["final"] = final["planning"]["accuracy"]
+        extra = {"planning accuracy by stage (held-out split)": [{"stage": k, "accuracy": round(v, 4)} for k, v in summary.accuracy.items()]}
+        # rewrite the final report with the stage comparison at the top
+        from alphadrive_ray.evaluation import evaluate
+
+        predictions = {}
+        with open(run_dir / "report" / "predictions.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                obj = json.loads(line)
+                predictions[obj["id"]] = obj["output"]
+        evaluate(predictions, trainer.eval_records, run_dir / "report", reasoning_metrics=config.eval.reasoning_metrics, progress=False, extra=extra, title=f"AlphaDrive run {config.run.name}")
+        if config.checkpoint.export_hf:
+            summary.export_dir = trainer.learners.save_hf(str(run_dir / "export"))
+            tracker.say(f"exported the policy in Hugging Face format to {summary.export_dir}")
+        summary.seconds["total"] = round(time.monotonic() - t_start, 1)
+        (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        return summary
+    finally:
+        tracker.close()

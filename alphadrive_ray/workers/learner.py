@@ -1,0 +1,323 @@
+"""A learner rank: one DeepSpeed data-parallel process training the policy.
+
+A plain class (tests construct it directly); `alphadrive_ray.workers.group` wraps it in
+Ray. All ranks of a group receive equal shards of each global batch and run the same
+number of micro-batches, which ZeRO-3 requires (its forward passes are collectives).
+
+Loss scaling, so that gradients equal those of the global-batch loss: each micro-batch
+loss is a sum divided by the token (or sequence) count of the *global* batch
+(all-reduced here), and DeepSpeed averages gradients over ranks, so the loss passed to
+`backward` is multiplied by the world size and not divided by accumulation steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from alphadrive_ray import algo
+from alphadrive_ray.data.records import Record
+from alphadrive_ray.inputs import PromptEncoder, completion_logits
+from alphadrive_ray.models.loading import load_model, load_processor
+
+
+@dataclass
+class SFTExample:
+    record: Record
+    target: str  # the completion text to imitate: "<think> ... </think>\n<answer> ... </answer>"
+
+
+@dataclass
+class GRPOSample:
+    record: Record
+    token_ids: list[int]
+    logprobs: list[float]  # the engine's, under the sampling distribution
+    advantage: float
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """What one learner rank needs: its part of the config plus the sampling transform."""
+
+    model_path: str
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = False
+    prompt_template: str = ""
+    image_cache: bool = True
+    zero_stage: int = 2
+    backend: str = "gloo"
+    grad_clip: float = 1.0
+    cpus: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def _shards(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class LearnerWorker:
+    def __init__(self, spec: LearnerSpec, rank: int, world_size: int, master_addr: str, master_port: int):
+        import deepspeed
+
+        self.spec = spec
+        self.rank = rank
+        self.world_size = world_size
+        torch.set_num_threads(max(1, math.ceil(spec.cpus)))
+        torch.manual_seed(spec.seed + rank)
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            LOCAL_RANK="0",
+            WORLD_SIZE=str(world_size),
+        )
+        deepspeed.init_distributed(dist_backend=spec.backend, rank=rank, world_size=world_size, verbose=False)
+        self.device = torch.device("cuda", 0) if spec.backend == "nccl" else torch.device("cpu")
+        self.model = load_model(spec.model_path, spec.dtype, spec.attn_implementation)
+        if spec.freeze_vision and hasattr(self.model, "model") and hasattr(self.model.model, "visual"):
+            self.model.model.visual.requires_grad_(False)
+        if spec.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.encoder = PromptEncoder(load_processor(spec.model_path), spec.prompt_template, cache=spec.image_cache)
+        self.engine = None
+        self.ref_model = None
+        self.stage = None
+        self.global_step = 0
+
+    # --- set-up ----------------------------------------------------------------------
+
+    def ds_config(self, weight_decay: float) -> dict:
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": self.world_size,
+            "gradient_clipping": self.spec.grad_clip,
+            "zero_optimization": {"stage": self.spec.zero_stage},
+            "optimizer": {
+                "type": "AdamW",
+                "params": {"lr": 1e-5, "weight_decay": weight_decay, "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True},
+            },
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if self.spec.dtype == "bfloat16":
+            config["bf16"] = {"enabled": True}
+        return config
+
+    def setup(self, weight_decay: float = 0.0) -> None:
+        """Wrap the model in DeepSpeed (once; the optimizer is reset between stages)."""
+        import deepspeed
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, model_parameters=params, config=self.ds_config(weight_decay)
+        )
+        self.model = self.engine.module
+
+    def begin_stage(self, stage: str, beta: float = 0.0) -> None:
+        """Start SFT or GRPO: fresh optimizer moments; for GRPO with beta > 0, freeze a reference copy."""
+        if self.engine is None:
+            self.setup()
+        for state in self._inner_optimizer().state.values():
+            state.clear()
+        self.stage = stage
+        self.ref_model = None
+        if stage == "grpo" and beta > 0:
+            ref = load_model(self.spec.model_path, self.spec.dtype, self.spec.attn_implementation)
+            ref.load_state_dict(dict(self.iter_full_parameters(everything=True)), strict=False)
+            ref.requires_grad_(False)
+            self.ref_model = ref.to(self.device)
+
+    def _inner_optimizer(self):
+        opt = self.optimizer
+        return getattr(opt, "optimizer", opt)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # --- training --------------------------------------------------------------------
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
+        # NOTE: DeepSpeed averages gradients over ranks; our losses are already divided
+        # by the global count, so scale by world size to get the global-batch gradient.
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def _step(self, lr: float) -> float:
+        self.set_lr(lr)
+        self.engine.step()
+        self.global_step += 1
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def sft_step(self, examples: Sequence[SFTExample], micro_batch_size: int, lr: float) -> dict:
+        """One optimizer step of next-token loss on the completions (prompt and image masked)."""
+        self.engine.train()
+        encoded = [(self.encoder.encode(ex.record), self.encoder.encode_completion(ex.target)) for ex in examples]
+        (total_tokens,) = self._all_reduce([float(sum(len(c) for _, c in encoded))])
+        micro = list(_shards(encoded, micro_batch_size))
+        loss_sum = 0.0
+        for i, chunk in enumerate(micro):
+            batch = self._to_device(self.encoder.collate([p for p, _ in chunk], [c for _, c in chunk]))
+            logits = completion_logits(self.engine, batch)  # [B, C, V]
+            loss = algo.compute_sft_loss(logits, batch["completion_ids"], batch["response_mask"], total_tokens)
+            self._backward(loss, last=i == len(micro) - 1)
+            loss_sum += float(loss.detach())
+        grad_norm = self._step(lr)
+        (global_loss,) = self._all_reduce([loss_sum])
+        return {"loss/sft": global_loss, "perf/grad_norm": grad_norm, "perf/lr": lr, "perf/tokens": total_tokens}
+
+    def grpo_step(
+        self,
+        samples: Sequence[GRPOSample],
+        micro_batch_size: int,
+        lr: float,
+        *,
+        eps_low: float,
+        eps_high: float,
+        beta: float,
+        kl_estimator: str,
+        loss_agg: str,
+        use_engine_logprobs: bool,
+    ) -> dict:
+        """One optimizer step of the clipped GRPO loss over this rank's shard.
+
+        `use_engine_logprobs`: the behaviour policy's log-probs are the engine's (needed
+        off-policy or with several updates per batch); otherwise old = current, detached.
+        """
+        self.engine.train()
+        (total_tokens, total_seqs) = self._all_reduce([float(sum(len(s.token_ids) for s in samples)), float(len(samples))])
+        micro = list(_shards(samples, micro_batch_size))
+        stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio_mean": 0.0, "logp_diff": 0.0, "tokens": 0.0}
+        for i, chunk in enumerate(micro):
+            batch = self._to_device(
+                self.encoder.collate([self.encoder.encode(s.record) for s in chunk], [s.token_ids for s in chunk])
+            )
+            mask = batch["response_mask"]
+            logits = completion_logits(self.engine, batch)
+            logp = algo.compute_token_logprobs(logits, batch["completion_ids"], self.spec.temperature, self.spec.top_p)
+            engine_logp = torch.zeros_like(logp)
+            for b, s in enumerate(chunk):
+                engine_logp[b, : len(s.logprobs)] = torch.tensor(s.logprobs, dtype=logp.dtype)
+            old_logp = engine_logp if use_engine_logprobs else logp.detach()
+            ref_logp = None
+            if beta > 0 and self.ref_model is not None:
+                with torch.no_grad():
+                    ref_logits = completion_logits(self.ref_model, batch)
+                    ref_logp = algo.compute_token_logprobs(ref_logits, batch["completion_ids"], self.spec.temperature, self.spec.top_p)
+            advantages = torch.tensor([s.advantage for s in chunk], dtype=logp.dtype, device=logp.device)
+            loss, mstats = algo.compute_policy_loss(
+                logp,
+                old_logp,
+                advantages,
+                mask,
+                eps_low=eps_low,
+                eps_high=eps_high,
+                ref_logp=ref_logp,
+                beta=beta,
+                kl_estimator=kl_estimator,
+                loss_agg=loss_agg,
+                total_tokens=total_tokens,
+                total_sequences=total_seqs,
+            )
+            self._backward(loss, last=i == len(micro) - 1)
+            n = mstats["tokens"]
+            stats["loss"] += float(loss.detach())
+            for key in ("clip_frac", "kl", "ratio_mean"):
+                stats[key] += mstats[key] * n
+            stats["logp_diff"] += float((logp.detach() - engine_logp).abs().mul(mask).sum())
+            stats["tokens"] += n
+        grad_norm = self._step(lr)
+        reduced = self._all_reduce([stats[k] for k in ("loss", "clip_frac", "kl", "ratio_mean", "logp_diff", "tokens")])
+        loss, clip, kl, ratio, diff, tokens = reduced
+        tokens = max(tokens, 1.0)
+        return {
+            "loss/policy": loss,
+            "loss/clip_frac": clip / tokens,
+            "loss/kl": kl / tokens,
+            "loss/ratio_mean": ratio / tokens,
+            "rollout/logp_diff": diff / tokens,
+            "perf/grad_norm": grad_norm,
+            "perf/lr": lr,
+            "perf/tokens": tokens,
+        }
+
+    @torch.no_grad()
+    def compute_logprobs(self, samples: Sequence[GRPOSample]) -> list[list[float]]:
+        """Log-probs of the given completions under the current policy (for tests and diagnostics)."""
+        self.engine.eval() if self.engine is not None else self.model.eval()
+        model = self.engine if self.engine is not None else self.model
+        batch = self._to_device(self.encoder.collate([self.encoder.encode(s.record) for s in samples], [s.token_ids for s in samples]))
+        logp = algo.compute_token_logprobs(completion_logits(model, batch), batch["completion_ids"], self.spec.temperature, self.spec.top_p)
+        return [logp[b, : len(s.token_ids)].tolist() for b, s in enumerate(samples)]
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # --- weights ---------------------------------------------------------------------
+
+    def iter_full_parameters(self, everything: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) of every parameter that syncs, in a fixed order, on every rank.
+
+        Under ZeRO-3 each parameter is gathered first, a collective: all ranks must iterate
+        together. With `freeze_vision` the vision tower is skipped (engines keep theirs).
+        """
+        for name, param in self.model.named_parameters():
+            if not everything and not param.requires_grad:
+                continue
+            if hasattr(param, "ds_id"):  # ZeRO-3 partitioned
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    yield name, param.data.detach().clone()
+            else:
+                yield name, param.data.detach()
+
+    def export_weights(self, bucket_mb: int) -> list:
+        """Rank 0: the published buckets [(metadata, object ref)]; other ranks join the gather and return []."""
+        from alphadrive_ray import weight_sync
+
+        buckets = weight_sync.pack_buckets(self.iter_full_parameters(), bucket_mb * 2**20)
+        if self.rank != 0:
+            for _ in buckets:  # drive the ZeRO-3 gathers in lockstep with rank 0
+                pass
+            return []
+        return weight_sync.publish(buckets)
+
+    def state_dict_cpu(self) -> dict[str, torch.Tensor]:
+        """Every parameter, gathered, on CPU (tests compare these with the engines')."""
+        return {name: t.cpu().clone() for name, t in self.iter_full_parameters(everything=True)}
+
+    def save_hf(self, out_dir: str) -> str | None:
+        """Export the policy in Hugging Face format (rank 0 writes; all ranks must call)."""
+        state = {name: t.cpu().clone() for name, t in self.iter_full_parameters(everything=True)}
+        if self.rank != 0:
+            return None
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model = load_model(self.spec.model_path, self.spec.dtype, self.spec.attn_implementation)
+        model.load_state_dict(state, strict=False)
+        model.save_pretrained(out)
+        self.encoder.processor.save_pretrained(out)
+        return str(out)
+
+    def ping(self) -> int:
+        return self.rank

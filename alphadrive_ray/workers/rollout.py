@@ -1,0 +1,84 @@
+"""A rollout worker: owns one engine, generates whole groups, receives weights."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from alphadrive_ray.data.records import Record
+from alphadrive_ray.engines.base import Group, SamplingParams
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    model_path: str
+    engine: str = "hf"  # "hf" | "vllm"
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    prompt_template: str = ""
+    image_cache: bool = True
+    batch_size: int = 64
+    cpus: float = 1.0
+    device: str = "cpu"
+    vllm_gpu_memory_utilization: float = 0.6
+    vllm_enforce_eager: bool = False
+    max_model_len: int = 4096
+
+
+def make_engine(spec: RolloutSpec):
+    """The engine named by the spec; vLLM is imported only when asked for."""
+    if spec.engine == "hf":
+        from alphadrive_ray.engines.hf import HFEngine
+
+        return HFEngine(
+            spec.model_path,
+            prompt_template=spec.prompt_template,
+            dtype=spec.dtype,
+            device=spec.device,
+            batch_size=spec.batch_size,
+            image_cache=spec.image_cache,
+            attn_implementation=spec.attn_implementation,
+        )
+    if spec.engine == "vllm":
+        from alphadrive_ray.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            spec.model_path,
+            prompt_template=spec.prompt_template,
+            dtype=spec.dtype,
+            gpu_memory_utilization=spec.vllm_gpu_memory_utilization,
+            enforce_eager=spec.vllm_enforce_eager,
+            max_model_len=spec.max_model_len,
+        )
+    raise ValueError(f"unknown rollout engine {spec.engine!r}")
+
+
+class RolloutWorker:
+    def __init__(self, spec: RolloutSpec, index: int = 0):
+        import torch
+
+        torch.set_num_threads(max(1, math.ceil(spec.cpus)))
+        self.index = index
+        self.spec = spec
+        self.engine = make_engine(spec)
+
+    def generate(self, records: Sequence[Record], params: SamplingParams) -> list[Group]:
+        return self.engine.generate(records, params)
+
+    def load_weights(self, bucket_refs: list, version: int) -> int:
+        """Receive published buckets (see alphadrive_ray.weight_sync) and load them."""
+        from alphadrive_ray import weight_sync
+
+        return self.engine.load_weights(weight_sync.receive(bucket_refs), version)
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def get_weights(self, names: Sequence[str] | None = None) -> dict:
+        """Copies of the engine's parameters (tests compare them with the learner's)."""
+        params = dict(self.engine.model.named_parameters())
+        return {n: params[n].detach().cpu().clone() for n in (names or params)}
+
+    def ping(self) -> int:
+        return self.index
