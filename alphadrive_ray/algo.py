@@ -34,16 +34,25 @@ def compute_group_advantages(rewards: torch.Tensor, group_size: int, mode: str =
     return (centred / (std + eps)).view(-1)
 
 
-def apply_sampling_transform(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
-    """The distribution the engine samples from, as logits: temperature, then top-p.
+def apply_sampling_transform(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    banned_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The distribution the engine samples from, as logits: banned tokens, temperature, top-p.
 
-    Tokens outside the nucleus get -inf. The rollout engine samples from exactly these
+    `banned_ids` can never be sampled (the vision placeholders: a completion holding an
+    image pad token would break the model's image/feature alignment). Tokens outside the
+    nucleus get -inf. The rollout engine samples from exactly these
     logits and the learner computes log-probs from them, so the two agree (a mismatch
     here is the trainer/engine log-prob gap users of other systems report).
     Same semantics as transformers' TopPLogitsWarper: keep the smallest set of most likely
     tokens whose probability reaches top_p, and always the most likely one.
     """
     logits = logits.float()
+    if banned_ids is not None and banned_ids.numel():
+        logits = logits.index_fill(-1, banned_ids.to(logits.device), float("-inf"))
     if temperature != 1.0:
         logits = logits / temperature
     if top_p < 1.0:
@@ -56,9 +65,18 @@ def apply_sampling_transform(logits: torch.Tensor, temperature: float = 1.0, top
     return logits
 
 
-def compute_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
-    """log p(token) under the sampling distribution. logits [B, T, V], tokens [B, T] -> [B, T]."""
-    logp = torch.log_softmax(apply_sampling_transform(logits, temperature, top_p), dim=-1)
+def compute_token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    banned_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log p(token) under the sampling distribution. logits [B, T, V], tokens [B, T] -> [B, T].
+
+    Padding positions may hold any token id; callers mask them.
+    """
+    logp = torch.log_softmax(apply_sampling_transform(logits, temperature, top_p, banned_ids), dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 

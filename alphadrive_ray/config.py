@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alphadrive_ray.actions import PATH_ACTIONS, SPEED_ACTIONS
 from alphadrive_ray.errors import UserError
 
 REWARD_COMPONENTS = ("accuracy", "weight", "diversity", "format")
@@ -329,6 +330,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads `1e-6` (no dot) as text, per YAML 1.1; accept what float() accepts.
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         if not math.isfinite(value):
@@ -394,7 +401,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+            context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+            started = f" ({context} that starts on line {context_mark.line + 1})" if context and context_mark else ""
+            raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}{started}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not UTF-8 text") from None
         if not isinstance(tree, dict):
@@ -461,6 +470,19 @@ def validate(c: Config, source: str = "config") -> None:
     check(c.reward.timeout_s > 0, "reward.timeout_s must be > 0")
     check(c.eval.samples >= 0 and c.eval.every_steps >= 0, "eval.samples and eval.every_steps must be >= 0")
     check(c.checkpoint.keep >= 1, f"checkpoint.keep must be at least 1; got {c.checkpoint.keep}")
+    for split in ("synth_train", "synth_eval"):
+        synth: SynthSplitConfig = getattr(c.data, split)
+        key = f"data.{split}"
+        check(synth.n >= 0, f"{key}.n must be >= 0 (0: do not generate); got {synth.n}")
+        check(56 <= synth.size <= 4096, f"{key}.size must be between 56 and 4096 pixels; got {synth.size}")
+        for mix_name, vocab in (("speed_mix", SPEED_ACTIONS), ("path_mix", PATH_ACTIONS)):
+            mix: dict[str, float] = getattr(synth, mix_name)
+            unknown = [name for name in mix if name not in vocab]
+            check(not unknown, f"{key}.{mix_name} names unknown classes {unknown}; use some of {', '.join(vocab)} (upper case)")
+            check(
+                not mix or (all(w >= 0 for w in mix.values()) and sum(mix.values()) > 0),
+                f"{key}.{mix_name} weights must be >= 0 with at least one > 0 (or leave the mix empty); got {mix}",
+            )
 
     n = c.learner.num_workers
     if n >= 1 and c.sft.micro_batch_size >= 1:

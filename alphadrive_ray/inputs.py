@@ -55,6 +55,12 @@ class PromptEncoder:
         if self.eos_id is None or self.eos_id == self.tokenizer.unk_token_id:
             self.eos_id = self.tokenizer.eos_token_id
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>") if self.vision else None
+        # placeholders a completion must never contain (the model would count them as image slots)
+        vocab = self.tokenizer.get_vocab()
+        self.banned_token_ids = torch.tensor(
+            sorted(vocab[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>") if t in vocab),
+            dtype=torch.long,
+        )
 
     def prompt_text(self, record: Record) -> str:
         """The chat-formatted prompt, ending with the assistant turn's opening."""

@@ -17,7 +17,7 @@ plus 4. a format reward (`<think>…</think> <answer>…</answer>`). Two variant
   is used for the first time in the group (in group order, one counter), -0.4 otherwise; the
   answer regex is not DOTALL (the tag-stripped fallback is not stripped of white space) and
   words are split on `", "` only. The release guards its F1 and mean weight with `+ 1e-6`
-  terms; we compute them exactly (the difference is below 2e-6), so both variants share
+  terms; we compute them exactly (the product differs by at most 2.5e-6), so both variants share
   `f1_reward` and `action_weight_reward`.
 
 The vocabulary of each family is the key set of its weight table (as in the release), so
@@ -129,7 +129,9 @@ def release_answer_words(text: str) -> list[str]:
     return answer.split(", ")
 
 
-def parse_answer(text: str, variant: str = "paper", vocabulary: Collection[str] = _ALL_ACTIONS) -> frozenset[str]:
+def parse_answer(
+    text: str, variant: str = "paper", vocabulary: Collection[str] = _ALL_ACTIONS
+) -> frozenset[str]:
     """The set of vocabulary words in the answer of `text` (matched exactly, case-sensitive)."""
     words = paper_answer_words(text) if _check_variant(variant) == "paper" else release_answer_words(text)
     return frozenset(word for word in words if word in vocabulary)
@@ -253,7 +255,9 @@ def exact_accuracy_reward(completion: str, solution: str) -> float:
     """
     pred = parse_answer(completion)
     true = parse_answer(solution)
-    return exact_match_reward(pred & _SPEED_SET, true & _SPEED_SET) * exact_match_reward(pred & _PATH_SET, true & _PATH_SET)
+    return exact_match_reward(pred & _SPEED_SET, true & _SPEED_SET) * exact_match_reward(
+        pred & _PATH_SET, true & _PATH_SET
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -336,8 +340,12 @@ def score_group(
         zeros = [0.0] * len(completions)
         speed_parts = path_parts = (zeros, zeros, zeros, zeros)
     else:
-        speed_parts = _family_rewards(speed_sets, true_words & speed_vocab, speed_weights, release, use, diversity_cap, diversity_bonus)
-        path_parts = _family_rewards(path_sets, true_words & path_vocab, path_weights, release, use, diversity_cap, diversity_bonus)
+        speed_parts = _family_rewards(
+            speed_sets, true_words & speed_vocab, speed_weights, release, use, diversity_cap, diversity_bonus
+        )
+        path_parts = _family_rewards(
+            path_sets, true_words & path_vocab, path_weights, release, use, diversity_cap, diversity_bonus
+        )
 
     use_format = "format" in use
     out: list[dict[str, float]] = []
@@ -355,7 +363,9 @@ def score_group(
                 "speed": speed,
                 "path": path,
                 "format": fmt,
-                "total": speed_weight * speed + path_weight * path + (format_weight * fmt if use_format else 0.0),
+                "total": speed_weight * speed
+                + path_weight * path
+                + (format_weight * fmt if use_format else 0.0),
             }
         )
     return out
@@ -407,8 +417,10 @@ def _check_components(components: Collection[str] | None) -> frozenset[str]:
     if components is None:
         return frozenset(ABLATION_COMPONENTS)
     if isinstance(components, str):
-        raise ValueError(f"components must be a collection of names, got the string {components!r}")
+        raise TypeError(f"components must be a collection of names, got the string {components!r}")
     unknown = sorted(set(components) - set(ABLATION_COMPONENTS))
     if unknown:
-        raise ValueError(f"unknown reward component(s) {', '.join(unknown)}; expected a subset of {', '.join(ABLATION_COMPONENTS)}")
+        raise ValueError(
+            f"unknown reward component(s) {', '.join(unknown)}; expected a subset of {', '.join(ABLATION_COMPONENTS)}"
+        )
     return frozenset(components)

@@ -181,14 +181,23 @@ class Trainer:
         self.rollout.load_weights(bucket_refs, self.version)
         return time.monotonic() - start
 
-    def evaluate(self, tag: str, extra: dict | None = None) -> dict:
-        """Greedy plans for the held-out split, scored with the `alphadrive-ray eval` logic."""
+    def predict(self) -> dict[str, str]:
+        """Greedy plans for the held-out split: record id -> model output."""
+        params = SamplingParams(n=1, max_new_tokens=self.config.rollout.max_new_tokens, greedy=True)
+        return {g.record.id: g.completions[0].text for g in self.rollout.generate(self.eval_records, params)}
+
+    def planning_accuracy(self, predictions: dict[str, str]) -> float:
+        from alphadrive_ray.rewards import parse_plan
+
+        right = sum(parse_plan(predictions[r.id]) == (r.speed_action, r.path_action) for r in self.eval_records)
+        return right / len(self.eval_records)
+
+    def evaluate(self, tag: str, predictions: dict[str, str] | None = None, extra: dict | None = None) -> dict:
+        """Score greedy plans on the held-out split with the `alphadrive-ray eval` logic."""
         from alphadrive_ray.evaluation import evaluate
 
         start = time.monotonic()
-        params = SamplingParams(n=1, max_new_tokens=self.config.rollout.max_new_tokens, greedy=True)
-        groups = self.rollout.generate(self.eval_records, params)
-        predictions = {g.record.id: g.completions[0].text for g in groups}
+        predictions = self.predict() if predictions is None else predictions
         out_dir = self.run_dir / ("report" if tag == "final" else f"eval/{tag}")
         metrics = evaluate(
             predictions,
@@ -197,7 +206,7 @@ class Trainer:
             reasoning_metrics=self.config.eval.reasoning_metrics,
             progress=False,
             extra=extra,
-            title=f"AlphaDrive evaluation: {self.config.run.name} ({tag})",
+            title=f"AlphaDrive run {self.config.run.name}: {tag}",
         )
         with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
             for rid, text in predictions.items():
@@ -422,19 +431,15 @@ def train(config: Config) -> RunSummary:
             t0 = time.monotonic()
             summary.grpo_steps = trainer.grpo()
             summary.seconds["grpo"] = round(time.monotonic() - t0, 1)
-        extra = {"accuracy by stage (held-out)": {k: round(v, 4) for k, v in summary.accuracy.items()}}
-        final = trainer.evaluate("final", extra=None)
-        summary.accuracy["final"] = final["planning"]["accuracy"]
-        extra = {"planning accuracy by stage (held-out split)": [{"stage": k, "accuracy": round(v, 4)} for k, v in summary.accuracy.items()]}
-        # rewrite the final report with the stage comparison at the top
-        from alphadrive_ray.evaluation import evaluate
-
-        predictions = {}
-        with open(run_dir / "report" / "predictions.jsonl", encoding="utf-8") as fh:
-            for line in fh:
-                obj = json.loads(line)
-                predictions[obj["id"]] = obj["output"]
-        evaluate(predictions, trainer.eval_records, run_dir / "report", reasoning_metrics=config.eval.reasoning_metrics, progress=False, extra=extra, title=f"AlphaDrive run {config.run.name}")
+        predictions = trainer.predict()
+        summary.accuracy["final"] = trainer.planning_accuracy(predictions)
+        stages = {"untrained": "untrained model", "sft": "after SFT warm-up", "final": "after SFT + GRPO"}
+        extra = {
+            "Planning accuracy by stage (held-out split)": [
+                {"stage": stages[k], "accuracy": round(v, 4)} for k, v in summary.accuracy.items()
+            ]
+        }
+        trainer.evaluate("final", predictions, extra)
         if config.checkpoint.export_hf:
             summary.export_dir = trainer.learners.save_hf(str(run_dir / "export"))
             tracker.say(f"exported the policy in Hugging Face format to {summary.export_dir}")

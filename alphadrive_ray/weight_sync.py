@@ -22,6 +22,9 @@ import torch
 
 from alphadrive_ray.engines.base import TensorMeta
 
+# Tensors start at multiples of this many bytes, so each can be viewed in its own dtype.
+ALIGN = 16
+
 # torch dtypes without a numpy twin travel as same-width integers.
 _CARRIER = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
@@ -56,6 +59,10 @@ def pack_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes
         if metas and size + raw.nbytes > bucket_bytes:
             yield metas, np.concatenate(parts)
             metas, parts, size = [], [], 0
+        pad = -size % ALIGN
+        if pad:
+            parts.append(np.zeros(pad, dtype=np.uint8))
+            size += pad
         metas.append(TensorMeta(name, dtype_name(tensor.dtype), tuple(tensor.shape), size, raw.nbytes))
         parts.append(raw)
         size += raw.nbytes

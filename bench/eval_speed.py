@@ -22,12 +22,42 @@ import tempfile
 import time
 from pathlib import Path
 
-from alphadrive_ray.actions import NAVIGATION_COMMANDS, PATH_ACTIONS, SPEED_ACTIONS, format_answer, format_completion
+from alphadrive_ray.actions import (
+    NAVIGATION_COMMANDS,
+    PATH_ACTIONS,
+    SPEED_ACTIONS,
+    format_answer,
+    format_completion,
+)
 from alphadrive_ray.data.records import Record, write_records
 
-SUBJECTS = ("the traffic light ahead", "a pedestrian", "the lead vehicle", "the lane", "the intersection", "a cyclist", "the road")
-STATES = ("is red", "is green", "is crossing", "is slowing down", "is clear", "is congested", "merges from the right", "turns left")
-DECISIONS = ("so I slow down", "so I keep my speed", "so I stop", "so I speed up", "and I follow the navigation", "so I change lanes")
+SUBJECTS = (
+    "the traffic light ahead",
+    "a pedestrian",
+    "the lead vehicle",
+    "the lane",
+    "the intersection",
+    "a cyclist",
+    "the road",
+)
+STATES = (
+    "is red",
+    "is green",
+    "is crossing",
+    "is slowing down",
+    "is clear",
+    "is congested",
+    "merges from the right",
+    "turns left",
+)
+DECISIONS = (
+    "so I slow down",
+    "so I keep my speed",
+    "so I stop",
+    "so I speed up",
+    "and I follow the navigation",
+    "so I change lanes",
+)
 
 
 def sentence(rng: random.Random) -> str:
@@ -48,7 +78,17 @@ def build(root: Path, n: int, seed: int) -> tuple[Path, Path]:
     for i in range(n):
         speed, path = rng.choice(SPEED_ACTIONS), rng.choice(PATH_ACTIONS)
         reasoning = " ".join(sentence(rng) for _ in range(rng.randint(1, 2)))
-        records.append(Record(f"scene-{i:06d}", images[i % len(images)], round(rng.uniform(0, 20), 1), rng.choice(NAVIGATION_COMMANDS), speed, path, reasoning))
+        records.append(
+            Record(
+                f"scene-{i:06d}",
+                images[i % len(images)],
+                round(rng.uniform(0, 20), 1),
+                rng.choice(NAVIGATION_COMMANDS),
+                speed,
+                path,
+                reasoning,
+            )
+        )
         if rng.random() < 0.3:
             speed, path = rng.choice(SPEED_ACTIONS), rng.choice(PATH_ACTIONS)
         predicted_reasoning = " ".join(sentence(rng) for _ in range(rng.randint(1, 2)))
@@ -74,7 +114,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-reasoning-metrics", action="store_true")
-    parser.add_argument("--keep", type=Path, default=None, help="write the data and report here instead of a temporary folder")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="write the data and report here instead of a temporary folder"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,8 +127,16 @@ def main() -> None:
         print(f"built {args.n} references + predictions in {time.perf_counter() - start:.1f} s under {root}")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         command = [
-            sys.executable, "-m", "alphadrive_ray", "eval",
-            "--predictions", str(predictions), "--references", str(references), "--out", str(root / "eval"),
+            sys.executable,
+            "-m",
+            "alphadrive_ray",
+            "eval",
+            "--predictions",
+            str(predictions),
+            "--references",
+            str(references),
+            "--out",
+            str(root / "eval"),
         ]
         if args.no_reasoning_metrics:
             command.append("--no-reasoning-metrics")
@@ -99,7 +149,9 @@ def main() -> None:
         metrics = json.loads((root / "eval" / "metrics.json").read_text())
         print(done.stdout.rstrip())
         print("stage timings (s):", json.dumps(metrics["timing_s"]))
-        print(f"whole eval of {args.n} samples: {elapsed:.1f} s wall (fresh process, {cores} cores available; target <= 30 s on 2 cores)")
+        print(
+            f"whole eval of {args.n} samples: {elapsed:.1f} s wall (fresh process, {cores} cores available; target <= 30 s on 2 cores)"
+        )
 
 
 if __name__ == "__main__":

@@ -424,7 +424,7 @@ BAD_ARGUMENT_CASES = [
 
 @pytest.mark.parametrize("kwargs, fragment", BAD_ARGUMENT_CASES)
 def test_bad_arguments(kwargs, fragment):
-    with pytest.raises(ValueError, match=fragment):
+    with pytest.raises((ValueError, TypeError), match=fragment):
         score_group(GROUP, SOLUTION, **kwargs)
 
 
@@ -519,6 +519,7 @@ HUGE_CASES = [
     ("unclosed answers", "<answer>" * (MB // 8)),
     ("think blocks, no final answer", "<think>" + "</think><answer></answer>" * (MB // 25) + "x"),
     ("many closings after one think", "<think>" + "</think> <answer>" * (MB // 17) + "</answer"),
+    ("think closings padded, ends like an answer", "<think>" + ("</think>" + " " * 200 + "x") * (MB // 209) + "</answer>"),
     ("answers split by newlines", "<answer>\n</answer>" * (MB // 18)),
     ("one giant answer", "<answer>" + "KEEP, STRAIGHT, " * (MB // 16) + "</answer>"),
     ("nested answers", "<answer>" * (MB // 16) + "</answer>" * (MB // 18)),

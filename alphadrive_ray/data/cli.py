@@ -2,6 +2,8 @@
 
     alphadrive-ray data synth artifacts/scenes --n 2000 --seed 0
     alphadrive-ray data validate artifacts/scenes/data.jsonl
+    alphadrive-ray data import-release release/train.json data/train.jsonl     # see release.py
+    alphadrive-ray data from-trajectories samples.json data/train.jsonl       # see trajectory.py
 """
 
 from __future__ import annotations

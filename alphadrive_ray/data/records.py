@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from alphadrive_ray.actions import PATH_ACTIONS, SPEED_ACTIONS
 from alphadrive_ray.errors import UserError
@@ -66,13 +66,31 @@ class Record:
 @dataclass(frozen=True)
 class Problem:
     file: str
-    line: int  # 1-based; 0 for problems of the whole file
+    line: int  # 1-based; 0 for problems of the whole file (or of an item of a JSON array)
     field: str  # "" when the problem is not about one field
     message: str
+    index: int | None = None  # 0-based item of a JSON array file (then `line` is 0)
+
+    @property
+    def where(self) -> str:
+        """`file:line`, `file[index]` for an item of a JSON array, or `file`."""
+        if self.index is not None:
+            return f"{self.file}[{self.index}]"
+        return f"{self.file}:{self.line}" if self.line else self.file
+
+    @property
+    def is_record_problem(self) -> bool:
+        return bool(self.line) or self.index is not None
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        return f"{self.where}: {self.field}: {self.message}" if self.field else f"{self.where}: {self.message}"
+
+
+def count_bad(problems: Iterable[Problem]) -> int:
+    """Bad records among `problems` (a record with several problems counts once), plus problems of whole files."""
+    problems = list(problems)
+    records = {(p.file, p.line, p.index) for p in problems if p.is_record_problem}
+    return len(records) + sum(1 for p in problems if not p.is_record_problem)
 
 
 class DatasetError(UserError):
@@ -96,17 +114,20 @@ class LoadReport:
 
     @property
     def n_bad(self) -> int:
-        return len({(p.line, p.file) for p in self.problems if p.line}) + sum(1 for p in self.problems if not p.line)
+        return count_bad(self.problems)
 
 
 def check_image(path: Path, *, decode: bool = True) -> str | None:
     """None when `path` is a readable, complete image of sane size; else what is wrong."""
     from PIL import Image, UnidentifiedImageError
 
-    if not path.exists():
-        return f"image file not found: {path}"
-    if not path.is_file():
-        return f"image path is not a file: {path}"
+    try:
+        if not path.exists():
+            return f"image file not found: {path}"
+        if not path.is_file():
+            return f"image path is not a file: {path}"
+    except OSError as exc:  # e.g. a name too long for the file system
+        return f"image path cannot be checked: {exc.strerror or exc}"
     try:
         with Image.open(path) as img:
             width, height = img.size
@@ -123,6 +144,20 @@ def check_image(path: Path, *, decode: bool = True) -> str | None:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return f"corrupt or truncated image: {path} ({exc})"
     return None
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters so one bad value cannot flood the report."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _as_float(number: int | float) -> float:
+    """`number` as a float; a JSON integer beyond the float range becomes inf (not OverflowError)."""
+    try:
+        return float(number)
+    except OverflowError:
+        return math.inf
 
 
 def parse_record(obj: Any, base_dir: Path, file: str, line: int, check_images: bool = True) -> tuple[Record | None, list[Problem]]:
@@ -143,28 +178,30 @@ def parse_record(obj: Any, base_dir: Path, file: str, line: int, check_images: b
 
     rid = obj["id"]
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid).strip() == "":
-        bad("id", f"must be a non-empty string or integer, got {rid!r}")
+        bad("id", f"must be a non-empty string or integer, got {_show(rid)}")
     speed = obj["speed"]
     if isinstance(speed, bool) or not isinstance(speed, (int, float)):
-        bad("speed", f"must be a number in m/s, got {speed!r}")
-    elif not math.isfinite(speed) or speed < 0:
-        bad("speed", f"must be a finite, non-negative number in m/s, got {speed!r}")
+        bad("speed", f"must be a number in m/s, got {_show(speed)}")
+    elif not math.isfinite(_as_float(speed)) or speed < 0:
+        bad("speed", f"must be a finite, non-negative number in m/s, got {_show(speed)}")
     elif speed > MAX_SPEED:
         bad("speed", f"{speed} m/s is implausible (> {MAX_SPEED}); is it in km/h? convert to m/s")
     nav = obj["navigation"]
     if not isinstance(nav, str) or not nav.strip():
-        bad("navigation", f"must be a non-empty string, got {nav!r}")
+        bad("navigation", f"must be a non-empty string, got {_show(nav)}")
     if obj["speed_action"] not in SPEED_ACTIONS:
-        bad("speed_action", f"unknown label {obj['speed_action']!r}; expected one of {', '.join(SPEED_ACTIONS)}")
+        bad("speed_action", f"unknown label {_show(obj['speed_action'])}; expected one of {', '.join(SPEED_ACTIONS)}")
     if obj["path_action"] not in PATH_ACTIONS:
-        bad("path_action", f"unknown label {obj['path_action']!r}; expected one of {', '.join(PATH_ACTIONS)}")
+        bad("path_action", f"unknown label {_show(obj['path_action'])}; expected one of {', '.join(PATH_ACTIONS)}")
     reasoning = obj.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, str):
         bad("reasoning", f"must be a string when present, got {type(reasoning).__name__}")
     image = obj["image"]
     image_path: Path | None = None
     if not isinstance(image, str) or not image.strip():
-        bad("image", f"must be a path relative to the dataset file, got {image!r}")
+        bad("image", f"must be a path relative to the dataset file, got {_show(image)}")
+    elif "\x00" in image:
+        bad("image", f"path contains a NUL character: {_show(image)}")
     else:
         image_path = (base_dir / image).resolve()
         if check_images:
@@ -199,9 +236,60 @@ def _iter_jsonl(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
             if not text.strip():
                 continue
             try:
-                yield lineno, json.loads(text), None
+                value = json.loads(text)
             except json.JSONDecodeError as exc:
                 yield lineno, None, Problem(str(path), lineno, "", f"bad JSON: {exc.msg} (column {exc.colno})")
+                continue
+            except (ValueError, RecursionError) as exc:  # an integer of > 4300 digits, absurd nesting
+                yield lineno, None, Problem(str(path), lineno, "", f"bad JSON: {str(exc)[:120]}")
+                continue
+            yield lineno, value, None
+
+
+def read_json_items(path: str | Path) -> Iterator[tuple[int, int | None, Any, Problem | None]]:
+    """(line, index, value, problem) for each item of a JSONL file or of a JSON array file.
+
+    For converters whose input may be either: a file whose first non-blank character is
+    `[` is one JSON array (items are located by their 0-based `index`, `line` is 0);
+    anything else is JSONL (located by `line`, `index` is None). Problems of the whole
+    file (unreadable, empty, bad JSON in an array file) come with line 0 and index None
+    in the tuple; their Problem names the line where one is known.
+    """
+    path = Path(path)
+    file = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        yield 0, None, None, Problem(file, 0, "", f"cannot read: {exc.strerror or exc}")
+        return
+    if not data.strip():
+        yield 0, None, None, Problem(file, 0, "", "empty file: no records")
+        return
+    if not data.lstrip().startswith(b"["):
+        for lineno, value, problem in _iter_jsonl(path):
+            yield lineno, None, value, problem
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        yield 0, None, None, Problem(file, line, "", f"not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})")
+        return
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        yield 0, None, None, Problem(file, exc.lineno, "", f"bad JSON: {exc.msg} (column {exc.colno})")
+        return
+    except (ValueError, RecursionError) as exc:
+        yield 0, None, None, Problem(file, 0, "", f"bad JSON: {str(exc)[:120]}")
+        return
+    if not isinstance(items, list):
+        yield 0, None, None, Problem(file, 0, "", f"expected a JSON array of records, got {type(items).__name__}")
+        return
+    if not items:
+        yield 0, None, None, Problem(file, 0, "", "empty JSON array: no records")
+    for index, item in enumerate(items):
+        yield 0, index, item, None
 
 
 def _iter_parquet(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
@@ -295,7 +383,14 @@ def write_records(path: str | Path, records: Iterable[Record]) -> int:
 
 
 def to_hf_dataset(records: Sequence[Record]):
-    """The records as a Hugging Face `datasets.Dataset` (images as absolute paths)."""
+    """The records as a Hugging Face `datasets.Dataset` (images as absolute paths).
+
+    Columns are the union of all records' fields; a record without one (e.g. no
+    `reasoning`) gets null there. `Dataset.from_list` alone would take the columns of the
+    first record and silently drop the others.
+    """
     import datasets
 
-    return datasets.Dataset.from_list([r.to_json() for r in records])
+    rows = [r.to_json() for r in records]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return datasets.Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])

@@ -279,9 +279,10 @@ _SKIES = ((135, 190, 235), (170, 200, 225), (240, 170, 120), (110, 130, 170))
 _ROADS = ((95, 95, 100), (80, 80, 85), (110, 105, 100), (70, 72, 80))
 _GRASS = ((70, 130, 60), (95, 140, 70), (120, 120, 80), (60, 100, 60))
 _CAR_COLOURS = ((200, 30, 30), (30, 60, 200), (230, 230, 230), (40, 40, 40), (200, 180, 40), (20, 140, 140))
+_PEDESTRIAN_COLOURS = ((255, 0, 200), (0, 230, 255), (255, 255, 0))
 _LIGHT_COLOURS = {"red": (255, 30, 30), "yellow": (255, 210, 0), "green": (40, 230, 60)}
 _LANE_M = 3.5  # lane width, metres
-_NEAR_M = 4.0  # distance seen at the bottom row of the image
+_NEAR_M = 6.0  # distance seen at the bottom row of the image (a mild telephoto view)
 NEAR_INTERSECTION_M = (12.0, 20.0)
 FAR_INTERSECTION_M = (40.0, 60.0)
 
@@ -401,15 +402,17 @@ def render_scene(scene: Scene, size: int = 224, seed: int = 0):
         if kind in ("other", "lead"):
             _vehicle(draw, cam, lateral + rng.uniform(-0.3, 0.3), d, rng.choice(_CAR_COLOURS))
         elif kind == "pedestrian":
-            x, y, s = _box(draw, cam, lateral + rng.uniform(-0.8, 0.8), d, 0.6, 1.3, (rng.choice(_CAR_COLOURS)))
-            draw.ellipse([x - 0.3 * s, y - 1.8 * s, x + 0.3 * s, y - 1.25 * s], fill=(230, 190, 150))
-            draw.rectangle([x - 0.25 * s, y - 0.05 * s, x + 0.25 * s, y], fill=(30, 30, 30))
+            # drawn 1.5x life size in a high-visibility colour, so that a 112 px input shows it
+            x, y, s = _box(draw, cam, lateral + rng.uniform(-0.8, 0.8), d, 0.9, 1.9, rng.choice(_PEDESTRIAN_COLOURS))
+            draw.ellipse([x - 0.45 * s, y - 2.7 * s, x + 0.45 * s, y - 1.85 * s], fill=(230, 190, 150))
+            draw.rectangle([x - 0.4 * s, y - 0.1 * s, x + 0.4 * s, y], fill=(30, 30, 30))
         else:  # cones across the lane, then a barrier
             for k in range(4):
                 cd = d + 2.5 * k
                 cx, cy, s = cam.x(lateral - 1.4 + 0.9 * k, cd), cam.y(cd), cam.scale(cd) * cam.px_per_m
-                draw.polygon([(cx - 0.45 * s, cy), (cx + 0.45 * s, cy), (cx, cy - 1.3 * s)], fill=(255, 120, 0))
-                draw.rectangle([cx - 0.25 * s, cy - 0.75 * s, cx + 0.25 * s, cy - 0.55 * s], fill=(250, 250, 250))
+                # 1.5x life size, like the pedestrians
+                draw.polygon([(cx - 0.7 * s, cy), (cx + 0.7 * s, cy), (cx, cy - 1.9 * s)], fill=(255, 120, 0))
+                draw.rectangle([cx - 0.35 * s, cy - 1.1 * s, cx + 0.35 * s, cy - 0.8 * s], fill=(250, 250, 250))
     return img
 
 

@@ -20,12 +20,13 @@ from alphadrive_ray.models.loading import load_model, load_processor
 class _SamplingTransform:
     """A transformers logits processor applying our temperature / top-p transform."""
 
-    def __init__(self, temperature: float, top_p: float):
+    def __init__(self, temperature: float, top_p: float, banned_ids: torch.Tensor):
         self.temperature = temperature
         self.top_p = top_p
+        self.banned_ids = banned_ids
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return apply_sampling_transform(scores, self.temperature, self.top_p)
+        return apply_sampling_transform(scores, self.temperature, self.top_p, self.banned_ids)
 
 
 class HFEngine:
@@ -77,11 +78,13 @@ class HFEngine:
             top_p=None,
             temperature=None,
         )
+        banned = self.encoder.banned_token_ids.to(self.device)
         if params.greedy:
             kwargs["do_sample"] = False
+            kwargs["logits_processor"] = LogitsProcessorList([_SamplingTransform(1.0, 1.0, banned)])
         else:
             kwargs["do_sample"] = True
-            kwargs["logits_processor"] = LogitsProcessorList([_SamplingTransform(params.temperature, params.top_p)])
+            kwargs["logits_processor"] = LogitsProcessorList([_SamplingTransform(params.temperature, params.top_p, banned)])
         out = self.model.generate(**batch, **kwargs)
         new_tokens = out.sequences[:, prompt_len:]  # [B * n, T]
         # scores are the processed logits each token was sampled from

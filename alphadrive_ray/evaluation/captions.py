@@ -62,7 +62,13 @@ def compute_caption_metrics(
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
     n = len(hypotheses)
     if n == 0:
-        return {"n": 0, "bleu4": None, "cider": None, "meteor": None, "per_sample": {"bleu4": [], "cider": [], "meteor": []}}
+        return {
+            "n": 0,
+            "bleu4": None,
+            "cider": None,
+            "meteor": None,
+            "per_sample": {"bleu4": [], "cider": [], "meteor": []},
+        }
     if any(len(refs) == 0 for refs in references):
         raise ValueError("every hypothesis needs at least one reference")
     stage = on_stage or (lambda name: None)

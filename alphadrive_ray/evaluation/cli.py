@@ -25,9 +25,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Writes DIR/metrics.json and DIR/report.html (with PNG figures)."
         ),
     )
-    parser.add_argument("--predictions", required=True, type=Path, metavar="P.jsonl", help="model outputs, one JSON object per line")
-    parser.add_argument("--references", required=True, type=Path, metavar="R.jsonl", help="the dataset (.jsonl or .parquet) the outputs answer")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for metrics.json and report.html")
+    parser.add_argument(
+        "--predictions",
+        required=True,
+        type=Path,
+        metavar="P.jsonl",
+        help="model outputs, one JSON object per line",
+    )
+    parser.add_argument(
+        "--references",
+        required=True,
+        type=Path,
+        metavar="R.jsonl",
+        help="the dataset (.jsonl or .parquet) the outputs answer",
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="folder for metrics.json and report.html"
+    )
     parser.add_argument(
         "--skip-missing",
         action="store_true",
@@ -38,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip BLEU-4 / CIDEr / METEOR (they need Java and take ~15 s for 10k samples)",
     )
-    parser.add_argument("--samples", type=int, default=24, metavar="N", help="sample outputs shown in the report (default 24)")
+    parser.add_argument(
+        "--samples", type=int, default=24, metavar="N", help="sample outputs shown in the report (default 24)"
+    )
     parser.set_defaults(func=run_eval)
 
 
@@ -69,10 +85,17 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def format_summary(metrics: Mapping[str, Any]) -> str:
     """A short plain-text table of the headline numbers."""
-    planning, parse, reasoning, ids = metrics["planning"], metrics["parse"], metrics["reasoning"], metrics["ids"]
+    planning, parse, reasoning, ids = (
+        metrics["planning"],
+        metrics["parse"],
+        metrics["reasoning"],
+        metrics["ids"],
+    )
     lines = [f"evaluated {metrics['n']} samples"]
     if ids["missing"] or ids["extra"]:
-        lines[0] += f" (skipped: {ids['missing']} reference id(s) without prediction, {ids['extra']} extra prediction id(s))"
+        lines[0] += (
+            f" (skipped: {ids['missing']} reference id(s) without prediction, {ids['extra']} extra prediction id(s))"
+        )
     lines += [
         f"{'planning accuracy':<24}{planning['accuracy']:.4f}",
         f"{'format ok rate':<24}{parse['format_ok_rate']:.4f}",
@@ -82,8 +105,12 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
         block = planning[family]
         for label in labels:
             m = block[label]
-            lines.append(f"{family.upper() + ' ' + label:<24}{m['precision']:>7.4f}{m['recall']:>8.4f}{m['f1']:>8.4f}{m['support']:>9d}")
-        lines.append(f"{family.upper() + ' macro F1':<24}{'':>15}{block['macro_f1']:>8.4f}   (accuracy {block['accuracy']:.4f})")
+            lines.append(
+                f"{family.upper() + ' ' + label:<24}{m['precision']:>7.4f}{m['recall']:>8.4f}{m['f1']:>8.4f}{m['support']:>9d}"
+            )
+        lines.append(
+            f"{family.upper() + ' macro F1':<24}{'':>15}{block['macro_f1']:>8.4f}   (accuracy {block['accuracy']:.4f})"
+        )
     if reasoning["computed"]:
         lines.append(
             f"{'reasoning (n=' + str(reasoning['n']) + ')':<24}BLEU-4 {reasoning['bleu4']:.4f}  CIDEr {reasoning['cider']:.4f}  "

@@ -91,7 +91,9 @@ def compute_accuracy(y_true: Sequence[str], y_pred: Sequence[str | None]) -> flo
     return sum(1 for true, pred in zip(y_true, y_pred) if pred == true) / len(y_true) if y_true else 0.0
 
 
-def compute_confusion(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]) -> list[list[int]]:
+def compute_confusion(
+    y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]
+) -> list[list[int]]:
     """Counts `[i][j]` of true `labels[i]` predicted as `labels[j]`; the last column counts misses.
 
     Predictions outside `labels` (None or anything else) are misses.
@@ -106,7 +108,9 @@ def compute_confusion(y_true: Sequence[str], y_pred: Sequence[str | None], label
     return matrix
 
 
-def compute_family_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]) -> dict[str, Any]:
+def compute_family_metrics(
+    y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]
+) -> dict[str, Any]:
     """Per-class metrics (keyed by class name) plus `accuracy`, `macro_f1`, `macro_f1_labels`, `miss_rate`."""
     per_class = compute_class_metrics(y_true, y_pred, labels)
     present = present_labels(y_true, y_pred, labels)

@@ -30,7 +30,11 @@ class PredictionsError(UserError):
     def __init__(self, path: str | Path, problems: Sequence[Problem]):
         self.problems = list(problems)
         shown = "\n".join(f"  {p}" for p in self.problems[:MAX_PROBLEMS_SHOWN])
-        more = f"\n  ... and {len(self.problems) - MAX_PROBLEMS_SHOWN} more" if len(self.problems) > MAX_PROBLEMS_SHOWN else ""
+        more = (
+            f"\n  ... and {len(self.problems) - MAX_PROBLEMS_SHOWN} more"
+            if len(self.problems) > MAX_PROBLEMS_SHOWN
+            else ""
+        )
         super().__init__(
             f"{path}: {len(self.problems)} problem(s) in the predictions file:\n{shown}{more}\n"
             'Each line must be a JSON object {"id": <reference id>, "output": "<raw model text>"}.'
@@ -50,7 +54,14 @@ def parse_prediction(obj: Any, file: str, line: int) -> tuple[tuple[str, str] | 
     if "output" not in obj:
         problems.append(Problem(file, line, "output", "missing required field (the raw model text)"))
     elif not isinstance(obj["output"], str):
-        problems.append(Problem(file, line, "output", f"must be a string (the raw model text), got {type(obj['output']).__name__}"))
+        problems.append(
+            Problem(
+                file,
+                line,
+                "output",
+                f"must be a string (the raw model text), got {type(obj['output']).__name__}",
+            )
+        )
     if problems:
         return None, problems
     return (str(pid), obj["output"]), []
@@ -78,7 +89,9 @@ def load_predictions(path: str | Path) -> Predictions:
                 continue
             pid, output = parsed
             if pid in lines:
-                problems.append(Problem(file, lineno, "id", f"duplicate id {pid!r} (first on line {lines[pid]})"))
+                problems.append(
+                    Problem(file, lineno, "id", f"duplicate id {pid!r} (first on line {lines[pid]})")
+                )
                 continue
             outputs[pid] = output
             lines[pid] = lineno
@@ -104,7 +117,11 @@ def _iter_jsonl(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
             try:
                 yield lineno, json.loads(text), None
             except json.JSONDecodeError as exc:
-                yield lineno, None, Problem(str(path), lineno, "", f"bad JSON: {exc.msg} (column {exc.colno})")
+                yield (
+                    lineno,
+                    None,
+                    Problem(str(path), lineno, "", f"bad JSON: {exc.msg} (column {exc.colno})"),
+                )
 
 
 @dataclass
@@ -155,7 +172,9 @@ def align(
         if missing:
             parts.append(f"{len(missing)} reference id(s) have no prediction: {format_ids(missing)}")
         if extra:
-            parts.append(f"{len(extra)} prediction id(s) are not in {references_name}: {format_ids(extra, prediction_lines)}")
+            parts.append(
+                f"{len(extra)} prediction id(s) are not in {references_name}: {format_ids(extra, prediction_lines)}"
+            )
         raise UserError(
             f"{predictions_name}: ids do not match {references_name}:\n  " + "\n  ".join(parts) + "\n"
             "Pass --skip-missing (skip_missing=True) to evaluate only the ids in both; the skipped ids are counted."

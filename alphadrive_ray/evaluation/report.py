@@ -81,9 +81,17 @@ def draw_f1_bars(metrics: Mapping[str, Any], path: Path) -> None:
             ax.annotate(
                 f"{block[label]['f1']:.2f}\nn={block[label]['support']}",
                 (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center", va="bottom", fontsize=8,
+                ha="center",
+                va="bottom",
+                fontsize=8,
             )
-        ax.axhline(block["macro_f1"], color="#cc6677", linestyle="--", linewidth=1, label=f"macro F1 {block['macro_f1']:.3f}")
+        ax.axhline(
+            block["macro_f1"],
+            color="#cc6677",
+            linestyle="--",
+            linewidth=1,
+            label=f"macro F1 {block['macro_f1']:.3f}",
+        )
         ax.set_xticks(range(len(labels)), [label.replace("_", "\n") for label in labels], fontsize=8)
         ax.set_ylim(0, 1.18)
         ax.set_ylabel("F1")
@@ -102,7 +110,15 @@ def draw_confusion(metrics: Mapping[str, Any], family: str, path: Path) -> None:
     image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
     for i, row in enumerate(matrix):
         for j, count in enumerate(row):
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=9, color="white" if shares[i][j] > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if shares[i][j] > 0.6 else "black",
+            )
     ax.set_xticks(range(len(pred_labels)), [label.replace("_", "\n") for label in pred_labels], fontsize=8)
     ax.set_yticks(range(len(true_labels)), true_labels, fontsize=8)
     ax.set_xlabel(f"predicted ({MISS_LABEL} = no {family.upper()} word in the answer)")
@@ -127,8 +143,13 @@ def draw_parse_rates(metrics: Mapping[str, Any], path: Path) -> None:
     for bar, (_, value) in zip(bars, rows):
         inside = value > 0.85  # label inside the bar, in white, when there is no room after it
         ax.text(
-            value - 0.01 if inside else value + 0.01, bar.get_y() + bar.get_height() / 2, f"{value:.1%}",
-            va="center", ha="right" if inside else "left", fontsize=9, color="white" if inside else "black",
+            value - 0.01 if inside else value + 0.01,
+            bar.get_y() + bar.get_height() / 2,
+            f"{value:.1%}",
+            va="center",
+            ha="right" if inside else "left",
+            fontsize=9,
+            color="white" if inside else "black",
         )
     ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=9)
     ax.invert_yaxis()
@@ -206,10 +227,14 @@ def render_extra(extra: Mapping[str, Any]) -> str:
             columns: list[str] = []
             for _, row in rows:
                 columns.extend(str(c) for c in row if str(c) not in columns)
-            head = ("<th></th>" if any(key for key, _ in rows) else "") + "".join(f"<th>{_esc(c)}</th>" for c in columns)
+            head = ("<th></th>" if any(key for key, _ in rows) else "") + "".join(
+                f"<th>{_esc(c)}</th>" for c in columns
+            )
             body = "".join(
-                "<tr>" + (f"<th>{_esc(key)}</th>" if any(k for k, _ in rows) else "")
-                + "".join(_cell({str(k): v for k, v in row.items()}.get(c)) for c in columns) + "</tr>"
+                "<tr>"
+                + (f"<th>{_esc(key)}</th>" if any(k for k, _ in rows) else "")
+                + "".join(_cell({str(k): v for k, v in row.items()}.get(c)) for c in columns)
+                + "</tr>"
                 for key, row in rows
             )
             parts.append(f"<h3>{_esc(name)}</h3><table><tr>{head}</tr>{body}</table>")
@@ -235,10 +260,14 @@ def _cards(metrics: Mapping[str, Any]) -> str:
             ("CIDEr", reasoning["cider"], f"n={reasoning['n']}"),
             ("METEOR", reasoning["meteor"], f"n={reasoning['n']}"),
         ]
-    return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="v">{_esc(_fmt(v))}</div><div class="k">{_esc(k)}</div><div class="k">{_esc(note)}</div></div>'
-        for k, v, note in cards
-    ) + "</div>"
+    return (
+        '<div class="cards">'
+        + "".join(
+            f'<div class="card"><div class="v">{_esc(_fmt(v))}</div><div class="k">{_esc(k)}</div><div class="k">{_esc(note)}</div></div>'
+            for k, v, note in cards
+        )
+        + "</div>"
+    )
 
 
 def _class_table(metrics: Mapping[str, Any]) -> str:
@@ -253,9 +282,13 @@ def _class_table(metrics: Mapping[str, Any]) -> str:
             )
         rows.append(
             f"<tr><td>{family.upper()}</td><td><i>macro F1 / miss rate</i></td><td></td><td></td>"
-            f"{_cell(block['macro_f1'])}<td class=\"num\">{block['miss_rate']:.1%} missed</td></tr>"
+            f'{_cell(block["macro_f1"])}<td class="num">{block["miss_rate"]:.1%} missed</td></tr>'
         )
-    return "<table><tr><th>family</th><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>" + "".join(rows) + "</table>"
+    return (
+        "<table><tr><th>family</th><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def _verdict(pred: Any, true: Any) -> str:
@@ -268,23 +301,31 @@ def _sample_rows(samples: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for sample in samples:
         uri = thumbnail_data_uri(sample.get("image"))
-        image = f'<img src="{uri}" alt="{_esc(sample.get("id"))}">' if uri else '<span class="note">(image not readable)</span>'
+        image = (
+            f'<img src="{uri}" alt="{_esc(sample.get("id"))}">'
+            if uri
+            else '<span class="note">(image not readable)</span>'
+        )
         scores = sample.get("scores") or {}
         score_text = " · ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, (int, float)))
         reasoning = sample.get("reasoning")
         reference = sample.get("reference_reasoning")
-        rows.append(
-            "<tr>"
-            f"<td>{_esc(sample.get('id'))}<br>{image}</td>"
-            f"<td>SPEED {_verdict(sample.get('pred_speed'), sample.get('true_speed'))}<br>"
-            f"PATH {_verdict(sample.get('pred_path'), sample.get('true_path'))}</td>"
-            f"<td><pre>{_esc(reasoning) if reasoning is not None else '<span class=note>(no &lt;think&gt;)</span>'}</pre>"
-            + (f'<div class="note">{_esc(score_text)}</div>' if score_text else "")
-            + "</td>"
-            f"<td><pre>{_esc(reference) if reference else '–'}</pre></td>"
-            f"<td><pre>{_esc(_shorten(str(sample.get('output', ''))))}</pre></td>"
-            "</tr>"
+        predicted = (
+            _esc(reasoning) if reasoning is not None else '<span class="note">(no &lt;think&gt;)</span>'
         )
+        if score_text:
+            predicted += f'</pre><div class="note">{_esc(score_text)}</div><pre>'
+        cells = [
+            f"{_esc(sample.get('id'))}<br>{image}",
+            (
+                f"SPEED {_verdict(sample.get('pred_speed'), sample.get('true_speed'))}<br>"
+                f"PATH {_verdict(sample.get('pred_path'), sample.get('true_path'))}"
+            ),
+            f"<pre>{predicted}</pre>",
+            f"<pre>{_esc(reference) if reference else '–'}</pre>",
+            f"<pre>{_esc(_shorten(str(sample.get('output', ''))))}</pre>",
+        ]
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
     return (
         '<table class="samples"><tr><th>id / image</th><th>prediction / truth</th><th>predicted reasoning</th>'
         "<th>reference reasoning</th><th>raw output</th></tr>" + "".join(rows) + "</table>"
@@ -321,17 +362,24 @@ def render_html(
         reasoning_note = f"Reasoning metrics not computed: {_esc(reasoning.get('note', 'disabled'))}."
     sections = [
         f"<h1>{_esc(title)}</h1>",
-        f'<p class="note">{_esc(metrics.get("n", 0))} samples evaluated.{skipped} '
-        "A plan is the first SPEED word and the first PATH word inside &lt;answer&gt;; "
-        f"an answer without one is a miss ({MISS_LABEL}), wrong but not a class.</p>",
+        (
+            f'<p class="note">{_esc(metrics.get("n", 0))} samples evaluated.{skipped} '
+            "A plan is the first SPEED word and the first PATH word inside &lt;answer&gt;; "
+            f"an answer without one is a miss ({MISS_LABEL}), wrong but not a class.</p>"
+        ),
     ]
     if extra:
         sections.append("<h2>Summary</h2>" + render_extra(extra))
     sections += [
         "<h2>Overview</h2>" + _cards(metrics) + f'<p class="note">{reasoning_note}</p>',
-        "<h2>Per-class F1</h2>" + f'<img class="fig" src="{FIGURES["f1"]}" alt="per-class F1">' + _class_table(metrics),
+        "<h2>Per-class F1</h2>"
+        + f'<img class="fig" src="{FIGURES["f1"]}" alt="per-class F1">'
+        + _class_table(metrics),
         "<h2>Confusion matrices</h2>"
-        + "".join(f'<img class="fig" src="{FIGURES[f"confusion_{family}"]}" alt="{family} confusion"> ' for family in FAMILIES),
+        + "".join(
+            f'<img class="fig" src="{FIGURES[f"confusion_{family}"]}" alt="{family} confusion"> '
+            for family in FAMILIES
+        ),
         "<h2>Output format</h2>" + f'<img class="fig" src="{FIGURES["format"]}" alt="format rate">',
         f"<h2>Sample outputs ({len(samples)})</h2>"
         '<p class="note">Wrong plans first, then right ones. Prediction / truth: green = right, red = wrong.</p>'

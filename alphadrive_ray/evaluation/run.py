@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.evaluation.metrics import ParsedOutput, compute_planning_metrics, parse_output
-from alphadrive_ray.evaluation.predictions import align
+from alphadrive_ray.evaluation.predictions import align, format_ids
 
 DEFAULT_SAMPLES = 24
 
@@ -53,12 +53,21 @@ def evaluate(
       ids                   n_predictions, n_references, evaluated, missing, extra
       confusion.<family>    true_labels, pred_labels (last: "(none)" = miss), matrix (counts)
       timing_s              seconds per stage
-    Ids must match unless `skip_missing` (then the mismatches are counted under `ids`); a
-    mismatch is a UserError naming the ids. `extra` is shown at the top of the report.
+    Ids are `Record.id` strings and must match unless `skip_missing` (then the mismatches are
+    counted under `ids`); a mismatch is a UserError naming the ids. `extra` is shown at the top
+    of the report (see `report.render_extra`).
     """
+    not_text = [pid for pid, output in predictions.items() if not isinstance(output, str)]
+    if not_text:
+        raise TypeError(f"outputs must be strings (the raw model text); not for id(s) {format_ids(not_text)}")
     started = time.perf_counter()
     timing: dict[str, float] = {}
-    stages = ["parse", "planning", *(["tokenize", "bleu", "cider", "meteor"] if reasoning_metrics else []), "report"]
+    stages = [
+        "parse",
+        "planning",
+        *(["tokenize", "bleu", "cider", "meteor"] if reasoning_metrics else []),
+        "report",
+    ]
     bar = _progress_bar(len(stages), progress)
     last = [started]
 
@@ -150,7 +159,8 @@ def compute_reasoning_metrics(
     )
     section.update(computed=True, bleu4=scores["bleu4"], cider=scores["cider"], meteor=scores["meteor"])
     per_sample = {
-        i: {name: scores["per_sample"][name][k] for name in ("bleu4", "cider", "meteor")} for k, i in enumerate(with_reference)
+        i: {name: scores["per_sample"][name][k] for name in ("bleu4", "cider", "meteor")}
+        for k, i in enumerate(with_reference)
     }
     return section, per_sample
 
@@ -164,8 +174,16 @@ def build_samples(
 ) -> list[dict[str, Any]]:
     """Rows for the report's sample table: up to n/2 wrong plans, then right ones (more wrong
     ones if there are too few right), each group spread evenly over the evaluation set."""
-    wrong = [i for i, (r, p) in enumerate(zip(records, parsed)) if (p.speed, p.path) != (r.speed_action, r.path_action)]
-    right = [i for i, (r, p) in enumerate(zip(records, parsed)) if (p.speed, p.path) == (r.speed_action, r.path_action)]
+    wrong = [
+        i
+        for i, (r, p) in enumerate(zip(records, parsed))
+        if (p.speed, p.path) != (r.speed_action, r.path_action)
+    ]
+    right = [
+        i
+        for i, (r, p) in enumerate(zip(records, parsed))
+        if (p.speed, p.path) == (r.speed_action, r.path_action)
+    ]
     n_wrong = min(len(wrong), max(n - len(right), n // 2 + n % 2))
     chosen = spread(wrong, n_wrong) + spread(right, min(len(right), n - n_wrong))
     return [

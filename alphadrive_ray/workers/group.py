@@ -10,6 +10,7 @@ with a timeout) and `LearnerGroup` (equal shards to each rank).
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -67,7 +68,7 @@ def spawn(
 ) -> tuple[list[Any], Any]:
     """Start one actor of `cls` per argument tuple, each in its own placement-group bundle."""
     n = len(args_per_actor)
-    pg = placement_group([resources.bundle() for _ in range(n)], strategy=strategy, name=f"alphadrive-{name}")
+    pg = placement_group([resources.bundle() for _ in range(n)], strategy=strategy, name=_pg_name(name))
     wait_for_placement(pg, f"{n} {name} worker(s)")
     remote_cls = ray.remote(cls)
     actors = []
@@ -84,6 +85,11 @@ def spawn(
             options["runtime_env"] = {"env_vars": env}
         actors.append(remote_cls.options(**options).remote(*args))
     return actors, pg
+
+
+def _pg_name(role: str) -> str:
+    """Placement-group names are unique per cluster; the suffix tells runs apart in the dashboard."""
+    return f"alphadrive-{role}-{uuid.uuid4().hex[:8]}"
 
 
 @ray.remote(num_cpus=0)
@@ -180,7 +186,7 @@ class LearnerGroup:
         from alphadrive_ray.workers.learner import LearnerWorker
 
         # Reserve the bundles first so that rank 0's address is on the node that hosts it.
-        pg = placement_group([resources.bundle() for _ in range(n)], strategy="PACK", name="alphadrive-learner")
+        pg = placement_group([resources.bundle() for _ in range(n)], strategy="PACK", name=_pg_name("learner"))
         wait_for_placement(pg, f"{n} learner worker(s)")
         addr, port = ray.get(
             _free_address.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)).remote()

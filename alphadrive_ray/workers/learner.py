@@ -213,7 +213,7 @@ class LearnerWorker:
             )
             mask = batch["response_mask"]
             logits = completion_logits(self.engine, batch)
-            logp = algo.compute_token_logprobs(logits, batch["completion_ids"], self.spec.temperature, self.spec.top_p)
+            logp = algo.compute_token_logprobs(logits, batch["completion_ids"], self.spec.temperature, self.spec.top_p, self.encoder.banned_token_ids)
             engine_logp = torch.zeros_like(logp)
             for b, s in enumerate(chunk):
                 engine_logp[b, : len(s.logprobs)] = torch.tensor(s.logprobs, dtype=logp.dtype)
@@ -222,7 +222,7 @@ class LearnerWorker:
             if beta > 0 and self.ref_model is not None:
                 with torch.no_grad():
                     ref_logits = completion_logits(self.ref_model, batch)
-                    ref_logp = algo.compute_token_logprobs(ref_logits, batch["completion_ids"], self.spec.temperature, self.spec.top_p)
+                    ref_logp = algo.compute_token_logprobs(ref_logits, batch["completion_ids"], self.spec.temperature, self.spec.top_p, self.encoder.banned_token_ids)
             advantages = torch.tensor([s.advantage for s in chunk], dtype=logp.dtype, device=logp.device)
             loss, mstats = algo.compute_policy_loss(
                 logp,
@@ -266,7 +266,9 @@ class LearnerWorker:
         self.engine.eval() if self.engine is not None else self.model.eval()
         model = self.engine if self.engine is not None else self.model
         batch = self._to_device(self.encoder.collate([self.encoder.encode(s.record) for s in samples], [s.token_ids for s in samples]))
-        logp = algo.compute_token_logprobs(completion_logits(model, batch), batch["completion_ids"], self.spec.temperature, self.spec.top_p)
+        logp = algo.compute_token_logprobs(
+            completion_logits(model, batch), batch["completion_ids"], self.spec.temperature, self.spec.top_p, self.encoder.banned_token_ids
+        )
         return [logp[b, : len(s.token_ids)].tolist() for b, s in enumerate(samples)]
 
     def _to_device(self, batch: dict) -> dict:

@@ -1,0 +1,237 @@
+"""SPEED / PATH meta-actions from the ego's future trajectory (the nuScenes-style recipe).
+
+    alphadrive-ray data from-trajectories samples.json data.jsonl
+
+Frame and input. `points` are the ego's future waypoints [[x, y], ...] in metres, in the
+ego frame at the current time: the ego is at (0, 0), x is lateral (right positive) and y
+points forward. Waypoint i is at time i * dt (nuScenes: 6 waypoints, dt = 0.5 s, i.e. the
+next 3 s). At least 2 waypoints are needed.
+
+SPEED (`speed_action_from_trajectory`):
+  v_i = |p_i - p_{i-1}| / dt for i = 1..n, with p_0 = (0, 0) the current position, so
+  v_first = v_1 is the speed over the first interval, from the current position to the
+  first waypoint, and v_last = v_n the speed over the last interval. (We include p_0
+  because the waypoints are positions relative to "now": the first interval is the ego's
+  motion in the first dt, and leaving it out would ignore the first 0.5 s of the horizon.)
+    STOP        if max_i v_i <  stop_speed (2.0 m/s)
+    ACCELERATE  else if v_last - v_first >=  accel_delta (3.0 m/s)
+    DECELERATE  else if v_last - v_first <= -accel_delta
+    KEEP        otherwise.
+
+PATH (`path_action_from_trajectory`), from the end point (x_end, y_end) = p_n:
+  angle = atan2(y_end, x_end) - 90 deg, wrapped to (-180, 180]: the bearing of the end
+  point from straight ahead, positive to the left (0 for a point straight ahead). Note
+  that this is the direction of the end point seen from the ego, as the recipe writes it,
+  not the ego's heading at the end of the trajectory.
+    |x_end| <  lateral_threshold (4.0 m)             -> STRAIGHT
+    |x_end| >= lateral_threshold, |angle| >= angle_threshold (5 deg)
+                                                      -> RIGHT_TURN if x_end > 0 else LEFT_TURN
+    |x_end| >= lateral_threshold, |angle| <  angle_threshold
+                                                      -> RIGHT_CHANGE if x_end > 0 else LEFT_CHANGE
+Comparisons are exact (no tolerance); the defaults are those of the reference notes, and
+"large" reads as ">= threshold" on both. A consequence of using the end point's bearing:
+with the defaults, a 4 m sideways move counts as a CHANGE only when it ends more than
+4 / tan(5 deg) = 45.7 m ahead (above ~15 m/s over 3 s); slower lane changes label as turns.
+
+The converter (`data from-trajectories`) reads a JSON array or JSONL of samples
+    {"id": "n008-0001", "image": "samples/CAM_FRONT/0001.jpg", "speed": 6.2,
+     "navigation": "turn left", "trajectory": [[x1, y1], ..., [x6, y6]], "reasoning": "..."}
+(`reasoning` optional), labels each from its trajectory with the thresholds given as flags,
+and writes canonical records; each bad sample gets a problem line naming file, line (or
+array index) and field (a trajectory of the wrong shape, non-finite numbers, too few or
+too many waypoints, and everything `data validate` checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from alphadrive_ray.data.records import Problem, Record, parse_record
+
+DT = 0.5  # seconds between waypoints (nuScenes)
+STOP_SPEED = 2.0  # m/s: below this maximum speed the ego is stopping / stopped
+ACCEL_DELTA = 3.0  # m/s: change of speed over the horizon that counts as accelerating / decelerating
+LATERAL_THRESHOLD = 4.0  # m: end-point lateral offset beyond which the path leaves the lane
+ANGLE_THRESHOLD_DEG = 5.0  # degrees: end-point bearing beyond which a lateral move is a turn
+NUM_POINTS = 6  # waypoints of the converter's input (3 s at 0.5 s)
+MIN_POINTS = 2
+
+
+def as_points(points: Any) -> list[tuple[float, float]]:
+    """`points` as a list of (x, y) floats; ValueError naming the bad point otherwise."""
+    if isinstance(points, (str, bytes, dict)) or not hasattr(points, "__iter__"):
+        raise ValueError(f"must be a list of [x, y] points, got {type(points).__name__}")
+    out: list[tuple[float, float]] = []
+    for i, point in enumerate(points):
+        if isinstance(point, (str, bytes, dict)) or not hasattr(point, "__len__") or len(point) != 2:
+            raise ValueError(f"point {i} must be [x, y], got {point!r}")
+        coords = []
+        for value in point:
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) or hasattr(value, "__float__")):
+                raise ValueError(f"point {i} must hold two numbers, got {list(point)!r}")
+            try:
+                number = float(value)
+            except (OverflowError, TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number):
+                raise ValueError(f"point {i} has a non-finite coordinate: {list(point)!r}")
+            coords.append(number)
+        out.append((coords[0], coords[1]))
+    if len(out) < MIN_POINTS:
+        raise ValueError(f"needs at least {MIN_POINTS} points, got {len(out)}")
+    return out
+
+
+def interval_speeds(points: Any, dt: float = DT) -> list[float]:
+    """v_i = |p_i - p_{i-1}| / dt for i = 1..n, with p_0 = (0, 0) the current position."""
+    if not dt > 0:
+        raise ValueError(f"dt must be > 0, got {dt}")
+    pts = [(0.0, 0.0)] + as_points(points)
+    return [math.hypot(x1 - x0, y1 - y0) / dt for (x0, y0), (x1, y1) in zip(pts, pts[1:])]
+
+
+def speed_action_from_trajectory(
+    points: Any, dt: float = DT, stop_speed: float = STOP_SPEED, accel_delta: float = ACCEL_DELTA
+) -> str:
+    """KEEP / ACCELERATE / DECELERATE / STOP by the rules of the module docstring."""
+    speeds = interval_speeds(points, dt)
+    if max(speeds) < stop_speed:
+        return "STOP"
+    change = speeds[-1] - speeds[0]
+    if change >= accel_delta:
+        return "ACCELERATE"
+    if change <= -accel_delta:
+        return "DECELERATE"
+    return "KEEP"
+
+
+def end_point_angle_deg(points: Any) -> float:
+    """atan2(y_end, x_end) - 90 deg in (-180, 180]: 0 straight ahead, positive to the left."""
+    x_end, y_end = as_points(points)[-1]
+    angle = math.degrees(math.atan2(y_end, x_end)) - 90.0
+    return angle + 360.0 if angle <= -180.0 else angle
+
+
+def path_action_from_trajectory(
+    points: Any, lateral_threshold: float = LATERAL_THRESHOLD, angle_threshold_deg: float = ANGLE_THRESHOLD_DEG
+) -> str:
+    """STRAIGHT / LEFT_TURN / RIGHT_TURN / LEFT_CHANGE / RIGHT_CHANGE by the rules of the module docstring."""
+    x_end, _ = as_points(points)[-1]
+    if abs(x_end) < lateral_threshold:
+        return "STRAIGHT"
+    side = "RIGHT" if x_end > 0 else "LEFT"
+    if abs(end_point_angle_deg(points)) >= angle_threshold_deg:
+        return f"{side}_TURN"
+    return f"{side}_CHANGE"
+
+
+def label_trajectory(
+    points: Any,
+    dt: float = DT,
+    stop_speed: float = STOP_SPEED,
+    accel_delta: float = ACCEL_DELTA,
+    lateral_threshold: float = LATERAL_THRESHOLD,
+    angle_threshold_deg: float = ANGLE_THRESHOLD_DEG,
+) -> tuple[str, str]:
+    """(SPEED, PATH) meta-actions of a future trajectory."""
+    return (
+        speed_action_from_trajectory(points, dt, stop_speed, accel_delta),
+        path_action_from_trajectory(points, lateral_threshold, angle_threshold_deg),
+    )
+
+
+# --- the converter -------------------------------------------------------------------------
+
+SAMPLE_FIELDS: tuple[str, ...] = ("id", "image", "speed", "navigation", "trajectory", "reasoning")
+
+
+def convert_trajectory_item(
+    obj: Any,
+    *,
+    file: str,
+    line: int,
+    index: int | None,
+    image_root: Path,
+    num_points: int = NUM_POINTS,
+    check_images: bool = True,
+    **thresholds: float,
+) -> tuple[Record | None, list[Problem]]:
+    """One sample {id, image, speed, navigation, trajectory, reasoning?} -> a labelled Record, or its problems.
+
+    The labels always come from the trajectory (labels in the sample are replaced); the
+    trajectory and any other fields of the sample are kept as extra fields of the record.
+    """
+    if not isinstance(obj, dict):
+        return None, [Problem(file, line, "", f"expected a JSON object, got {type(obj).__name__}", index)]
+    problems: list[Problem] = []
+    labels = ("KEEP", "STRAIGHT")  # stands in while the other fields are checked; never written
+    trajectory = obj.get("trajectory")
+    if trajectory is None:
+        problems.append(Problem(file, line, "trajectory", "missing required field", index))
+    else:
+        try:
+            points = as_points(trajectory)
+        except ValueError as exc:
+            problems.append(Problem(file, line, "trajectory", str(exc), index))
+        else:
+            if len(points) != num_points:
+                problems.append(Problem(
+                    file, line, "trajectory",
+                    f"expected {num_points} waypoints (the planning horizon; see --num-points), got {len(points)}", index,
+                ))
+            else:
+                labels = label_trajectory(points, **thresholds)
+                trajectory = [list(p) for p in points]
+    canonical = dict(obj, speed_action=labels[0], path_action=labels[1], trajectory=trajectory)
+    record, found = parse_record(canonical, image_root, file, line, check_images)
+    problems += [Problem(p.file, p.line, p.field, p.message, index) for p in found]
+    return (None, problems) if problems else (record, [])
+
+
+def register(subparsers) -> None:
+    from alphadrive_ray.data.convert import add_io_arguments
+
+    parser = subparsers.add_parser(
+        "from-trajectories",
+        help="label samples with SPEED/PATH from their future trajectory and write canonical JSONL",
+        description="Convert samples {id, image, speed, navigation, trajectory: [[x, y], ...], reasoning?} to "
+        "canonical records, labelling SPEED/PATH from the trajectory (ego frame: x right, y forward, metres; "
+        "one waypoint every --dt seconds; the rules are in alphadrive_ray/data/trajectory.py).",
+    )
+    add_io_arguments(parser, "samples")
+    add = parser.add_argument
+    add("--num-points", type=int, default=NUM_POINTS, help=f"waypoints per trajectory (default {NUM_POINTS})")
+    add("--dt", type=float, default=DT, help=f"seconds between waypoints (default {DT})")
+    add("--stop-speed", type=float, default=STOP_SPEED,
+        help=f"STOP when every interval speed is below this, m/s (default {STOP_SPEED})")
+    add("--accel-delta", type=float, default=ACCEL_DELTA,
+        help=f"ACCELERATE / DECELERATE when v_last - v_first reaches +/- this, m/s (default {ACCEL_DELTA})")
+    add("--lateral-threshold", type=float, default=LATERAL_THRESHOLD,
+        help=f"end-point lateral offset that leaves the lane, m (default {LATERAL_THRESHOLD})")
+    add("--angle-threshold", type=float, default=ANGLE_THRESHOLD_DEG,
+        help=f"end-point bearing that makes a lateral move a turn, degrees (default {ANGLE_THRESHOLD_DEG})")
+    parser.set_defaults(func=run_from_trajectories)
+
+
+def run_from_trajectories(args: argparse.Namespace) -> int:
+    from alphadrive_ray.data.convert import check_paths, convert_items, finish
+    from alphadrive_ray.errors import UserError
+
+    thresholds = dict(dt=args.dt, stop_speed=args.stop_speed, accel_delta=args.accel_delta,
+                      lateral_threshold=args.lateral_threshold, angle_threshold_deg=args.angle_threshold)
+    flags = ("--dt", "--stop-speed", "--accel-delta", "--lateral-threshold", "--angle-threshold")
+    for flag, value in zip(flags, thresholds.values()):
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} must be a positive number, got {value}")
+    if args.num_points < MIN_POINTS:
+        raise UserError(f"--num-points must be at least {MIN_POINTS}, got {args.num_points}")
+    image_root = check_paths(args.input, args.output, args.image_root)
+
+    def convert_one(obj: Any, line: int, index: int | None):
+        return convert_trajectory_item(obj, file=args.input, line=line, index=index, image_root=image_root,
+                                       num_points=args.num_points, check_images=not args.no_images, **thresholds)
+
+    return finish(convert_items(args.input, convert_one), args.output, args.skip_bad)

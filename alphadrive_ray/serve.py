@@ -1,0 +1,100 @@
+"""`alphadrive-ray serve`: the planner behind an OpenAI-compatible HTTP API.
+
+    alphadrive-ray serve artifacts/tiny-qwen2vl --port 8000
+    curl http://127.0.0.1:8000/v1/models
+
+Any OpenAI client can then call it (`base_url="http://127.0.0.1:8000/v1"`, any API key),
+including `alphadrive-ray distill run --base-url http://127.0.0.1:8000/v1`. The app and
+the backends are in serving.py. There is no authentication: the default host is loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve a planner checkpoint over an OpenAI-compatible HTTP API",
+        description="Serve MODEL_DIR at /v1/chat/completions (with image parts), /v1/models and /health.",
+    )
+    serve.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model folder (e.g. a trained checkpoint)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; no authentication!)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers on CPU or one GPU; vllm: GPU")
+    serve.add_argument("--served-model-name", default=None, metavar="NAME", help="model name clients use (default: the folder name)")
+    serve.add_argument("--device", default="cpu", help="hf engine device, e.g. cpu or cuda (default cpu)")
+    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype (default float32)")
+    serve.add_argument(
+        "--allowed-local-media-path", default=None, metavar="DIR",
+        help="let requests name local image files (path or file:// URL) under DIR; off by default",
+    )
+    serve.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request has none (default 256)")
+    serve.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default 4096)")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(func=run_serve)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    from alphadrive_ray.errors import UserError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port or --host") from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from alphadrive_ray.errors import UserError
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be 1-65535, got {args.port}")
+    if not 1 <= args.default_max_tokens <= args.max_tokens_limit:
+        raise UserError("need 1 <= --default-max-tokens <= --max-tokens-limit")
+    media = None
+    if args.allowed_local_media_path:
+        media = Path(args.allowed_local_media_path)
+        if not media.is_dir():
+            raise UserError(f"--allowed-local-media-path {media} is not a folder")
+    from alphadrive_ray.models.loading import read_model_type
+
+    read_model_type(args.model_dir)  # a wrong folder fails here, in a second, not after the imports
+    _check_port_free(args.host, args.port)
+    if args.host not in LOOPBACK_HOSTS:
+        print(
+            f"warning: listening on {args.host}: anyone who can reach this machine can use the model "
+            f"(the server has no authentication)",
+            file=sys.stderr,
+        )
+
+    import uvicorn
+
+    from alphadrive_ray.serving import ServerOptions, create_app, load_backend
+
+    name = args.served_model_name or Path(args.model_dir).resolve().name
+    backend = load_backend(args.engine, args.model_dir, device=args.device, dtype=args.dtype)
+    app = create_app(
+        backend,
+        ServerOptions(
+            served_model_name=name,
+            model_dir=args.model_dir,
+            allowed_local_media_path=media,
+            default_max_tokens=args.default_max_tokens,
+            max_tokens_limit=args.max_tokens_limit,
+        ),
+    )
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {name} ({args.model_dir}, {args.engine} engine) at http://{host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,477 @@
+"""An OpenAI-compatible chat-completions server for a planner checkpoint.
+
+`create_app(backend, name)` is a FastAPI app with `/health`, `/v1/models` and
+`/v1/chat/completions` (non-streaming; `n`, `temperature`, `top_p`, `max_tokens`,
+`seed`, `stop`; image content parts as data URLs, http(s) URLs, or local files under
+`--allowed-local-media-path`; token usage in the response). Errors are OpenAI-style
+bodies, `{"error": {"message", "type", "param", "code"}}`, with 4xx codes for the
+caller's mistakes.
+
+A backend turns chat messages into completions; `HFChatBackend` runs transformers on CPU
+or one GPU, sampling through `apply_sampling_transform` as the rollout engine does. The
+vLLM backend lives in `alphadrive_ray/engines/vllm_engine.py` (the one module that
+touches vLLM) as `build_chat_backend(model_dir, **options)`, loaded lazily.
+
+    alphadrive-ray serve artifacts/tiny-qwen2vl --port 8000
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.util
+import io
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol, Sequence, Union
+from urllib.parse import unquote, urlparse
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from alphadrive_ray.data.records import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+from alphadrive_ray.errors import UserError
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+HTTP_IMAGE_TIMEOUT_S = 10.0
+MAX_N = 16
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ApiError(Exception):
+    """An error answered to the client as an OpenAI-style JSON body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None, kind: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+@dataclass(frozen=True)
+class ChatSampling:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class ChatChoice:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    completion_tokens: int
+
+
+@dataclass
+class ChatResult:
+    choices: list[ChatChoice]
+    prompt_tokens: int
+
+
+class ChatBackend(Protocol):
+    vision: bool
+    """Whether the model takes images."""
+
+    def generate(self, messages: list[dict], images: list, params: ChatSampling) -> ChatResult:
+        """`messages`: [{"role", "content": [{"type": "text", "text"} | {"type": "image"}]}], the
+        i-th image part standing for `images[i]` (PIL RGB images)."""
+        ...
+
+
+# --- images ------------------------------------------------------------------------------
+
+
+def decode_image(raw: bytes, param: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise bad_request(f"{param}: image is {len(raw)} bytes; at most {MAX_IMAGE_BYTES}", param, "image_too_large")
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            width, height = img.size
+            if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+                raise bad_request(f"{param}: image is {width}x{height}; at most {MAX_IMAGE_SIDE} px per side", param, "image_too_large")
+            if width < 1 or height < 1:
+                raise bad_request(f"{param}: image has no pixels", param, "invalid_image")
+            img.load()
+            return img.convert("RGB")
+    except ApiError:
+        raise
+    except UnidentifiedImageError:
+        raise bad_request(f"{param}: not an image (unknown or corrupt format)", param, "invalid_image") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
+        raise bad_request(f"{param}: corrupt or truncated image ({type(exc).__name__}: {exc})", param, "invalid_image") from None
+
+
+def load_image_url(url: Any, param: str, allowed_local_media_path: Path | None = None):
+    """A PIL RGB image from a data URL, an http(s) URL or (when allowed) a local file."""
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"{param}: expected a URL string", param, "invalid_image_url")
+    if url.startswith("data:"):
+        header, sep, payload = url.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise bad_request(f"{param}: only base64 data URLs are supported (data:image/png;base64,...)", param, "invalid_image_url")
+        if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+            raise bad_request(f"{param}: image is larger than {MAX_IMAGE_BYTES} bytes", param, "image_too_large")
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_request(f"{param}: the data URL's payload is not valid base64", param, "invalid_image_url") from None
+        return decode_image(raw, param)
+    scheme = urlparse(url).scheme.lower()
+    if scheme in ("http", "https"):
+        return decode_image(_fetch(url, param), param)
+    if scheme == "file" or url.startswith("/"):
+        path = Path(unquote(urlparse(url).path) if scheme == "file" else url)
+        if allowed_local_media_path is None:
+            raise bad_request(
+                f"{param}: local image files are disabled; start serve with --allowed-local-media-path DIR "
+                f"or send the image as a data URL", param, "local_files_disabled",
+            )
+        root = allowed_local_media_path.resolve()
+        resolved = path.resolve()
+        if not resolved.is_relative_to(root):
+            raise bad_request(f"{param}: {path} is outside the allowed media folder", param, "local_file_not_allowed")
+        try:
+            raw = resolved.read_bytes()
+        except OSError as exc:
+            raise bad_request(f"{param}: cannot read {path}: {exc.strerror or exc}", param, "invalid_image_url") from None
+        return decode_image(raw, param)
+    raise bad_request(f"{param}: unsupported URL {url[:40]!r}; send a data: URL (or http(s)://)", param, "invalid_image_url")
+
+
+def _fetch(url: str, param: str) -> bytes:
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, timeout=HTTP_IMAGE_TIMEOUT_S, follow_redirects=True) as response:
+            if response.status_code != 200:
+                raise bad_request(f"{param}: fetching the image returned HTTP {response.status_code}", param, "invalid_image_url")
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > MAX_IMAGE_BYTES:
+                    raise bad_request(f"{param}: image is larger than {MAX_IMAGE_BYTES} bytes", param, "image_too_large")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.HTTPError as exc:
+        raise bad_request(f"{param}: could not fetch the image ({type(exc).__name__})", param, "invalid_image_url") from None
+
+
+def normalise_messages(messages: Sequence[Any], allowed_local_media_path: Path | None = None) -> tuple[list[dict], list]:
+    """OpenAI chat messages -> (messages with text / image placeholder parts, PIL images)."""
+    out: list[dict] = []
+    images: list = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{where}: expected an object with role and content", where)
+        role = ROLES.get(message.get("role"))
+        if role is None:
+            raise bad_request(
+                f"{where}.role: {message.get('role')!r} is not supported; use system, user or assistant", f"{where}.role"
+            )
+        content = message.get("content")
+        parts: list[dict] = []
+        if content is None:
+            pass
+        elif isinstance(content, str):
+            parts.append({"type": "text", "text": content})
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                at = f"{where}.content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+                elif kind == "image_url":
+                    image_url = part.get("image_url")
+                    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+                    images.append(load_image_url(url, f"{at}.image_url", allowed_local_media_path))
+                    parts.append({"type": "image"})
+                else:
+                    raise bad_request(
+                        f"{at}: unsupported content part {kind!r}; expected text or image_url", at, "invalid_content"
+                    )
+        else:
+            raise bad_request(f"{where}.content: expected a string or a list of parts", f"{where}.content")
+        out.append({"role": role, "content": parts})
+    if not out:
+        raise bad_request("messages: at least one message is required", "messages")
+    return out, images
+
+
+def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` cut at the first stop string (which is not included); whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+# --- the transformers backend ------------------------------------------------------------
+
+
+class HFChatBackend:
+    """transformers generation for one model; calls are serialised (one model, one device)."""
+
+    def __init__(self, model_dir: str, *, device: str = "cpu", dtype: str = "float32"):
+        import torch
+
+        from alphadrive_ray.models.loading import load_model, load_processor
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.model = load_model(model_dir, dtype).to(self.device)
+        self.model.requires_grad_(False)
+        self.processor = load_processor(model_dir)
+        self.vision = hasattr(self.processor, "image_processor")
+        self.tokenizer = self.processor.tokenizer if self.vision else self.processor
+        eos = {self.tokenizer.eos_token_id}
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            eos.add(im_end)
+        self.eos_ids = sorted(i for i in eos if i is not None)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        # vision placeholders are never generated (as in the rollout engine): the model would
+        # take a generated image pad for an image slot
+        vocab = self.tokenizer.get_vocab()
+        placeholders = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+        self.banned_ids = torch.tensor(sorted(vocab[t] for t in placeholders if t in vocab), dtype=torch.long, device=self.device)
+        self._lock = threading.Lock()
+
+    def encode(self, messages: list[dict], images: list) -> dict:
+        if images and not self.vision:
+            raise bad_request("this model is text-only; send no image parts", "messages", "images_not_supported")
+        if self.vision:
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return dict(self.processor(text=[text], images=images or None, return_tensors="pt"))
+        flat = [{"role": m["role"], "content": "".join(p["text"] for p in m["content"] if p["type"] == "text")} for m in messages]
+        text = self.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
+        return dict(self.tokenizer([text], add_special_tokens=False, return_tensors="pt"))
+
+    def generate(self, messages: list[dict], images: list, params: ChatSampling) -> ChatResult:
+        torch = self.torch
+        from transformers import LogitsProcessorList
+
+        batch = {k: v.to(self.device) for k, v in self.encode(messages, images).items()}
+        prompt_len = batch["input_ids"].shape[1]
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=params.max_tokens,
+            num_return_sequences=params.n,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+        )
+        if params.temperature == 0:  # greedy: the arg-max of the same transformed logits
+            kwargs["do_sample"] = False
+            kwargs["logits_processor"] = LogitsProcessorList([_SamplingTransform(1.0, 1.0, self.banned_ids)])
+        else:
+            kwargs["do_sample"] = True
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [_SamplingTransform(params.temperature, params.top_p, self.banned_ids)]
+            )
+        with self._lock, torch.no_grad():
+            if params.seed is not None:
+                torch.manual_seed(params.seed % (2**63))
+            sequences = self.model.generate(**batch, **kwargs)
+        choices = []
+        for row in sequences[:, prompt_len:].tolist():  # [n, T]
+            ids, finish = row, "length"
+            for k, token in enumerate(row):
+                if token in self.eos_ids:
+                    ids, finish = row[: k + 1], "stop"
+                    break
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text, stopped = apply_stop(text, params.stop)
+            choices.append(ChatChoice(text, "stop" if stopped else finish, len(ids)))
+        return ChatResult(choices, int(prompt_len))
+
+
+class _SamplingTransform:
+    """Temperature / top-p exactly as the rollout engine and the learner apply them."""
+
+    def __init__(self, temperature: float, top_p: float, banned_ids):
+        self.temperature = temperature
+        self.top_p = top_p
+        self.banned_ids = banned_ids
+
+    def __call__(self, input_ids, scores):
+        from alphadrive_ray.algo import apply_sampling_transform
+
+        return apply_sampling_transform(scores, self.temperature, self.top_p, banned_ids=self.banned_ids)
+
+
+def load_backend(engine: str, model_dir: str, *, device: str = "cpu", dtype: str = "float32") -> ChatBackend:
+    from alphadrive_ray.models.loading import read_model_type
+
+    read_model_type(model_dir)  # a clear UserError for a wrong folder, before anything heavy
+    if engine == "hf":
+        return HFChatBackend(model_dir, device=device, dtype=dtype)
+    if engine == "vllm":
+        return load_vllm_backend(model_dir, dtype=dtype)
+    raise UserError(f"unknown engine {engine!r}; expected hf or vllm")
+
+
+def load_vllm_backend(model_dir: str, **options) -> ChatBackend:
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(
+            "serve --engine vllm needs vLLM, which is not installed in this environment; install the GPU extra "
+            "(pip install 'alphadrive-ray[gpu]') on a CUDA machine, or use --engine hf"
+        )
+    try:
+        from alphadrive_ray.engines import vllm_engine
+    except ModuleNotFoundError as exc:
+        if exc.name == "alphadrive_ray.engines.vllm_engine":
+            raise UserError("serve --engine vllm: this checkout has no alphadrive_ray/engines/vllm_engine.py; use --engine hf") from None
+        raise
+    factory = getattr(vllm_engine, "build_chat_backend", None)
+    if factory is None:
+        raise UserError(
+            "serve --engine vllm: alphadrive_ray.engines.vllm_engine has no build_chat_backend(model_dir, **options); "
+            "use --engine hf"
+        )
+    return factory(model_dir, **options)
+
+
+# --- the HTTP app ------------------------------------------------------------------------
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of an OpenAI chat-completions request this server reads; others are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    messages: list[Any] = Field(min_length=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    stream: Optional[bool] = False
+
+
+@dataclass
+class ServerOptions:
+    served_model_name: str
+    model_dir: str = ""
+    allowed_local_media_path: Path | None = None
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 4096
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def create_app(backend: ChatBackend, options: ServerOptions):
+    import anyio
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="alphadrive-ray planner", docs_url=None, redoc_url=None)
+    name = options.served_model_name
+
+    def error_response(error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        problems = []
+        param = None
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+            param = param or (".".join(loc) or None)
+            problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
+        return error_response(bad_request("; ".join(problems) or "invalid request body", param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name}
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": options.created, "owned_by": "alphadrive-ray"}],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest):
+        if request.model is not None and request.model not in (name, options.model_dir):
+            raise ApiError(404, f"model {request.model!r} does not exist; this server serves {name!r}", param="model", code="model_not_found")
+        if request.stream:
+            raise bad_request("stream: streaming is not supported by this server; send stream=false", "stream")
+        max_tokens = request.max_completion_tokens or request.max_tokens or options.default_max_tokens
+        if max_tokens > options.max_tokens_limit:
+            raise bad_request(
+                f"max_tokens: {max_tokens} is above this server's limit of {options.max_tokens_limit}", "max_tokens"
+            )
+        stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+        params = ChatSampling(
+            n=request.n,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            max_tokens=max_tokens,
+            seed=request.seed,
+            stop=stop,
+        )
+        messages, images = await anyio.to_thread.run_sync(
+            normalise_messages, request.messages, options.allowed_local_media_path
+        )
+        try:
+            result = await anyio.to_thread.run_sync(backend.generate, messages, images, params)
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - answer the client, keep the server up
+            import logging
+
+            logging.getLogger("alphadrive_ray.serve").exception("generation failed")
+            raise ApiError(500, f"generation failed: {type(exc).__name__}: {exc}") from None
+        completion_tokens = sum(c.completion_tokens for c in result.choices)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": name,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text},
+                    "finish_reason": c.finish_reason,
+                    "logprobs": None,
+                }
+                for i, c in enumerate(result.choices)
+            ],
+            "usage": {
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": result.prompt_tokens + completion_tokens,
+            },
+        }
+
+    return app

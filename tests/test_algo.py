@@ -1,0 +1,183 @@
+"""GRPO / SFT math: table-driven cases computed by hand, and the invariants of aggregation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alphadrive_ray import algo
+
+
+@pytest.mark.parametrize(
+    "rewards, group, mode, expected",
+    [
+        # one group of two: mean 1, unbiased std sqrt(2); eps 0 -> -/+ 1/sqrt(2)
+        ([0.0, 2.0], 2, "std", [-1 / math.sqrt(2), 1 / math.sqrt(2)]),
+        # Dr.GRPO keeps the raw centred reward
+        ([0.0, 2.0], 2, "mean", [-1.0, 1.0]),
+        # all rewards equal: zero advantage, no division blow-up
+        ([3.0, 3.0, 3.0], 3, "std", [0.0, 0.0, 0.0]),
+        # two groups are normalised separately
+        ([1.0, 3.0, 10.0, 10.0], 2, "mean", [-1.0, 1.0, 0.0, 0.0]),
+        # four values 0,0,0,4: mean 1, std sqrt(4) = 2 -> (-0.5, -0.5, -0.5, 1.5)
+        ([0.0, 0.0, 0.0, 4.0], 4, "std", [-0.5, -0.5, -0.5, 1.5]),
+    ],
+)
+def test_group_advantages(rewards, group, mode, expected):
+    out = algo.compute_group_advantages(torch.tensor(rewards), group, mode, eps=0.0 if mode == "std" and len(set(rewards)) > 1 else 1e-4)
+    assert out.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_group_advantages_release_eps():
+    # the release adds 1e-4 to the std: 1 / (sqrt(2) + 1e-4)
+    out = algo.compute_group_advantages(torch.tensor([0.0, 2.0]), 2, "std", eps=1e-4)
+    assert out[1].item() == pytest.approx(1 / (math.sqrt(2) + 1e-4), rel=1e-6)
+
+
+def test_group_advantages_rejects_partial_groups():
+    with pytest.raises(ValueError, match="groups of 4"):
+        algo.compute_group_advantages(torch.zeros(6), 4)
+
+
+@pytest.mark.parametrize(
+    "logp, ref_logp, estimator, expected",
+    [
+        # identical policies: every estimator is 0
+        (0.0, 0.0, "k1", 0.0),
+        (0.0, 0.0, "k3", 0.0),
+        # log r = log pi - log pi_ref = 0.5
+        (-1.0, -1.5, "k1", 0.5),
+        (-1.0, -1.5, "k2", 0.125),
+        # k3 = exp(-0.5) - (-0.5) - 1
+        (-1.0, -1.5, "k3", math.exp(-0.5) + 0.5 - 1.0),
+        # k3 is non-negative also when pi < pi_ref: exp(0.5) - 0.5 - 1
+        (-1.5, -1.0, "k3", math.exp(0.5) - 0.5 - 1.0),
+    ],
+)
+def test_kl_estimators(logp, ref_logp, estimator, expected):
+    out = algo.compute_kl(torch.tensor([logp]), torch.tensor([ref_logp]), estimator)
+    assert out.item() == pytest.approx(expected, abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    "ratio, adv, expected_loss, clipped",
+    [
+        # inside the clip range the loss is -A * r
+        (1.1, 1.0, -1.1, False),
+        # positive advantage, ratio above 1 + eps: clipped at -A * 1.2, no gradient
+        (1.5, 1.0, -1.2, True),
+        # negative advantage, ratio below 1 - eps: clipped at -A * 0.8
+        (0.5, -1.0, 0.8, True),
+        # negative advantage, ratio above 1 + eps: the unclipped (larger) loss wins
+        (1.5, -1.0, 1.5, False),
+        # positive advantage, ratio below 1 - eps: unclipped wins (pessimistic bound)
+        (0.5, 1.0, -0.5, False),
+    ],
+)
+def test_clipped_policy_loss(ratio, adv, expected_loss, clipped):
+    old = torch.zeros(1, 1)
+    logp = torch.full((1, 1), math.log(ratio), requires_grad=True)
+    loss, stats = algo.compute_policy_loss(logp, old, torch.tensor([adv]), torch.ones(1, 1), eps_low=0.2, eps_high=0.2)
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-6)
+    assert stats["clip_frac"] == (1.0 if clipped else 0.0)
+    loss.backward()
+    assert (logp.grad.abs().item() == 0.0) == clipped
+
+
+def test_asymmetric_clip_eps_high():
+    # DAPO's clip-higher: with eps_high 0.28 a ratio of 1.25 is not clipped
+    logp = torch.full((1, 1), math.log(1.25))
+    loss, stats = algo.compute_policy_loss(logp, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1), eps_low=0.2, eps_high=0.28)
+    assert loss.item() == pytest.approx(-1.25) and stats["clip_frac"] == 0.0
+
+
+def test_kl_term_enters_the_loss():
+    logp, ref = torch.tensor([[-1.0]]), torch.tensor([[-1.5]])
+    loss, stats = algo.compute_policy_loss(logp, logp, torch.tensor([0.0]), torch.ones(1, 1), ref_logp=ref, beta=0.1)
+    k3 = math.exp(-0.5) + 0.5 - 1.0
+    assert loss.item() == pytest.approx(0.1 * k3) and stats["kl"] == pytest.approx(k3)
+
+
+def test_beta_without_reference_is_an_error():
+    with pytest.raises(ValueError, match="ref_logp"):
+        algo.compute_policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), beta=0.1)
+
+
+def test_aggregation_token_mean_vs_seq_mean():
+    per_token = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    # token mean: (4 + 4) / 5 tokens; sequence mean: (1 + 4) / 2 sequences
+    assert algo.aggregate_loss(per_token, mask, "token_mean").item() == pytest.approx(8 / 5)
+    assert algo.aggregate_loss(per_token, mask, "seq_mean").item() == pytest.approx(5 / 2)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean"])
+def test_per_rank_losses_sum_to_the_global_loss(mode):
+    """Split a batch over 2 ranks x 2 micro-batches: with global counts the parts add up exactly."""
+    g = torch.Generator().manual_seed(0)
+    per_token = torch.rand(8, 6, generator=g)
+    mask = (torch.rand(8, 6, generator=g) > 0.3).float()
+    mask[:, 0] = 1.0
+    whole = algo.aggregate_loss(per_token, mask, mode)
+    tokens, seqs = float(mask.sum()), 8
+    parts = sum(
+        algo.aggregate_loss(per_token[i : i + 2], mask[i : i + 2], mode, total_tokens=tokens, total_sequences=seqs)
+        for i in range(0, 8, 2)
+    )
+    assert parts.item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_microbatch_gradients_equal_full_batch_gradients():
+    """micro-batch 1 x accumulation 4 gives the gradient of micro-batch 4 x accumulation 1."""
+    torch.manual_seed(0)
+    weight = torch.randn(5, 7, requires_grad=True)
+    x = torch.randn(4, 3, 5)
+    tokens = torch.randint(0, 7, (4, 3))
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.float32)
+    adv = torch.tensor([0.5, -1.0, 2.0, 0.1])
+    old = torch.randn(4, 3) * 0.1 - 2.0
+
+    def loss_of(rows, total):
+        logp = algo.compute_token_logprobs(x[rows] @ weight, tokens[rows])
+        return algo.compute_policy_loss(logp, old[rows], adv[rows], mask[rows], total_tokens=total)[0]
+
+    total = float(mask.sum())
+    full = torch.autograd.grad(loss_of(slice(0, 4), total), weight)[0]
+    acc = sum(torch.autograd.grad(loss_of(slice(i, i + 1), total), weight)[0] for i in range(4))
+    torch.testing.assert_close(acc, full, rtol=1e-5, atol=1e-7)
+
+
+def test_sampling_transform_matches_transformers_top_p():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    ours = algo.apply_sampling_transform(logits, temperature=0.7, top_p=0.8)
+    theirs = TopPLogitsWarper(0.8)(None, TemperatureLogitsWarper(0.7)(None, logits.clone()))
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    torch.testing.assert_close(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)])
+
+
+def test_banned_tokens_have_zero_probability():
+    logits = torch.zeros(1, 5)
+    out = algo.apply_sampling_transform(logits, banned_ids=torch.tensor([1, 3]))
+    probs = out.softmax(-1)
+    assert probs[0, 1] == 0 and probs[0, 3] == 0 and probs[0, 0].item() == pytest.approx(1 / 3)
+
+
+def test_token_logprobs_with_temperature():
+    logits = torch.tensor([[[2.0, 0.0]]])
+    out = algo.compute_token_logprobs(logits, torch.tensor([[0]]), temperature=2.0)
+    assert out.item() == pytest.approx(math.log(math.e / (math.e + 1)))
+
+
+def test_sft_loss_masks_prompt_tokens():
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 2, 1] = 2.0  # the last (unmasked) position prefers the label
+    labels = torch.tensor([[0, 0, 1]])
+    mask = torch.tensor([[0.0, 0.0, 1.0]])
+    loss = algo.compute_sft_loss(logits, labels, mask)
+    expected = -math.log(math.exp(2) / (math.exp(2) + 3))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,289 @@
+"""The typed config: defaults, YAML loading, overrides, type and combination errors, the reference docs."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from alphadrive_ray.config import (
+    Config,
+    ConfigError,
+    SynthSplitConfig,
+    field_docs,
+    load_config,
+    parse_override,
+    reference_markdown,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alphadrive_ray", *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def load_text(tmp_path: Path, text: str, overrides=()) -> Config:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return load_config(path, list(overrides))
+
+
+def test_defaults_load_and_validate():
+    config = load_config()
+    assert config == Config()
+    assert config.grpo.beta == 0.04 and config.grpo.kl_estimator == "k3" and config.reward.variant == "paper"
+    assert set(config.to_dict()) == {f.name for f in dataclasses.fields(Config)}
+
+
+def test_empty_file_is_the_defaults(tmp_path):
+    assert load_text(tmp_path, "# nothing set\n") == Config()
+
+
+def test_config_is_frozen():
+    config = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.grpo.steps = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("job", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_job_file_loads(job):
+    assert isinstance(load_config(job), Config)
+
+
+def test_yaml_values_and_their_types(tmp_path):
+    config = load_text(tmp_path, """
+run: {name: demo, seed: 3}
+grpo:
+  steps: 4.0          # a whole float is an integer
+  lr: 1e-6            # YAML 1.1 reads this as text; accepted as a number
+  beta: 0             # an integer is a number
+reward:
+  components: accuracy, format   # a comma-separated list
+data:
+  synth_eval: {n: 10, speed_mix: {STOP: 2, KEEP: 1}}
+""")
+    assert (config.run.name, config.run.seed) == ("demo", 3)
+    assert config.grpo.steps == 4 and isinstance(config.grpo.steps, int)
+    assert config.grpo.lr == 1e-6 and config.grpo.beta == 0.0 and isinstance(config.grpo.beta, float)
+    assert config.reward.components == ("accuracy", "format")
+    assert config.data.synth_eval.speed_mix == {"STOP": 2.0, "KEEP": 1.0} and config.data.synth_eval.n == 10
+
+
+# (YAML text, words of the error)
+UNKNOWN_KEY_CASES = [
+    ("grpo:\n  step: 3\n", "unknown config key `grpo.step`; did you mean `grpo.steps`?"),  # a typo in a field
+    ("grpoo:\n  steps: 3\n", "unknown config key `grpoo`; did you mean `grpo`?"),  # a typo in a section
+    ("data:\n  synth_train:\n    sed: 1\n", "unknown config key `data.synth_train.sed`; did you mean `data.synth_train.seed`?"),  # nested
+    ("grpo:\n  zzzz: 1\n", "unknown config key `grpo.zzzz`; known keys: enabled, steps,"),  # nothing close: list them
+]
+
+
+@pytest.mark.parametrize("text,words", UNKNOWN_KEY_CASES)
+def test_unknown_keys(tmp_path, text, words):
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, text)
+    assert str(err.value).startswith(f"{tmp_path / 'job.yaml'}: ") and words in str(err.value)
+
+
+# (YAML text, words of the error)
+TYPE_ERROR_CASES = [
+    ("grpo:\n  steps: ten\n", "grpo.steps: expected an integer, got 'ten'"),  # text for an integer
+    ("grpo:\n  steps: 2.5\n", "grpo.steps: expected an integer, got 2.5"),  # a fraction for an integer
+    ("grpo:\n  steps: true\n", "grpo.steps: expected an integer, got True"),  # a boolean is not an integer
+    ("grpo:\n  lr: fast\n", "grpo.lr: expected a number, got 'fast'"),  # text for a number
+    ("grpo:\n  lr: .inf\n", "grpo.lr: expected a finite number"),  # infinity
+    ("grpo:\n  lr: nan\n", "grpo.lr: expected a finite number"),  # NaN (as text)
+    ("grpo:\n  enabled: maybe\n", "grpo.enabled: expected true or false, got 'maybe'"),  # not a boolean
+    ("grpo:\n  enabled: 1\n", "grpo.enabled: expected true or false, got 1"),  # 1 is not a boolean
+    ("run:\n  name: [a, b]\n", "run.name: expected text"),  # a list for text
+    ("run:\n  name:\n", "run.name: expected text, got None"),  # an empty value
+    ("reward:\n  components: 5\n", "reward.components: expected a list"),  # a number for a list
+    ("data:\n  synth_eval:\n    speed_mix: [KEEP]\n", "data.synth_eval.speed_mix: expected a mapping"),  # a list for a mapping
+    ("data:\n  synth_eval:\n    speed_mix: {KEEP: lots}\n", "data.synth_eval.speed_mix.KEEP: expected a number"),  # a bad weight
+    ("grpo: 5\n", "grpo: expected a mapping of enabled, steps,"),  # a section given a value
+]
+
+
+@pytest.mark.parametrize("text,words", TYPE_ERROR_CASES)
+def test_type_errors(tmp_path, text, words):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_text(tmp_path, text)
+    assert words in str(err.value), str(err.value)
+
+
+# (overrides on the defaults, words of the error)
+VALUE_ERROR_CASES = [
+    (["grpo.kl_estimator=k4"], "grpo.kl_estimator must be one of k1, k2, k3; got 'k4'"),  # not an option
+    (["grpo.group_size=1"], "grpo.group_size must be at least 2"),  # GRPO needs a group
+    (["rollout.temperature=0"], "rollout.temperature must be in (0, 10]"),  # greedy is not sampling
+    (["rollout.top_p=1.5"], "rollout.top_p must be in (0, 1]"),  # out of range
+    (["learner.zero_stage=4"], "learner.zero_stage must be 0, 1, 2 or 3"),  # no such stage
+    (["reward.components=[accuracy, speed]"], "reward.components[] must be one of"),  # an unknown component
+    (["reward.components=[format, format]"], "lists a component twice"),  # a duplicate
+    (["grpo.lr=0"], "learning rates (sft.lr, grpo.lr) must be > 0"),  # no learning
+    (["data.synth_train.speed_mix={keep: 1}"], "data.synth_train.speed_mix names unknown classes ['keep']"),  # lower case class
+    (["data.synth_eval.path_mix={STRAIGHT: 0}"], "data.synth_eval.path_mix weights must be >= 0 with at least one > 0"),  # all zero
+    (["data.synth_train.size=32"], "data.synth_train.size must be between 56 and 4096"),  # too small to render
+    (["data.prompt_template=Speed {speed}"], "must contain the {speed} and {navigation} slots"),  # a slot missing
+]
+
+
+@pytest.mark.parametrize("overrides,words", VALUE_ERROR_CASES)
+def test_value_errors(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith("config: invalid configuration:\n  - ") and words in str(err.value), str(err.value)
+
+
+# (overrides on the defaults, words of the error)
+COMBINATION_CASES = [
+    # 3 prompts cannot be shared by 2 rollout workers in whole groups
+    (["grpo.prompts_per_step=3", "rollout.num_workers=2"], "grpo.prompts_per_step (3) must be a multiple of rollout.num_workers (2)"),
+    # 3 x 3 = 9 completions do not split over 2 learners
+    (["grpo.prompts_per_step=3", "grpo.group_size=3", "rollout.num_workers=1", "learner.num_workers=2"],
+     "grpo.prompts_per_step x grpo.group_size = 9 completions must split evenly over learner.num_workers (2)"),
+    # 16 samples over 2 learners is 8 each, not a multiple of micro-batches of 3; the message proposes a value
+    (["sft.micro_batch_size=3"], "sft.batch_size (16) must split evenly over learner.num_workers (2) into micro-batches of sft.micro_batch_size (3); e.g. set sft.batch_size to 18"),
+    # an engine batch smaller than one group
+    (["rollout.batch_size=4"], "rollout.batch_size (4) must hold at least one group (grpo.group_size = 8)"),
+    # NCCL weight sync needs vLLM engines
+    (["sync.backend=nccl"], "sync.backend=nccl needs rollout.engine=vllm"),
+    # vLLM needs GPUs
+    (["rollout.engine=vllm"], "rollout.engine=vllm needs GPUs: set rollout.gpus_per_worker"),
+]
+
+
+@pytest.mark.parametrize("overrides,words", COMBINATION_CASES)
+def test_combination_errors(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert words in str(err.value), str(err.value)
+
+
+def test_every_error_is_listed_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["grpo.kl_estimator=k9", "rollout.top_p=0", "learner.zero_stage=7"])
+    assert str(err.value).count("\n  - ") == 3
+
+
+# (override text, (key, value) or the words of the error)
+OVERRIDE_CASES = [
+    ("grpo.steps=10", ("grpo.steps", 10)),  # an integer
+    ("grpo.beta=0.0", ("grpo.beta", 0.0)),  # a float
+    ("model.init_tiny=true", ("model.init_tiny", True)),  # a boolean
+    ("run.name=my run", ("run.name", "my run")),  # text with a space
+    ("reward.components=[accuracy, format]", ("reward.components", ["accuracy", "format"])),  # a YAML list
+    ("data.synth_eval.speed_mix={STOP: 2}", ("data.synth_eval.speed_mix", {"STOP": 2})),  # a YAML mapping
+    (" grpo.steps =5", ("grpo.steps", 5)),  # spaces around the key
+    ("run.name=", ("run.name", "")),  # an empty value is empty text
+    ("a=b=c", ("a", "b=c")),  # only the first = splits
+    ("grpo.steps", "--set expects KEY=VALUE"),  # no =
+    ("=5", "--set expects KEY=VALUE"),  # no key
+    ("grpo.steps=[1", "value is not valid YAML"),  # broken YAML
+]
+
+
+@pytest.mark.parametrize("text,expected", OVERRIDE_CASES)
+def test_parse_override(text, expected):
+    if isinstance(expected, tuple):
+        assert parse_override(text) == expected
+    else:
+        with pytest.raises(ConfigError, match=expected):
+            parse_override(text)
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    config = load_text(tmp_path, "grpo:\n  steps: 7\n  lr: 2.0e-6\n", ["grpo.steps=9", "run.name=x"])
+    assert (config.grpo.steps, config.grpo.lr, config.run.name) == (9, 2e-6, "x")
+
+
+# (overrides, words of the error)
+BAD_OVERRIDE_CASES = [
+    (["grpo.stpes=3"], "did you mean `grpo.steps`?"),  # a typo through --set
+    (["run.name.first=1"], "--set run.name.first: `name` is not a section"),  # a field used as a section
+    (["grpo.steps=many"], "grpo.steps: expected an integer"),  # a type error through --set
+]
+
+
+@pytest.mark.parametrize("overrides,words", BAD_OVERRIDE_CASES)
+def test_bad_overrides(tmp_path, overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, "run:\n  name: demo\n", overrides)
+    assert words in str(err.value), str(err.value)
+
+
+# (YAML text, line named, words of the error)
+YAML_SYNTAX_CASES = [
+    ("run:\n  name: demo\ngrpo:\n  steps: [1, 2\n", 5, "expected ',' or ']'"),  # an unclosed list, found at the end of the file
+    ("run:\n  name: demo\n bad: 1\n", 3, "expected <block end>"),  # a key indented wrongly
+    ("grpo:\n\tsteps: 3\n", 2, "cannot start any token"),  # a tab
+    ("run:\n  name: 'demo\n", 3, "unexpected end of stream"),  # an unclosed quote
+]
+
+
+@pytest.mark.parametrize("text,line,words", YAML_SYNTAX_CASES)
+def test_yaml_syntax_error_names_the_line(tmp_path, text, line, words):
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, text)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'job.yaml'}:{line}: not valid YAML: ") and words in message, message
+
+
+# (file content as bytes or None for no file, words of the error)
+FILE_CASES = [
+    (None, "config file not found"),  # a typo in the path
+    (b"- run\n- grpo\n", "expected a mapping of sections"),  # a list at the top
+    (b"just text\n", "expected a mapping of sections"),  # a scalar at the top
+    (b"run:\n  name: caf\xe9\n", "not UTF-8 text"),  # latin-1 bytes
+]
+
+
+@pytest.mark.parametrize("content,words", FILE_CASES)
+def test_file_errors(tmp_path, content, words):
+    path = tmp_path / "job.yaml"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=words):
+        load_config(path)
+
+
+def test_every_field_is_documented():
+    hints = typing.get_type_hints(Config)
+    sections = [hints[f.name] for f in dataclasses.fields(Config)]
+    for cls in sections + [SynthSplitConfig]:  # every section, and the sub-section of data
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{cls.__name__}: document these fields with a string under each: {missing}"
+
+
+def test_docs_config_md_is_current():
+    expected = reference_markdown() + "\n"  # as written by `alphadrive-ray config-docs > docs/config.md`
+    path = REPO / "docs" / "config.md"
+    assert path.is_file(), "docs/config.md is missing: run `alphadrive-ray config-docs > docs/config.md`"
+    assert path.read_text() == expected, (
+        "docs/config.md is out of date with alphadrive_ray/config.py: regenerate it with "
+        "`alphadrive-ray config-docs > docs/config.md` and commit it"
+    )
+    for section in dataclasses.fields(Config):
+        assert f"## `{section.name}`" in expected
+
+
+def test_cli_config_docs():
+    result = run_cli("config-docs")
+    assert result.returncode == 0 and result.stdout == reference_markdown() + "\n"
+
+
+def test_cli_train_reports_config_errors_without_traceback(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("grpo:\n  step: 3\n")
+    result = run_cli("train", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and "did you mean `grpo.steps`?" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("train", str(path), "--set", "grpo.steps=3", "--set", "grpo=1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr

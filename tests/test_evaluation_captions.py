@@ -1,0 +1,163 @@
+"""Reasoning metrics equal pycocoevalcap run directly; sanitising keeps the JVM tools in step."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import pytest
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+from alphadrive_ray.errors import UserError
+from alphadrive_ray.evaluation.captions import compute_caption_metrics, sanitize_caption
+
+# A hang (a line break reaching METEOR) fails the module instead of blocking the test run.
+pytestmark = pytest.mark.timeout(180)
+
+# A fixed set of (hypothesis, reference) pairs, including the awkward ones: punctuation and
+# case (the tokenizer removes / lowers them), an empty hypothesis (no <think>), unicode, and
+# line breaks of every kind, which must not shift the tokenizer's lines or hang METEOR.
+PAIRS = [
+    ("The light ahead is red, so I stop.", "The traffic light is red, so the ego vehicle stops."),
+    ("A pedestrian is crossing; I slow down and keep the lane.", "Pedestrians are crossing ahead, so I decelerate."),
+    ("Road is clear -- accelerate!", "The road ahead is clear and the navigation says go straight, so I speed up."),
+    ("", "The lead car brakes, so I slow down."),  # no reasoning produced
+    ("turn left at the intersection", "Turn left at the intersection as navigation requires."),
+    ("The lane merges\nfrom the right,\r\nso I keep my speed.", "A car merges from the right; I keep my speed."),  # newlines
+    ("Cyclist\u2028ahead\u0085slow\x0cdown\x0bnow", "A cyclist is ahead, so I slow down."),  # exotic line breaks
+    ("Café crossing, piétons: ralentir", "Pedestrians at the café crossing, slow down."),  # non-ASCII
+    ("I ||| keep ||||| going", "Keep going straight ||| at constant speed."),  # METEOR's field separator
+    ("Stop. Stop. Stop.", "Stop because the light is red."),
+] + [
+    (f"The vehicle ahead is slowing down number {i}, so I decelerate.", f"Vehicle {i} ahead slows, so I decelerate.")
+    for i in range(20)
+]
+
+
+def _direct_pycocoevalcap(hypotheses, references):
+    """The COCO caption evaluation recipe, straight from pycocoevalcap."""
+    gts = {i: [{"caption": ref}] for i, ref in enumerate(references)}
+    res = {i: [{"caption": hyp}] for i, hyp in enumerate(hypotheses)}
+    tokenizer = PTBTokenizer()
+    gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+    bleu, bleu_scores = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, cider_scores = Cider().compute_score(gts, res)
+    meteor_scorer = Meteor()
+    try:
+        meteor, meteor_scores = meteor_scorer.compute_score(gts, res)
+    finally:
+        meteor_scorer.meteor_p.kill()
+    return {"bleu4": bleu[3], "cider": cider, "meteor": meteor}, {
+        "bleu4": list(bleu_scores[3]),
+        "cider": list(cider_scores),
+        "meteor": list(meteor_scores),
+    }
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return compute_caption_metrics([h for h, _ in PAIRS], [[r] for _, r in PAIRS])
+
+
+@pytest.fixture(scope="module")
+def direct():
+    # The same pairs, sanitised as the caller does; pycocoevalcap itself does the rest.
+    # (Sequential on purpose: two METEOR JVMs loading side by side on 2 cores are slower.)
+    return _direct_pycocoevalcap([sanitize_caption(h) for h, _ in PAIRS], [sanitize_caption(r) for _, r in PAIRS])
+
+
+def test_scores_are_sane(ours):
+    assert 0.0 < ours["bleu4"] < 1.0 and 0.0 < ours["meteor"] < 1.0 and ours["cider"] > 0.0
+    meteor = ours["per_sample"]["meteor"]
+    assert meteor[3] == 0.0  # the empty hypothesis scores 0
+    assert meteor[5] > 0.4 and meteor[6] > 0.3  # captions with line breaks are scored whole
+    # Unsanitised, the line breaks of pairs 5 and 6 would shift every later hypothesis onto
+    # the next reference: the 20 templated pairs at the end only score well when aligned.
+    assert min(meteor[10:]) > 0.3
+
+
+@pytest.mark.parametrize("name", ["bleu4", "cider", "meteor"])
+def test_scores_equal_pycocoevalcap(ours, direct, name):
+    corpus, per_sample = direct
+    assert ours["n"] == len(PAIRS)
+    assert ours[name] == pytest.approx(corpus[name], rel=1e-12, abs=1e-15)
+    assert ours["per_sample"][name] == pytest.approx(per_sample[name], rel=1e-12, abs=1e-15)
+
+
+def test_unsanitised_line_breaks_shift_the_tokenizer():
+    # Why sanitising matters: a carriage return splits one caption into two output lines and
+    # every later caption is silently paired with the wrong text.
+    out = PTBTokenizer().tokenize({0: [{"caption": "one\rtwo"}], 1: [{"caption": "three"}]})
+    assert out[1] == ["two"]
+    assert sanitize_caption("one\rtwo") == "one two"
+
+
+SANITIZE_CASES = [
+    # (text, expected)
+    ("a\nb", "a b"),  # newline
+    ("a\r\nb", "a  b"),  # CRLF: two spaces (the tokenizer collapses them)
+    ("a\u2028b\u2029c\x85d", "a b c d"),  # unicode line / paragraph separators, NEL
+    ("a\tb\x00c\x7fd", "a b c d"),  # other controls
+    ("x|||y", "xy"),  # METEOR separator
+    ("|||||", "||"),  # a run keeps fewer than three
+    ("|\ud800||", ""),  # a lone surrogate is dropped before the separator check
+    ("Café 日本 🚗 a\u00a0b", "Café 日本 🚗 a\u00a0b"),  # everything else is untouched
+]
+
+
+@pytest.mark.parametrize("text, expected", SANITIZE_CASES)
+def test_sanitize_caption(text, expected):
+    assert sanitize_caption(text) == expected
+
+
+def test_sanitize_covers_exactly_the_control_and_separator_categories():
+    for cp in range(0x110000):
+        char = chr(cp)
+        category = unicodedata.category(char)
+        out = sanitize_caption(char)
+        if category in ("Cc", "Zl", "Zp"):
+            assert out == " ", hex(cp)
+        elif category == "Cs":
+            assert out == "", hex(cp)
+        else:
+            assert out == char, hex(cp)
+
+
+def test_sanitised_captions_keep_the_tokenizer_aligned_for_every_code_point():
+    # One caption per code point (all planes but surrogates): each must come back on its own line.
+    code_points = [cp for cp in range(0x30000) if not 0xD800 <= cp < 0xE000] + [0xE0001, 0xF0000, 0x10FFFD]
+    captions = {cp: [{"caption": sanitize_caption(f"qqq {chr(cp)} zzz")}] for cp in code_points}
+    out = PTBTokenizer().tokenize(captions)
+    assert len(out) == len(code_points)
+    bad = [hex(cp) for cp in code_points if not re.fullmatch(r"qqq .*zzz|qqq zzz", out[cp][0])]
+    assert bad == []
+
+
+def test_no_pairs_start_no_jvm():
+    assert compute_caption_metrics([], []) == {
+        "n": 0, "bleu4": None, "cider": None, "meteor": None, "per_sample": {"bleu4": [], "cider": [], "meteor": []}
+    }
+
+
+def test_missing_java_is_a_user_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no `java` anywhere
+    with pytest.raises(UserError, match="need Java.*--no-reasoning-metrics"):
+        compute_caption_metrics(["a b"], [["a b"]])
+
+
+@pytest.mark.timeout(60)
+def test_meteor_watchdog_stops_a_silent_jvm():
+    # With a zero budget METEOR cannot have answered: the JVM is stopped and the call fails
+    # instead of waiting forever.
+    with pytest.raises(RuntimeError, match="METEOR did not answer"):
+        compute_caption_metrics(["a b c"], [["a b c"]], meteor_timeout_s=0.0)
+
+
+def test_mismatched_lengths_are_rejected():
+    with pytest.raises(ValueError):
+        compute_caption_metrics(["a"], [])
+    with pytest.raises(ValueError):
+        compute_caption_metrics(["a"], [[]])
