@@ -26,9 +26,13 @@ def register(subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; no authentication!)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers on CPU or one GPU; vllm: GPU")
-    serve.add_argument("--served-model-name", default=None, metavar="NAME", help="model name clients use (default: the folder name)")
+    serve.add_argument(
+        "--served-model-name", default=None, metavar="NAME", help="model name clients use (default: the folder name)"
+    )
     serve.add_argument("--device", default="cpu", help="hf engine device, e.g. cpu or cuda (default cpu)")
-    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype (default float32)")
+    serve.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype (default float32)"
+    )
     serve.add_argument(
         "--allowed-local-media-path", default=None, metavar="DIR",
         help="let requests name local image files (path or file:// URL) under DIR; off by default",

@@ -104,7 +104,9 @@ def decode_image(raw: bytes, param: str):
         with Image.open(io.BytesIO(raw)) as img:
             width, height = img.size
             if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
-                raise bad_request(f"{param}: image is {width}x{height}; at most {MAX_IMAGE_SIDE} px per side", param, "image_too_large")
+                raise bad_request(
+                    f"{param}: image is {width}x{height}; at most {MAX_IMAGE_SIDE} px per side", param, "image_too_large"
+                )
             if width < 1 or height < 1:
                 raise bad_request(f"{param}: image has no pixels", param, "invalid_image")
             img.load()
@@ -124,7 +126,9 @@ def load_image_url(url: Any, param: str, allowed_local_media_path: Path | None =
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or not header.endswith(";base64"):
-            raise bad_request(f"{param}: only base64 data URLs are supported (data:image/png;base64,...)", param, "invalid_image_url")
+            raise bad_request(
+                f"{param}: only base64 data URLs are supported (data:image/png;base64,...)", param, "invalid_image_url"
+            )
         if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
             raise bad_request(f"{param}: image is larger than {MAX_IMAGE_BYTES} bytes", param, "image_too_large")
         try:
@@ -336,7 +340,9 @@ def load_vllm_backend(model_dir: str, **options) -> ChatBackend:
         from alphadrive_ray.engines import vllm_engine
     except ModuleNotFoundError as exc:
         if exc.name == "alphadrive_ray.engines.vllm_engine":
-            raise UserError("serve --engine vllm: this checkout has no alphadrive_ray/engines/vllm_engine.py; use --engine hf") from None
+            raise UserError(
+                "serve --engine vllm: this checkout has no alphadrive_ray/engines/vllm_engine.py; use --engine hf"
+            ) from None
         raise
     factory = getattr(vllm_engine, "build_chat_backend", None)
     if factory is None:
@@ -423,7 +429,10 @@ def create_app(backend: ChatBackend, options: ServerOptions):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest):
         if request.model is not None and request.model not in (name, options.model_dir):
-            raise ApiError(404, f"model {request.model!r} does not exist; this server serves {name!r}", param="model", code="model_not_found")
+            raise ApiError(
+                404, f"model {request.model!r} does not exist; this server serves {name!r}",
+                param="model", code="model_not_found",
+            )
         if request.stream:
             raise bad_request("stream: streaming is not supported by this server; send stream=false", "stream")
         max_tokens = request.max_completion_tokens or request.max_tokens or options.default_max_tokens

@@ -86,6 +86,7 @@ def test_parse_navigation(prompt, expected):
         assert parse_navigation(prompt) == expected
 
 
+# every (SPEED, PATH) pair, written as the release writes solutions
 SOLUTION_CLASS_CASES = [(s, p) for s in SPEED_ACTIONS for p in PATH_ACTIONS]
 
 

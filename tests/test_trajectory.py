@@ -377,7 +377,9 @@ CLI_FILE_CASES = [
     # a trailing comma: the decoder fails at the closing bracket, line 4
     ("bad_json_array", '[\n {"id": 1},\n {"id": 2,\n]', [], "in.json:4: bad JSON", 1),
     ("zero_dt", "[]", ["--dt", "0"], "--dt must be a positive number", 2),  # a threshold that makes no sense
+    # NaN would make every comparison false, silently
     ("nan_threshold", "[]", ["--angle-threshold", "nan"], "--angle-threshold must be a positive number", 2),
+    # one waypoint has no first and last interval
     ("one_point_horizon", "[]", ["--num-points", "1"], "--num-points must be at least 2", 2),
 ]
 

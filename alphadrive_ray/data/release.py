@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from alphadrive_ray.actions import PATH_ACTIONS, SPEED_ACTIONS
+from alphadrive_ray.data.convert import add_io_arguments, check_paths, convert_items, derived_id, finish
 from alphadrive_ray.data.records import OPTIONAL_FIELDS, REQUIRED_FIELDS, Problem, Record, parse_record
 
 RELEASE_FIELDS: tuple[str, ...] = ("id", "image", "problem", "solution", "thinking")
@@ -149,15 +150,19 @@ def release_to_canonical(obj: Any, default_id: str) -> tuple[dict | None, list[t
 
 # Stand-ins for canonical fields that could not be parsed, so that `parse_record` still
 # checks the others (its problems about these fields are dropped: the parse problem says it).
-_PLACEHOLDERS = {"image": "", "speed": 0.0, "navigation": "-", "speed_action": SPEED_ACTIONS[0], "path_action": PATH_ACTIONS[0]}
+_PLACEHOLDERS = {
+    "image": "",
+    "speed": 0.0,
+    "navigation": "-",
+    "speed_action": SPEED_ACTIONS[0],
+    "path_action": PATH_ACTIONS[0],
+}
 
 
 def convert_release_item(
     obj: Any, *, file: str, line: int, index: int | None, image_root: Path, check_images: bool = True
 ) -> tuple[Record | None, list[Problem]]:
     """One release item -> a validated canonical Record, or all its problems (named by release field)."""
-    from alphadrive_ray.data.convert import derived_id
-
     canonical, found = release_to_canonical(obj, derived_id(file, line, index))
     problems = [Problem(file, line, name, message, index) for name, message in found]
     if canonical is None:
@@ -174,8 +179,6 @@ def convert_release_item(
 
 
 def register(subparsers) -> None:
-    from alphadrive_ray.data.convert import add_io_arguments
-
     parser = subparsers.add_parser(
         "import-release",
         help="convert the AlphaDrive release format (image, problem, solution, thinking) to canonical JSONL",
@@ -187,8 +190,6 @@ def register(subparsers) -> None:
 
 
 def run_import_release(args: argparse.Namespace) -> int:
-    from alphadrive_ray.data.convert import check_paths, convert_items, finish
-
     image_root = check_paths(args.input, args.output, args.image_root)
 
     def convert_one(obj: Any, line: int, index: int | None):

@@ -49,7 +49,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from alphadrive_ray.data.convert import add_io_arguments, check_paths, convert_items, finish
 from alphadrive_ray.data.records import Problem, Record, parse_record
+from alphadrive_ray.errors import UserError
 
 DT = 0.5  # seconds between waypoints (nuScenes)
 STOP_SPEED = 2.0  # m/s: below this maximum speed the ego is stopping / stopped
@@ -192,8 +194,6 @@ def convert_trajectory_item(
 
 
 def register(subparsers) -> None:
-    from alphadrive_ray.data.convert import add_io_arguments
-
     parser = subparsers.add_parser(
         "from-trajectories",
         help="label samples with SPEED/PATH from their future trajectory and write canonical JSONL",
@@ -217,9 +217,6 @@ def register(subparsers) -> None:
 
 
 def run_from_trajectories(args: argparse.Namespace) -> int:
-    from alphadrive_ray.data.convert import check_paths, convert_items, finish
-    from alphadrive_ray.errors import UserError
-
     thresholds = dict(dt=args.dt, stop_speed=args.stop_speed, accel_delta=args.accel_delta,
                       lateral_threshold=args.lateral_threshold, angle_threshold_deg=args.angle_threshold)
     flags = ("--dt", "--stop-speed", "--accel-delta", "--lateral-threshold", "--angle-threshold")

@@ -61,7 +61,9 @@ class ResponseCache:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
-            raise UserError(f"cannot open the distill cache at {self.path}: {exc}; pass --cache DIR to use another folder") from None
+            raise UserError(
+                f"cannot open the distill cache at {self.path}: {exc}; pass --cache DIR to use another folder"
+            ) from None
 
     def get(self, key: str) -> TeacherResponse | None:
         row = self._db.execute(

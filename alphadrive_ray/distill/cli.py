@@ -38,8 +38,12 @@ def register(subparsers) -> None:
     )
     run.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
     run.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
-    run.add_argument("--max-retries", type=int, default=6, help="retries per sample on 429/5xx/timeouts/connection errors (default 6)")
-    run.add_argument("--backoff-base", type=float, default=1.0, help="first retry delay in seconds, doubled each retry (default 1)")
+    run.add_argument(
+        "--max-retries", type=int, default=6, help="retries per sample on 429/5xx/timeouts/connection errors (default 6)"
+    )
+    run.add_argument(
+        "--backoff-base", type=float, default=1.0, help="first retry delay in seconds, doubled each retry (default 1)"
+    )
     run.add_argument("--backoff-max", type=float, default=60.0, help="longest retry delay in seconds (default 60)")
     run.add_argument("--cache", default=None, metavar="DIR", help="response cache folder (default: OUT's folder/.distill-cache)")
     run.add_argument("--dry-run", action="store_true", help="print the exact request for one sample and exit; sends nothing")
@@ -49,7 +53,9 @@ def register(subparsers) -> None:
     run.add_argument("--max-tokens", type=int, default=160, help="teacher token limit per answer (default 160)")
     run.add_argument("--seed", type=int, default=None, help="teacher sampling seed, where the server supports it")
     run.add_argument("--image-detail", choices=("auto", "low", "high"), default=None, help="OpenAI image detail (low is cheaper)")
-    run.add_argument("--price-in", type=float, default=0.0, metavar="USD", help="price per 1M prompt tokens, for the cost estimate")
+    run.add_argument(
+        "--price-in", type=float, default=0.0, metavar="USD", help="price per 1M prompt tokens, for the cost estimate"
+    )
     run.add_argument("--price-out", type=float, default=0.0, metavar="USD", help="price per 1M completion tokens")
     run.add_argument("--max-words", type=int, default=60, help="longer reasoning is filtered as too_long (default 60)")
     run.add_argument("--max-sentences", type=int, default=3, help="more sentences are filtered as too_long (default 3)")
@@ -82,7 +88,8 @@ def _check_args(args: argparse.Namespace) -> None:
         (0 <= args.temperature <= 2, f"--temperature must be 0-2, got {args.temperature}"),
         (args.price_in >= 0 and args.price_out >= 0, "--price-in / --price-out must be >= 0"),
         (args.max_words >= 1 and args.max_sentences >= 1, "--max-words and --max-sentences must be at least 1"),
-        (args.base_url.startswith(("http://", "https://")), f"--base-url must start with http:// or https://, got {args.base_url!r}"),
+        (args.base_url.startswith(("http://", "https://")),
+         f"--base-url must start with http:// or https://, got {args.base_url!r}"),
         (args.api_key_env.strip() != "", "--api-key-env must name an environment variable"),
         (args.out.endswith(".jsonl"), f"OUT must be a .jsonl file, got {args.out!r}"),
     ]

@@ -26,7 +26,7 @@ from alphadrive_ray.distill.cache import ResponseCache, TeacherResponse, cache_k
 from alphadrive_ray.distill.filters import FILTERS, FilterLimits, check_reasoning, normalise_reasoning
 from alphadrive_ray.distill.prompt import build_messages, request_hash, truncate_data_urls
 from alphadrive_ray.distill.review import DECIDED, counts, format_counts, journal_path, load_reviewed, review_of
-from alphadrive_ray.distill.teacher import CallStats, TeacherSettings
+from alphadrive_ray.distill.teacher import CallStats, Job, TeacherSettings
 from alphadrive_ray.errors import UserError
 
 DEFAULT_CACHE_DIR = ".distill-cache"  # next to the output file
@@ -155,9 +155,7 @@ def run_distill(opts: DistillOptions, out: IO[str] | None = None, err: IO[str] |
     responses: dict[str, TeacherResponse] = {}
     hashes: dict[str, str] = {}
     failures: dict[str, str] = {}
-    jobs = []
-    from alphadrive_ray.distill.teacher import Job
-
+    jobs: list[Job] = []
     for record in records:
         rhash = body_hash(build_body(record, opts))
         hashes[record.id] = rhash

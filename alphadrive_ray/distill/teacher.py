@@ -186,6 +186,8 @@ def classify_error(exc: BaseException, settings: TeacherSettings) -> Attempt:
         if status in FATAL_STATUS:
             return Attempt(f"http {status}", message, retryable=False, fatal=True)
         return Attempt(f"http {status}", message, retryable=False)
+    if isinstance(exc, openai.APIError):  # any other failure the client reports: worth another try
+        return Attempt("error", f"{type(exc).__name__}: {exc}", retryable=True)
     raise exc
 
 
