@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import re
 import textwrap
 import types
 import typing
@@ -26,6 +27,9 @@ from alphadrive_ray.actions import PATH_ACTIONS, SPEED_ACTIONS
 from alphadrive_ray.errors import UserError
 
 REWARD_COMPONENTS = ("accuracy", "weight", "diversity", "format")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# `scheme://user:password@host` or `scheme://token@host`
+_URL_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s@]+@")
 
 
 class ConfigError(UserError):
@@ -164,6 +168,8 @@ class RolloutConfig:
     """CPUs reserved per rollout worker (also its torch thread count, rounded up)."""
     gpus_per_worker: float = 0.0
     """GPUs per rollout worker (1 for vLLM on GPU)."""
+    placement: str = "PACK"
+    """Placement-group strategy of the rollout workers: PACK (fill nodes in turn), SPREAD (one per node where possible), STRICT_PACK or STRICT_SPREAD (docs/cluster.md)."""
     temperature: float = 1.0
     """Sampling temperature; the learner scales logits the same way for log-probs."""
     top_p: float = 1.0
@@ -198,6 +204,8 @@ class RewardConfig:
     """Seconds a reward batch may take before the step fails with a clear error."""
     cpus_per_worker: float = 0.25
     """CPUs reserved per reward worker."""
+    placement: str = "PACK"
+    """Placement-group strategy of the reward workers: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +220,8 @@ class LearnerConfig:
     """CPUs per learner (also its torch thread count, rounded up)."""
     gpus_per_worker: float = 0.0
     """GPUs per learner."""
+    placement: str = "PACK"
+    """Placement-group strategy of the learner ranks: PACK keeps their all-reduce on one node where they fit, STRICT_PACK requires it; SPREAD, STRICT_SPREAD."""
     grad_clip: float = 1.0
     """Gradient norm clipping (0 disables)."""
 
@@ -243,7 +253,9 @@ class CheckpointConfig:
     keep: int = 2
     """Resumable checkpoints kept (older ones are deleted)."""
     export_hf: bool = True
-    """Export the final policy in Hugging Face format (`from_pretrained` loads it)."""
+    """Export the final policy in Hugging Face format (`from_pretrained` loads it) to run_dir/export."""
+    export_sft: bool = False
+    """Also export the SFT-only policy (end of stage 1) to run_dir/export-sft."""
 
 
 @dataclass(frozen=True)
@@ -290,6 +302,15 @@ def _to_plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_plain(v) for k, v in value.items()}
     return value
+
+
+def _string_fields(value: Any, prefix: str = ""):
+    """(dotted key, text) for every text field of a config."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _string_fields(getattr(value, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    elif isinstance(value, str):
+        yield prefix, value
 
 
 def _type_name(tp: Any) -> str:
@@ -439,6 +460,14 @@ def validate(c: Config, source: str = "config") -> None:
     choice(c.reward.variant, "reward.variant", ("paper", "release"))
     choice(c.learner.backend, "learner.backend", ("auto", "gloo", "nccl"))
     choice(c.sync.backend, "sync.backend", ("object_store", "nccl"))
+    for role in ("rollout", "reward", "learner"):
+        choice(getattr(c, role).placement, f"{role}.placement", PLACEMENT_STRATEGIES)
+    for key, value in _string_fields(c):
+        # the resolved config is written to the run directory: it must never hold a secret
+        check(
+            not _URL_CREDENTIALS.search(value),
+            f"{key} holds credentials in a URL (scheme://USER:PASSWORD@host); pass secrets through the environment, never in a config",
+        )
     for comp in c.reward.components:
         choice(comp, "reward.components[]", REWARD_COMPONENTS)
     check(len(set(c.reward.components)) == len(c.reward.components), "reward.components lists a component twice")

@@ -11,3 +11,12 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class RunAborted(UserError):
+    """A run stopped on a failure it cannot recover from (a learner died, say).
+
+    The message says what happened and how to resume; the CLI exits with status 1.
+    """
+
+    exit_code = 1

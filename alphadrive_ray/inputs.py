@@ -28,6 +28,16 @@ class EncodedPrompt:
     image_grid_thw: torch.Tensor | None  # [1, 3]
 
 
+VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+
+
+def vision_placeholder_ids(tokenizer) -> torch.Tensor:
+    """Ids of the vision placeholder tokens: a completion must never contain them (the model
+    would take a generated image pad for an image slot), so sampling bans them."""
+    vocab = tokenizer.get_vocab()
+    return torch.tensor(sorted(vocab[t] for t in VISION_PLACEHOLDERS if t in vocab), dtype=torch.long)
+
+
 def load_image(path: str):
     from PIL import Image
 
@@ -55,12 +65,7 @@ class PromptEncoder:
         if self.eos_id is None or self.eos_id == self.tokenizer.unk_token_id:
             self.eos_id = self.tokenizer.eos_token_id
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>") if self.vision else None
-        # placeholders a completion must never contain (the model would count them as image slots)
-        vocab = self.tokenizer.get_vocab()
-        self.banned_token_ids = torch.tensor(
-            sorted(vocab[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>") if t in vocab),
-            dtype=torch.long,
-        )
+        self.banned_token_ids = vision_placeholder_ids(self.tokenizer)
 
     def prompt_text(self, record: Record) -> str:
         """The chat-formatted prompt, ending with the assistant turn's opening."""

@@ -46,11 +46,22 @@ class EpochSampler:
         return order
 
     def take(self, n: int) -> list:
+        return [item for _, item in self.take_tagged(n)]
+
+    def take_tagged(self, n: int) -> list[tuple[int, object]]:
+        """The next `n` items, each with the epoch it belongs to."""
         out = []
         while len(out) < n:
             if self.state.position >= len(self.items):
                 self.state = SamplerState(self.state.epoch + 1, 0)
                 self._order = self._order_of(self.state.epoch)
-            out.append(self.items[self._order[self.state.position]])
+            out.append((self.state.epoch, self.items[self._order[self.state.position]]))
             self.state.position += 1
         return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.state.epoch, "position": self.state.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.state = SamplerState(int(state["epoch"]), int(state["position"]))
+        self._order = self._order_of(self.state.epoch)

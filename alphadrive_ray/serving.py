@@ -233,6 +233,7 @@ class HFChatBackend:
     def __init__(self, model_dir: str, *, device: str = "cpu", dtype: str = "float32"):
         import torch
 
+        from alphadrive_ray.inputs import vision_placeholder_ids
         from alphadrive_ray.models.loading import load_model, load_processor
 
         self.torch = torch
@@ -248,11 +249,8 @@ class HFChatBackend:
             eos.add(im_end)
         self.eos_ids = sorted(i for i in eos if i is not None)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
-        # vision placeholders are never generated (as in the rollout engine): the model would
-        # take a generated image pad for an image slot
-        vocab = self.tokenizer.get_vocab()
-        placeholders = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
-        self.banned_ids = torch.tensor(sorted(vocab[t] for t in placeholders if t in vocab), dtype=torch.long, device=self.device)
+        # vision placeholders are never generated, as in the rollout engine
+        self.banned_ids = vision_placeholder_ids(self.tokenizer).to(self.device)
         self._lock = threading.Lock()
 
     def encode(self, messages: list[dict], images: list) -> dict:
@@ -269,6 +267,8 @@ class HFChatBackend:
         torch = self.torch
         from transformers import LogitsProcessorList
 
+        from alphadrive_ray.engines.hf import SamplingTransform
+
         batch = {k: v.to(self.device) for k, v in self.encode(messages, images).items()}
         prompt_len = batch["input_ids"].shape[1]
         kwargs: dict[str, Any] = dict(
@@ -282,11 +282,11 @@ class HFChatBackend:
         )
         if params.temperature == 0:  # greedy: the arg-max of the same transformed logits
             kwargs["do_sample"] = False
-            kwargs["logits_processor"] = LogitsProcessorList([_SamplingTransform(1.0, 1.0, self.banned_ids)])
+            kwargs["logits_processor"] = LogitsProcessorList([SamplingTransform(1.0, 1.0, self.banned_ids)])
         else:
             kwargs["do_sample"] = True
             kwargs["logits_processor"] = LogitsProcessorList(
-                [_SamplingTransform(params.temperature, params.top_p, self.banned_ids)]
+                [SamplingTransform(params.temperature, params.top_p, self.banned_ids)]
             )
         with self._lock, torch.no_grad():
             if params.seed is not None:
@@ -303,20 +303,6 @@ class HFChatBackend:
             text, stopped = apply_stop(text, params.stop)
             choices.append(ChatChoice(text, "stop" if stopped else finish, len(ids)))
         return ChatResult(choices, int(prompt_len))
-
-
-class _SamplingTransform:
-    """Temperature / top-p exactly as the rollout engine and the learner apply them."""
-
-    def __init__(self, temperature: float, top_p: float, banned_ids):
-        self.temperature = temperature
-        self.top_p = top_p
-        self.banned_ids = banned_ids
-
-    def __call__(self, input_ids, scores):
-        from alphadrive_ray.algo import apply_sampling_transform
-
-        return apply_sampling_transform(scores, self.temperature, self.top_p, banned_ids=self.banned_ids)
 
 
 def load_backend(engine: str, model_dir: str, *, device: str = "cpu", dtype: str = "float32") -> ChatBackend:

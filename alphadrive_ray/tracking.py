@@ -53,11 +53,13 @@ class Tracker:
             self._tb.close()
 
 
-def progress_line(stage: str, step: int, total: int, metrics: Mapping[str, float], keys: tuple[str, ...], started: float) -> str:
-    """`grpo  12/100 [####......] reward/total 1.93 ... eta 3m05s`."""
+def progress_line(
+    stage: str, step: int, total: int, metrics: Mapping[str, float], keys: tuple[str, ...], started: float, done_here: int | None = None
+) -> str:
+    """`grpo  12/100 [####......] total 1.93 ... | eta 3m05s`; `done_here`: steps run since `started` (after a resume)."""
     width = 20
     done = int(width * step / max(total, 1))
     elapsed = time.monotonic() - started
-    eta = elapsed / max(step, 1) * (total - step)
+    eta = elapsed / max(done_here if done_here is not None else step, 1) * (total - step)
     shown = " ".join(f"{k.split('/', 1)[-1]} {metrics[k]:.3g}" for k in keys if k in metrics)
     return f"{stage:4s} {step:>4d}/{total} [{'#' * done}{'.' * (width - done)}] {shown} | eta {int(eta // 60)}m{int(eta % 60):02d}s"

@@ -22,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set grpo.steps=10 (repeatable)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in run_dir from its latest checkpoint (model, optimizer, data position, step)",
+    )
 
 
 def register(subparsers) -> None:
@@ -38,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     from alphadrive_ray.trainer import train
 
-    summary = train(config)
+    summary = train(config, resume=args.resume)
     acc = summary.accuracy
     print()
     print(f"run directory: {summary.run_dir}")

@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Sequence
 
 from alphadrive_ray.actions import format_completion
+from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
 from alphadrive_ray.config import Config
+from alphadrive_ray.dashboard import RayMetricsSink
 from alphadrive_ray.data.records import Record, load_records
 from alphadrive_ray.engines.base import Group, SamplingParams
-from alphadrive_ray.errors import UserError
+from alphadrive_ray.errors import RunAborted, UserError
 from alphadrive_ray.schedule import EpochSampler, constant_lr, cosine_lr
 from alphadrive_ray.tracking import Tracker, progress_line
 
@@ -39,12 +41,15 @@ class RunSummary:
     export_dir: str | None = None
 
 
-def prepare_run_dir(config: Config) -> Path:
+def prepare_run_dir(config: Config, resume: bool = False) -> Path:
     run_dir = config.run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if resume:
+        if not (run_dir / "checkpoints").is_dir():
+            raise UserError(f"--resume: {run_dir} has no checkpoints/ folder; is run.name / run.output_dir the same as the run to continue?")
+    elif run_dir.exists() and any(run_dir.iterdir()):
         if not config.run.overwrite:
             raise UserError(f"run directory {run_dir} exists; pick another run.name or set run.overwrite: true")
-        for child in ("metrics.jsonl", "tensorboard", "eval", "report", "export"):
+        for child in ("metrics.jsonl", "tensorboard", "eval", "report", "export", "export-sft", "summary.json", "ledger.jsonl", "checkpoints"):
             target = run_dir / child
             if target.is_dir():
                 shutil.rmtree(target)
@@ -124,6 +129,8 @@ class Trainer:
         self.train_records = list(train_records)
         self.eval_records = list(eval_records)[: c.eval.samples or None]
         self.version = 0
+        self.accuracy: dict[str, float] = {}  # held-out planning accuracy by stage
+        self.ckpt = CheckpointManager(run_dir, c.checkpoint.keep)
         gpu = c.learner.gpus_per_worker > 0
         backend = c.learner.backend if c.learner.backend != "auto" else ("nccl" if gpu else "gloo")
         learner_spec = LearnerSpec(
@@ -229,54 +236,118 @@ class Trainer:
         )
         return metrics
 
-    def sft(self) -> int:
-        """Stage 1: next-token loss on (prompt, reasoning + plan) pairs."""
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def sft_subset(self) -> list[Record]:
         c = self.config.sft
         with_reasoning = [r for r in self.train_records if r.reasoning and r.reasoning.strip()]
         if not with_reasoning:
             raise UserError(f"sft.enabled is true but no record of {self.config.data.train} has a `reasoning`; run `alphadrive-ray distill` or disable SFT")
-        subset = EpochSampler(with_reasoning, self.config.run.seed).take(min(c.samples, len(with_reasoning)))
+        return EpochSampler(with_reasoning, self.config.run.seed).take(min(c.samples, len(with_reasoning)))
+
+    def save_checkpoint(self, stage: str, step: int, sampler_state: dict) -> None:
+        import random
+
+        import numpy as np
+
+        t0 = time.monotonic()
+        tmp = self.ckpt.begin(stage, step)
+        self.learners.save_state(str(tmp / "learner"), {"stage": stage, "step": step})
+        state = TrainerState(
+            stage=stage,
+            step=step,
+            version=self.version,
+            samplers={stage: sampler_state},
+            accuracy=dict(self.accuracy),
+            rng={"python": repr(random.getstate()), "numpy_seed_state": np.random.get_state()[1][:4].tolist()},
+        )
+        final = self.ckpt.commit(tmp, state)
+        self.tracker.say(f"checkpoint {final.name} ({time.monotonic() - t0:.1f}s)")
+
+    def restore(self) -> TrainerState | None:
+        """Load the latest checkpoint into the learners and engines; None when there is none."""
+        path = self.ckpt.latest()
+        if path is None:
+            self.tracker.say("--resume: no checkpoint yet in this run directory; starting from the beginning")
+            return None
+        state = self.ckpt.load_state(path)
+        c = self.config
+        self.learners.begin_stage(state.stage, c.grpo.beta if state.stage == "grpo" else 0.0, str(self.ckpt.reference_path))
+        self.learners.load_state(str(path / "learner"))
+        self.accuracy.update(state.accuracy)
+        self.version = state.version - 1
+        self.sync_weights()
+        self.tracker.say(f"resumed from {path.name}: {state.stage} step {state.step}, weight version {state.version}")
+        return state
+
+    def _ledger(self, stage: str, step: int, tagged: list[tuple[int, Record]]) -> None:
+        """Which prompts each step trained on, with their epoch (proof of exactly-once per epoch)."""
+        with open(self.run_dir / "ledger.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"stage": stage, "step": step, "items": [[e, r.id] for e, r in tagged]}) + "\n")
+
+    # --- stage 1 -------------------------------------------------------------------------
+
+    def sft(self, first_step: int = 0, sampler_state: dict | None = None) -> int:
+        """Stage 1: next-token loss on (prompt, reasoning + plan) pairs."""
+        c = self.config.sft
+        subset = self.sft_subset()
         sampler = EpochSampler(subset, self.config.run.seed + 1)
+        if sampler_state:
+            sampler.load_state_dict(sampler_state)
         steps = (len(subset) * c.epochs) // c.batch_size
         if steps == 0:
             raise UserError(f"sft.samples x sft.epochs ({len(subset)} x {c.epochs}) is smaller than one batch (sft.batch_size = {c.batch_size})")
         from alphadrive_ray.workers.learner import SFTExample
 
-        self.tracker.say(f"stage 1: SFT warm-up, {steps} steps on {len(subset)} samples with reasoning")
-        self.learners.begin_stage("sft")
+        if first_step == 0:
+            self.tracker.say(f"stage 1: SFT warm-up, {steps} steps on {len(subset)} samples with reasoning")
+            self.learners.begin_stage("sft")
         started = time.monotonic()
-        for step in range(steps):
-            records = sampler.take(c.batch_size)
-            examples = [SFTExample(r, format_completion(r.reasoning, r.speed_action, r.path_action)) for r in records]
+        every = self.config.checkpoint.every_steps
+        for step in range(first_step, steps):
+            tagged = sampler.take_tagged(c.batch_size)
+            examples = [SFTExample(r, format_completion(r.reasoning, r.speed_action, r.path_action)) for _, r in tagged]
             lr = cosine_lr(step, steps, c.lr, c.warmup_ratio)
             t0 = time.monotonic()
             metrics = self.learners.sft_step(examples, c.micro_batch_size, lr)
+            self._ledger("sft", step + 1, tagged)
             metrics["perf/step_s"] = time.monotonic() - t0
             metrics["perf/samples_per_s"] = c.batch_size / metrics["perf/step_s"]
             self.tracker.log("sft", step + 1, metrics)
             if (step + 1) % max(1, steps // 20) == 0 or step + 1 == steps:
-                self.tracker.say(progress_line("sft", step + 1, steps, metrics, ("loss/sft", "perf/lr", "perf/samples_per_s"), started))
+                self.tracker.say(progress_line("sft", step + 1, steps, metrics, ("loss/sft", "perf/lr", "perf/samples_per_s"), started, step + 1 - first_step))
+            if every and (step + 1) % every == 0 and step + 1 < steps:
+                self.save_checkpoint("sft", step + 1, sampler.state_dict())
+        self._sft_end_sampler = sampler.state_dict()
         return steps
 
-    def grpo(self) -> int:
+    # --- stage 2 -------------------------------------------------------------------------
+
+    def grpo(self, first_step: int = 0, sampler_state: dict | None = None) -> int:
         """Stage 2: GRPO over the training set."""
         c = self.config.grpo
-        import ray
         import torch
 
         from alphadrive_ray import algo
         from alphadrive_ray.workers.learner import GRPOSample
 
         sampler = EpochSampler(self.train_records, self.config.run.seed + 2)
-        self.tracker.say(
-            f"stage 2: GRPO, {c.steps} steps of {c.prompts_per_step} prompts x {c.group_size} completions "
-            f"({'one-step off-policy' if c.off_policy_steps else 'on-policy'})"
-        )
-        self.learners.begin_stage("grpo", c.beta)
+        if sampler_state:
+            sampler.load_state_dict(sampler_state)
+        if first_step == 0:
+            self.tracker.say(
+                f"stage 2: GRPO, {c.steps} steps of {c.prompts_per_step} prompts x {c.group_size} completions "
+                f"({'one-step off-policy' if c.off_policy_steps else 'on-policy'})"
+            )
+            self.learners.begin_stage("grpo", c.beta, str(self.ckpt.reference_path))
         use_engine_logprobs = c.off_policy_steps > 0 or c.updates_per_batch > 1
         started = time.monotonic()
+        every = self.config.checkpoint.every_steps
 
-        def launch(step: int) -> tuple[list, list]:
+        def launch(step: int) -> dict:
+            """Start generation + scoring of a step's prompts; remembers where the data stood."""
+            before = sampler.state_dict()
+            tagged = sampler.take_tagged(c.prompts_per_step)
             params = SamplingParams(
                 n=c.group_size,
                 temperature=self.config.rollout.temperature,
@@ -284,19 +355,19 @@ class Trainer:
                 max_new_tokens=self.config.rollout.max_new_tokens,
                 seed=self.config.run.seed * 100_003 + step,
             )
-            gen_refs = self.rollout.generate_refs(sampler.take(c.prompts_per_step), params)
-            return gen_refs, self.rewards.score_refs(gen_refs)
+            jobs = self.rollout.submit([r for _, r in tagged], params, self.rewards)
+            return {"jobs": jobs, "tagged": tagged, "sampler_before": before}
 
-        pending = launch(0)
-        for step in range(c.steps):
+        pending = launch(first_step)
+        for step in range(first_step, c.steps):
             t0 = time.monotonic()
-            gen_refs, score_refs = pending
-            groups: list[Group] = [g for part in ray.get(gen_refs) for g in part]
-            t_gen = time.monotonic() - t0
-            scores = self.rewards.gather(score_refs)
-            t_reward = time.monotonic() - t0 - t_gen
+            current = pending
+            groups, scores = self.rollout.collect(current["jobs"], self.rewards)
+            t_gen, t_reward = self.rollout.last_wait["rollout"], self.rollout.last_wait["reward"]
             groups, scores, dropped = self._dynamic_sampling(groups, scores, step) if c.dynamic_sampling else (groups, scores, 0)
+            next_sampler_state = sampler.state_dict()
             if c.off_policy_steps and step + 1 < c.steps:
+                next_sampler_state = None  # taken by the prefetch below
                 pending = launch(step + 1)  # overlaps with the update below, on the current weights
 
             totals = torch.tensor([s["total"] for group in scores for s in group])
@@ -323,7 +394,11 @@ class Trainer:
                     use_engine_logprobs=use_engine_logprobs,
                 )
             t_learn = time.monotonic() - t1
+            self._ledger("grpo", step + 1, current["tagged"])
             t_sync = self.sync_weights()
+            if every and (step + 1) % every == 0 and step + 1 < c.steps:
+                # the data position before the next step's prompts were taken
+                self.save_checkpoint("grpo", step + 1, next_sampler_state or pending["sampler_before"])
             if not c.off_policy_steps and step + 1 < c.steps:
                 pending = launch(step + 1)
 
@@ -339,15 +414,19 @@ class Trainer:
                     "perf/samples_per_s": len(samples) / step_s,
                     "perf/tokens_per_s": metrics.get("perf/tokens", 0.0) / step_s,
                     "rollout/dropped_groups": dropped,
+                    "rollout/worker_restarts": self.rollout.restarts,
+                    "reward/rescored": self.rewards.restarts,
                     "rollout/weight_version_lag": self.version - 1 - min(cc.weight_version for g in groups for cc in g.completions),
                 }
             )
             self.tracker.log("grpo", step + 1, metrics)
             if (step + 1) % max(1, c.steps // 25) == 0 or step + 1 == c.steps:
-                self.tracker.say(progress_line("grpo", step + 1, c.steps, metrics, ("reward/total", "rollout/accuracy", "loss/kl", "perf/step_s"), started))
-            every = self.config.eval.every_steps
-            if every and (step + 1) % every == 0 and step + 1 < c.steps:
+                self.tracker.say(progress_line("grpo", step + 1, c.steps, metrics, ("reward/total", "rollout/accuracy", "loss/kl", "perf/step_s"), started, step + 1 - first_step))
+            every_eval = self.config.eval.every_steps
+            if every_eval and (step + 1) % every_eval == 0 and step + 1 < c.steps:
                 self.evaluate(f"step-{step + 1:06d}")
+        # the final state is resumable too: a later run may continue with more steps
+        self.save_checkpoint("grpo", c.steps, sampler.state_dict())
         return c.steps
 
     def _rollout_metrics(self, groups: Sequence[Group], scores: Sequence[Sequence[dict]]) -> dict:
@@ -364,6 +443,8 @@ class Trainer:
                 lengths += len(completion.token_ids)
                 stops += completion.finish_reason == "stop"
         n = sum(len(g.completions) for g in groups)
+        # groups whose rewards all agree teach nothing (zero advantage); DAPO drops them
+        out["rollout/uniform_groups"] = sum(len({round(s["total"], 9) for s in group}) == 1 for group in scores) / len(scores)
         out["rollout/accuracy"] = right / n
         out["rollout/response_len"] = lengths / n
         out["rollout/stop_rate"] = stops / n
@@ -402,9 +483,10 @@ class Trainer:
         return [g for g, _ in keep], [s for _, s in keep], dropped
 
 
-def train(config: Config) -> RunSummary:
-    """Run both stages end to end; returns the summary written to run_dir/summary.json."""
-    run_dir = prepare_run_dir(config)
+def train(config: Config, resume: bool = False) -> RunSummary:
+    """Run both stages end to end (or continue from the latest checkpoint with `resume`);
+    returns the summary written to run_dir/summary.json."""
+    run_dir = prepare_run_dir(config, resume)
     tracker = Tracker(run_dir)
     summary = RunSummary(run_dir=str(run_dir))
     t_start = time.monotonic()
@@ -415,24 +497,34 @@ def train(config: Config) -> RunSummary:
         train_records, eval_records = prepare_data(config, tracker.say)
         tracker.say(f"data: {len(train_records)} train / {len(eval_records)} held-out records; run directory {run_dir}")
         connect_ray(config, tracker.say)
+        tracker.add_sink(RayMetricsSink(config.run.name))
         trainer = Trainer(config, train_records, eval_records, run_dir, tracker)
         summary.seconds["startup"] = round(time.monotonic() - t_start, 1)
+        state = trainer.restore() if resume else None
+        stage, step, sampler_state = ("sft", 0, None) if state is None else (state.stage, state.step, state.samplers.get(state.stage))
 
-        if config.eval.baseline:
-            summary.accuracy["untrained"] = trainer.evaluate("untrained")["planning"]["accuracy"]
-        if config.sft.enabled:
+        if config.eval.baseline and "untrained" not in trainer.accuracy:
+            trainer.accuracy["untrained"] = trainer.evaluate("untrained")["planning"]["accuracy"]
+        if config.sft.enabled and stage == "sft":
             t0 = time.monotonic()
-            summary.sft_steps = trainer.sft()
+            summary.sft_steps = trainer.sft(step, sampler_state)
             trainer.sync_weights()
             summary.seconds["sft"] = round(time.monotonic() - t0, 1)
-            if config.eval.baseline:
-                summary.accuracy["sft"] = trainer.evaluate("sft")["planning"]["accuracy"]
+            if config.checkpoint.export_sft:
+                tracker.say(f"exported the SFT-only policy to {trainer.learners.save_hf(str(run_dir / 'export-sft'))}")
+            if config.eval.baseline and "sft" not in trainer.accuracy:
+                trainer.accuracy["sft"] = trainer.evaluate("sft")["planning"]["accuracy"]
+            stage, step, sampler_state = "grpo", 0, None
+            if config.grpo.enabled and config.grpo.steps > 0:
+                trainer.save_checkpoint("sft", summary.sft_steps, trainer._sft_end_sampler)
         if config.grpo.enabled and config.grpo.steps > 0:
             t0 = time.monotonic()
-            summary.grpo_steps = trainer.grpo()
+            summary.grpo_steps = trainer.grpo(step, sampler_state)
             summary.seconds["grpo"] = round(time.monotonic() - t0, 1)
+
         predictions = trainer.predict()
-        summary.accuracy["final"] = trainer.planning_accuracy(predictions)
+        trainer.accuracy["final"] = trainer.planning_accuracy(predictions)
+        summary.accuracy = dict(trainer.accuracy)
         stages = {"untrained": "untrained model", "sft": "after SFT warm-up", "final": "after SFT + GRPO"}
         extra = {
             "Planning accuracy by stage (held-out split)": [
@@ -446,5 +538,9 @@ def train(config: Config) -> RunSummary:
         summary.seconds["total"] = round(time.monotonic() - t_start, 1)
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         return summary
+    except RunAborted as exc:
+        latest = CheckpointManager(run_dir).latest()
+        where = f"resume from checkpoint {latest.name} with --resume" if latest else "no checkpoint was written yet; rerun from the start"
+        raise RunAborted(f"{exc}\nThe run stopped. {where}.") from None
     finally:
         tracker.close()

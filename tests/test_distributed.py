@@ -162,8 +162,8 @@ def test_groups_are_never_split_across_workers(ray_cluster, tiny_vl_dir, scenes)
     rollout = RolloutGroup.start(RolloutSpec(model_path=tiny_vl_dir, prompt_template=TEST_PROMPT, batch_size=6), 2, Resources(cpus=1))
     try:
         records = scenes[:5]  # odd: the workers get 3 and 2 prompts
-        refs = rollout.generate_refs(records, SamplingParams(n=4, max_new_tokens=6, seed=5))
-        parts = ray.get(refs)
+        jobs = rollout.submit(records, SamplingParams(n=4, max_new_tokens=6, seed=5))
+        parts = ray.get([job.gen_ref for job in jobs])
         assert [len(p) for p in parts] == [3, 2]
         assert [[g.record.id for g in p] for p in parts] == [[r.id for r in c] for c in split_evenly(records, 2)]
         for part in parts:

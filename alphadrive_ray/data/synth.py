@@ -193,23 +193,43 @@ def reasoning_corpus() -> list[str]:
 # --- sampling --------------------------------------------------------------------------
 
 
+# The element each proposal is built around; every planner rule gets a fair share of
+# scenes, so rare situations (a yellow light, cones) are not starved of examples.
+SCENARIOS: tuple[str, ...] = (
+    "free", "pedestrian", "red", "yellow", "green", "lead_hazard", "lead_close", "lead_follow", "cones", "turn",
+)
+
+
 def random_scene(rng: random.Random) -> Scene:
-    """A scene with every element drawn at random (the proposal of `sample_scene`)."""
-    num_lanes = rng.choice((1, 2, 2, 3, 3))
+    """A scene built around one random scenario, plus random secondary elements and clutter."""
+    scenario = rng.choice(SCENARIOS)
+    num_lanes = rng.choice((1, 2, 2, 3, 3)) if scenario != "cones" else rng.choice((2, 3))
     ego_lane = rng.randrange(num_lanes)
-    intersection = rng.choice((None, None, "near", "near", "far"))
-    light = rng.choice((None, "red", "yellow", "green", "green")) if intersection else None
-    lead = None
-    if rng.random() < 0.55:
-        lead = round(rng.choice((rng.uniform(4, 10), rng.uniform(10, 25), rng.uniform(25, 45), rng.uniform(45, 80))), 1)
-    pedestrian = round(rng.uniform(6, 20), 1) if rng.random() < 0.12 else None
-    cones = None
-    if num_lanes > 1 and rng.random() < 0.18:
-        cones = round(rng.uniform(8, 25), 1)
-        if lead is not None and lead > cones:
-            lead = None  # the closure hides anything behind it
+
+    def maybe(p: float) -> bool:
+        return rng.random() < p
+
+    intersection = "near" if scenario in ("red", "yellow", "green", "turn") else rng.choice((None, None, "far", "near")) if maybe(0.4) else None
+    light = None
+    if intersection:
+        light = {"red": "red", "yellow": "yellow", "green": "green"}.get(scenario) or rng.choice((None, "red", "yellow", "green", "green"))
+    lead = {
+        "lead_hazard": rng.uniform(4, LEAD_HAZARD_M),
+        "lead_close": rng.uniform(LEAD_HAZARD_M, LEAD_CAUTION_M),
+        "lead_follow": rng.uniform(LEAD_CAUTION_M, LEAD_FOLLOW_M),
+    }.get(scenario)
+    if lead is None and maybe(0.3):
+        lead = rng.choice((rng.uniform(4, 45), rng.uniform(45, 80), rng.uniform(45, 80)))
+    pedestrian = rng.uniform(6, 20) if scenario == "pedestrian" or maybe(0.05) else None
+    cones = rng.uniform(8, 25) if scenario == "cones" or (num_lanes > 1 and maybe(0.05)) else None
+    if cones is not None and lead is not None and lead > cones:
+        lead = None  # the closure hides anything behind it
     if pedestrian is not None and lead is not None and lead < pedestrian:
         pedestrian = None
+    if scenario == "turn":
+        navigation = rng.choice(("turn left", "turn right"))
+    else:
+        navigation = rng.choice(("go straight", "go straight", "turn left", "turn right"))
     speed_kind = rng.random()
     if speed_kind < 0.25:
         speed = rng.uniform(0.0, STOP_BELOW_SPEED)
@@ -217,21 +237,18 @@ def random_scene(rng: random.Random) -> Scene:
         speed = rng.uniform(STOP_BELOW_SPEED, CRUISE_MIN_SPEED)
     else:
         speed = rng.uniform(0.0, 20.0)
-    others = []
-    for lane in range(num_lanes):
-        if lane != ego_lane and rng.random() < 0.5:
-            others.append((lane, round(rng.uniform(6, 60), 1)))
+    others = tuple((lane, round(rng.uniform(6, 60), 1)) for lane in range(num_lanes) if lane != ego_lane and maybe(0.5))
     return Scene(
         speed=round(speed, 1),
-        navigation=rng.choice(("go straight", "go straight", "turn left", "turn right")),
+        navigation=navigation,
         num_lanes=num_lanes,
         ego_lane=ego_lane,
         intersection=intersection,
         light=light,
-        lead_distance=lead,
-        pedestrian_distance=pedestrian,
-        cones_distance=cones,
-        others=tuple(others),
+        lead_distance=None if lead is None else round(lead, 1),
+        pedestrian_distance=None if pedestrian is None else round(pedestrian, 1),
+        cones_distance=None if cones is None else round(cones, 1),
+        others=others,
         style=rng.randrange(4),
     )
 

@@ -17,8 +17,8 @@ from alphadrive_ray.inputs import PromptEncoder
 from alphadrive_ray.models.loading import load_model, load_processor
 
 
-class _SamplingTransform:
-    """A transformers logits processor applying our temperature / top-p transform."""
+class SamplingTransform:
+    """A transformers logits processor applying `apply_sampling_transform` (bans, temperature, top-p)."""
 
     def __init__(self, temperature: float, top_p: float, banned_ids: torch.Tensor):
         self.temperature = temperature
@@ -81,10 +81,10 @@ class HFEngine:
         banned = self.encoder.banned_token_ids.to(self.device)
         if params.greedy:
             kwargs["do_sample"] = False
-            kwargs["logits_processor"] = LogitsProcessorList([_SamplingTransform(1.0, 1.0, banned)])
+            kwargs["logits_processor"] = LogitsProcessorList([SamplingTransform(1.0, 1.0, banned)])
         else:
             kwargs["do_sample"] = True
-            kwargs["logits_processor"] = LogitsProcessorList([_SamplingTransform(params.temperature, params.top_p, banned)])
+            kwargs["logits_processor"] = LogitsProcessorList([SamplingTransform(params.temperature, params.top_p, banned)])
         out = self.model.generate(**batch, **kwargs)
         new_tokens = out.sequences[:, prompt_len:]  # [B * n, T]
         # scores are the processed logits each token was sampled from

@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.engines.base import Group, SamplingParams
-from alphadrive_ray.errors import UserError
+from alphadrive_ray.errors import RunAborted, UserError
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ def spawn(
 ) -> tuple[list[Any], Any]:
     """Start one actor of `cls` per argument tuple, each in its own placement-group bundle."""
     n = len(args_per_actor)
-    pg = placement_group([resources.bundle() for _ in range(n)], strategy=strategy, name=_pg_name(name))
+    group_name = _pg_name(name)
+    pg = placement_group([resources.bundle() for _ in range(n)], strategy=strategy, name=group_name)
     wait_for_placement(pg, f"{n} {name} worker(s)")
     remote_cls = ray.remote(cls)
     actors = []
@@ -77,7 +78,7 @@ def spawn(
             num_cpus=resources.cpus,
             num_gpus=resources.gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            name=None,
+            name=f"{group_name}-{i}",  # named, so the dashboard and operators can find each worker
             max_restarts=max_restarts,
             max_task_retries=0,
         )
@@ -114,33 +115,137 @@ def split_evenly(items: Sequence, parts: int) -> list[Sequence]:
     return out
 
 
+@dataclass
+class Job:
+    """One worker's share of a generation round: whole prompts, and where their scores go."""
+
+    rollout: Any  # actor handle
+    records: list
+    params: SamplingParams
+    gen_ref: Any
+    reward: Any = None  # actor handle
+    score_ref: Any = None
+
+
+def _dead(exc: BaseException) -> bool:
+    """True when a call failed because its actor (or an actor it depended on) died."""
+    return isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)) or (
+        isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, ray.exceptions.RayActorError)
+    )
+
+
+def wait_alive(actor, timeout_s: float = 300.0) -> None:
+    """Block until a (restarting) actor answers again; Ray re-runs its constructor first."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.2
+    while True:
+        try:
+            ray.get(actor.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            return
+        except Exception as exc:  # noqa: BLE001
+            if not _dead(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 class RolloutGroup:
-    def __init__(self, actors: list, pg=None):
+    def __init__(self, actors: list, pg=None, max_retries: int = 3):
         self.actors = actors
         self.pg = pg
+        self.max_retries = max_retries
+        # the weights every engine holds; a restarted worker loads them again
+        self.weights: tuple[list, int] | None = None
+        self.restarts = 0
+        self.last_wait = {"rollout": 0.0, "reward": 0.0}
 
     @classmethod
-    def start(cls, spec, n: int, resources: Resources) -> "RolloutGroup":
+    def start(cls, spec, n: int, resources: Resources, max_restarts: int = 3, placement: str = "PACK") -> "RolloutGroup":
         from alphadrive_ray.workers.rollout import RolloutWorker
 
-        actors, pg = spawn(RolloutWorker, [(spec, i) for i in range(n)], resources, name="rollout")
+        actors, pg = spawn(
+            RolloutWorker, [(spec, i) for i in range(n)], resources, name="rollout", strategy=placement, max_restarts=max_restarts
+        )
         ray.get([a.ping.remote() for a in actors])
-        return cls(actors, pg)
+        return cls(actors, pg, max_retries=max_restarts)
 
-    def generate_refs(self, records: Sequence[Record], params: SamplingParams) -> list:
-        """One object ref per worker, each a list of whole groups; prompts split evenly."""
-        refs = []
+    def submit(self, records: Sequence[Record], params: SamplingParams, rewards: "RewardPool | None" = None) -> list[Job]:
+        """Start generation (and scoring) of whole prompts, split evenly over the workers."""
+        jobs = []
         for i, (actor, chunk) in enumerate(zip(self.actors, split_evenly(records, len(self.actors)))):
-            if len(chunk):
-                # distinct seeds per worker, so their samples differ
-                refs.append(actor.generate.remote(list(chunk), SamplingParams(**{**params.__dict__, "seed": params.seed * 1009 + i})))
-        return refs
+            if not len(chunk):
+                continue
+            # distinct seeds per worker, so their samples differ
+            worker_params = SamplingParams(**{**params.__dict__, "seed": params.seed * 1009 + i})
+            job = Job(actor, list(chunk), worker_params, actor.generate.remote(list(chunk), worker_params))
+            if rewards is not None:
+                job.reward = rewards.actors[len(jobs) % len(rewards.actors)]
+                job.score_ref = job.reward.score.remote(job.gen_ref)
+            jobs.append(job)
+        return jobs
+
+    def collect(self, jobs: list[Job], rewards: "RewardPool | None" = None) -> tuple[list[Group], list]:
+        """Results of submitted jobs, in order. A worker that died is restarted by Ray; its
+        share is generated again (after it reloads the current weights) or scored again."""
+        groups, scores = [], []
+        # seconds the driver waited for generation, then for the scores that follow it
+        self.last_wait = {"rollout": 0.0, "reward": 0.0}
+        for job in jobs:
+            for attempt in range(self.max_retries + 1):
+                t0 = time.monotonic()
+                try:
+                    part = ray.get(job.gen_ref)
+                except Exception as exc:  # noqa: BLE001 - only dead actors are retried
+                    if not _dead(exc) or attempt == self.max_retries:
+                        raise
+                    self._redo_generation(job, rewards)
+                    continue
+                t1 = time.monotonic()
+                self.last_wait["rollout"] += t1 - t0
+                if job.score_ref is None:
+                    break
+                try:
+                    part_scores = rewards.gather([job.score_ref])
+                    self.last_wait["reward"] += time.monotonic() - t1
+                except Exception as exc:  # noqa: BLE001
+                    if not _dead(exc) or attempt == self.max_retries:
+                        raise
+                    rewards.restarts += 1
+                    wait_alive(job.reward)
+                    job.score_ref = job.reward.score.remote(job.gen_ref)
+                    continue
+                scores += part_scores
+                break
+            groups += part
+        return groups, scores
+
+    def _redo_generation(self, job: Job, rewards: "RewardPool | None") -> None:
+        self.restarts += 1
+        wait_alive(job.rollout)
+        if self.weights is not None:
+            bucket_refs, version = self.weights
+            job.rollout.load_weights.remote(bucket_refs, version)  # runs first on the restarted actor
+        job.gen_ref = job.rollout.generate.remote(job.records, job.params)
+        if job.reward is not None:
+            job.score_ref = job.reward.score.remote(job.gen_ref)
 
     def generate(self, records: Sequence[Record], params: SamplingParams) -> list[Group]:
-        return [g for part in ray.get(self.generate_refs(records, params)) for g in part]
+        return self.collect(self.submit(records, params))[0]
 
     def load_weights(self, bucket_refs: list, version: int) -> list[int]:
-        return ray.get([a.load_weights.remote(bucket_refs, version) for a in self.actors])
+        self.weights = (bucket_refs, version)
+        out = []
+        for actor in self.actors:
+            for attempt in range(self.max_retries + 1):
+                try:
+                    out.append(ray.get(actor.load_weights.remote(bucket_refs, version)))
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    if not _dead(exc) or attempt == self.max_retries:
+                        raise
+                    self.restarts += 1
+                    wait_alive(actor)
+        return out
 
 
 class RewardPool:
@@ -148,18 +253,17 @@ class RewardPool:
         self.actors = actors
         self.timeout_s = timeout_s
         self.pg = pg
+        self.restarts = 0
 
     @classmethod
-    def start(cls, spec, n: int, resources: Resources, timeout_s: float) -> "RewardPool":
+    def start(cls, spec, n: int, resources: Resources, timeout_s: float, max_restarts: int = 3, placement: str = "PACK") -> "RewardPool":
         from alphadrive_ray.workers.reward import RewardWorker
 
-        actors, pg = spawn(RewardWorker, [(spec, i) for i in range(n)], resources, name="reward")
+        actors, pg = spawn(
+            RewardWorker, [(spec, i) for i in range(n)], resources, name="reward", strategy=placement, max_restarts=max_restarts
+        )
         ray.get([a.ping.remote() for a in actors])
         return cls(actors, timeout_s, pg)
-
-    def score_refs(self, group_refs: list) -> list:
-        """Score each generation result (a list of groups) on a worker, round robin."""
-        return [self.actors[i % len(self.actors)].score.remote(ref) for i, ref in enumerate(group_refs)]
 
     def gather(self, score_refs: list) -> list[list[dict[str, float]]]:
         try:
@@ -182,11 +286,12 @@ class LearnerGroup:
         self.pg = pg
 
     @classmethod
-    def start(cls, spec, n: int, resources: Resources) -> "LearnerGroup":
+    def start(cls, spec, n: int, resources: Resources, placement: str = "PACK") -> "LearnerGroup":
         from alphadrive_ray.workers.learner import LearnerWorker
 
         # Reserve the bundles first so that rank 0's address is on the node that hosts it.
-        pg = placement_group([resources.bundle() for _ in range(n)], strategy="PACK", name=_pg_name("learner"))
+        group_name = _pg_name("learner")
+        pg = placement_group([resources.bundle() for _ in range(n)], strategy=placement, name=group_name)
         wait_for_placement(pg, f"{n} learner worker(s)")
         addr, port = ray.get(
             _free_address.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)).remote()
@@ -196,6 +301,7 @@ class LearnerGroup:
             remote_cls.options(
                 num_cpus=resources.cpus,
                 num_gpus=resources.gpus,
+                name=f"{group_name}-{rank}",
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
             ).remote(spec, rank, n, addr, port)
             for rank in range(n)
@@ -203,17 +309,33 @@ class LearnerGroup:
         ray.get([a.ping.remote() for a in actors])
         return cls(actors, pg)
 
+    def _get(self, refs: list, method: str) -> list:
+        try:
+            return ray.get(refs)
+        except Exception as exc:  # noqa: BLE001
+            if _dead(exc):
+                # NOTE: a learner cannot be replaced mid-run: its optimizer shard and its place in
+                # the process group die with it. Stop; the last checkpoint resumes the run.
+                raise RunAborted(f"a learner worker died during `{method}` ({type(exc).__name__}): {str(exc).splitlines()[0]}") from None
+            raise
+
     def _all(self, method: str, *args, **kwargs) -> list:
-        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+        return self._get([getattr(a, method).remote(*args, **kwargs) for a in self.actors], method)
 
     def _sharded(self, method: str, items: Sequence, *args, **kwargs) -> list:
         shards = split_evenly(list(items), len(self.actors))
         if len({len(s) for s in shards}) != 1:
             raise ValueError(f"{len(items)} items do not split evenly over {len(self.actors)} learners")
-        return ray.get([getattr(a, method).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards)])
+        return self._get([getattr(a, method).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards)], method)
 
-    def begin_stage(self, stage: str, beta: float = 0.0) -> None:
-        self._all("begin_stage", stage, beta)
+    def begin_stage(self, stage: str, beta: float = 0.0, reference_path: str | None = None) -> None:
+        self._all("begin_stage", stage, beta, reference_path)
+
+    def save_state(self, path: str, client_state: dict) -> None:
+        self._all("save_state", path, client_state)
+
+    def load_state(self, path: str) -> dict:
+        return self._all("load_state", path)[0]
 
     def sft_step(self, examples: Sequence, micro_batch_size: int, lr: float) -> dict:
         return self._sharded("sft_step", examples, micro_batch_size, lr)[0]

@@ -60,6 +60,19 @@ class LearnerSpec:
     seed: int = 0
 
 
+def _safe_torch_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint reader, with `weights_only=True`: no arbitrary code from a file.
+
+    DeepSpeed's optimizer files hold three plain classes besides tensors; only those are allowed.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def _shards(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -123,9 +136,15 @@ class LearnerWorker:
             model=self.model, model_parameters=params, config=self.ds_config(weight_decay)
         )
         self.model = self.engine.module
+        if self.engine.checkpoint_engine is not None:
+            self.engine.checkpoint_engine.load = _safe_torch_load
 
-    def begin_stage(self, stage: str, beta: float = 0.0) -> None:
-        """Start SFT or GRPO: fresh optimizer moments; for GRPO with beta > 0, freeze a reference copy."""
+    def begin_stage(self, stage: str, beta: float = 0.0, reference_path: str | None = None) -> None:
+        """Start SFT or GRPO: fresh optimizer moments; for GRPO with beta > 0, a frozen reference.
+
+        The reference is the policy as GRPO starts; with `reference_path` it is also saved
+        there (safetensors, rank 0), or loaded from there when the file exists (resume).
+        """
         if self.engine is None:
             self.setup()
         for state in self._inner_optimizer().state.values():
@@ -133,10 +152,38 @@ class LearnerWorker:
         self.stage = stage
         self.ref_model = None
         if stage == "grpo" and beta > 0:
-            ref = load_model(self.spec.model_path, self.spec.dtype, self.spec.attn_implementation)
-            ref.load_state_dict(dict(self.iter_full_parameters(everything=True)), strict=False)
-            ref.requires_grad_(False)
-            self.ref_model = ref.to(self.device)
+            self._make_reference(reference_path)
+
+    def _make_reference(self, reference_path: str | None) -> None:
+        from safetensors.torch import load_file, save_file
+
+        ref = load_model(self.spec.model_path, self.spec.dtype, self.spec.attn_implementation)
+        if reference_path and os.path.exists(reference_path):
+            ref.load_state_dict(load_file(reference_path), strict=False)
+        else:
+            state = {name: t.detach().cpu().clone() for name, t in self.iter_full_parameters(everything=True)}
+            ref.load_state_dict(state, strict=False)
+            if reference_path and self.rank == 0:
+                os.makedirs(os.path.dirname(reference_path) or ".", exist_ok=True)
+                tmp = reference_path + ".tmp"
+                save_file(state, tmp)
+                os.replace(tmp, reference_path)
+        ref.requires_grad_(False)
+        self.ref_model = ref.to(self.device)
+
+    def save_state(self, path: str, client_state: dict) -> None:
+        """Model and optimizer states of this rank into `path` (every rank must call)."""
+        state = {**client_state, "torch_rng": torch.get_rng_state(), "global_step": self.global_step}
+        self.engine.save_checkpoint(path, tag="state", client_state=state, save_latest=False)
+
+    def load_state(self, path: str) -> dict:
+        """Restore model and optimizer states saved by `save_state`; returns the client state."""
+        load_path, client = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise FileNotFoundError(f"no learner checkpoint in {path}")
+        torch.set_rng_state(client.pop("torch_rng"))
+        self.global_step = client.pop("global_step")
+        return client
 
     def _inner_optimizer(self):
         opt = self.optimizer
@@ -323,3 +370,8 @@ class LearnerWorker:
 
     def ping(self) -> int:
         return self.rank
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

