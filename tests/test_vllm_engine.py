@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from alphadrive_ray.engines import vllm_engine as ve
-from alphadrive_ray.engines.base import SamplingParams
 from alphadrive_ray.errors import UserError
 from tests.conftest import TEST_PROMPT
 

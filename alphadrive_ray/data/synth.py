@@ -214,12 +214,14 @@ def random_scene(rng: random.Random) -> Scene:
     if intersection:
         light = {"red": "red", "yellow": "yellow", "green": "green"}.get(scenario) or rng.choice((None, "red", "yellow", "green", "green"))
     lead = {
-        "lead_hazard": rng.uniform(4, LEAD_HAZARD_M),
-        "lead_close": rng.uniform(LEAD_HAZARD_M, LEAD_CAUTION_M),
-        "lead_follow": rng.uniform(LEAD_CAUTION_M, LEAD_FOLLOW_M),
+        # distances keep a margin from the planner's thresholds: a label should not hinge on
+        # a difference of a few centimetres that no camera resolves
+        "lead_hazard": rng.uniform(4, 0.85 * LEAD_HAZARD_M),
+        "lead_close": rng.uniform(1.15 * LEAD_HAZARD_M, 0.88 * LEAD_CAUTION_M),
+        "lead_follow": rng.uniform(1.12 * LEAD_CAUTION_M, 0.9 * LEAD_FOLLOW_M),
     }.get(scenario)
     if lead is None and maybe(0.3):
-        lead = rng.choice((rng.uniform(4, 45), rng.uniform(45, 80), rng.uniform(45, 80)))
+        lead = rng.uniform(1.1 * LEAD_FOLLOW_M, 80)
     pedestrian = rng.uniform(6, 20) if scenario == "pedestrian" or maybe(0.05) else None
     cones = rng.uniform(8, 25) if scenario == "cones" or (num_lanes > 1 and maybe(0.05)) else None
     if cones is not None and lead is not None and lead > cones:
@@ -393,18 +395,22 @@ def render_scene(scene: Scene, size: int = 224, seed: int = 0):
         y0 = cam.y(cross[0] - 1.0)
         draw.rectangle([cam.x(lane_left_m, cross[0] - 1.0), y0 - 2 * size / 224, cam.x(road_right_m, cross[0] - 1.0), y0], fill=(250, 250, 250))
     if cross and scene.light:
+        # an overhead signal on a gantry across the far side of the intersection, drawn about
+        # 3x life size so that a 112 px input still shows its colour
         d = cross[1]
-        x, y, s = cam.x(road_right_m + 1.0, d), cam.y(d), max(cam.scale(d) * cam.px_per_m, 1.5)
-        pole_h = 6.0 * s
-        draw.rectangle([x - 0.15 * s, y - pole_h, x + 0.15 * s, y], fill=(40, 40, 40))
-        # the light housing is drawn 2x life size so that a 112 px input still shows it
-        hx, hy = x, y - pole_h
-        draw.rectangle([hx - 1.0 * s, hy - 3.2 * s, hx + 1.0 * s, hy], fill=(25, 25, 25))
+        y, s = cam.y(d), max(cam.scale(d) * cam.px_per_m, 1.5)
+        left, right = cam.x(lane_left_m - 0.5, d), cam.x(road_right_m + 0.5, d)
+        top = y - 7.0 * s
+        draw.rectangle([right - 0.2 * s, top, right + 0.2 * s, y], fill=(40, 40, 40))
+        draw.rectangle([min(left, cam.x(0.0, d) - 2.0 * s), top - 0.3 * s, right, top + 0.3 * s], fill=(40, 40, 40))
+        hx = cam.x(0.0, d)  # above the ego lane
+        hy = top + 0.3 * s
+        draw.rectangle([hx - 1.6 * s, hy, hx + 1.6 * s, hy + 4.6 * s], fill=(25, 25, 25))
         slot = {"red": 0, "yellow": 1, "green": 2}[scene.light]
         for k in range(3):
-            cy = hy - 3.2 * s + (k + 0.5) * 1.05 * s
+            cy = hy + (k + 0.5) * 1.5 * s
             colour = _LIGHT_COLOURS[scene.light] if k == slot else (60, 60, 60)
-            draw.ellipse([hx - 0.75 * s, cy - 0.5 * s, hx + 0.75 * s, cy + 0.5 * s], fill=colour)
+            draw.ellipse([hx - 1.2 * s, cy - 0.65 * s, hx + 1.2 * s, cy + 0.65 * s], fill=colour)
 
     # far to near, so nearer objects hide farther ones
     objects = [(d, "other", lane) for lane, d in scene.others]

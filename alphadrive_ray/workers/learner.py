@@ -371,6 +371,11 @@ class LearnerWorker:
     def ping(self) -> int:
         return self.rank
 
+    def peak_rss_mb(self) -> float:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     def pid(self) -> int:
         import os
 

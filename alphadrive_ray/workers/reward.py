@@ -50,6 +50,11 @@ class RewardWorker:
     def ping(self) -> int:
         return self.index
 
+    def peak_rss_mb(self) -> float:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     def pid(self) -> int:
         import os
 

@@ -89,6 +89,11 @@ class RolloutWorker:
 
         return ray.get_runtime_context().get_node_id()
 
+    def peak_rss_mb(self) -> float:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     def pid(self) -> int:
         import os
 
