@@ -178,6 +178,8 @@ class RolloutConfig:
     """Longest completion (the release: 256)."""
     batch_size: int = 64
     """Sequences generated together by one engine (prompts x G)."""
+    hf_loop: str = "lean"
+    """HF engine decoding loop: `lean` (prefill each prompt once, copy its KV cache G times, decode with a preallocated cache) or `generate` (transformers' generate, the reference)."""
     vllm_gpu_memory_utilization: float = 0.6
     """vLLM: fraction of GPU memory for weights and KV cache."""
     vllm_enforce_eager: bool = False
@@ -232,6 +234,8 @@ class SyncConfig:
     """Weight sync: object_store (CPU, cross-node) or nccl (GPU learners and vLLM engines)."""
     bucket_mb: int = 256
     """Tensors are packed into buckets of about this size for the transfer."""
+    zero_copy: bool = True
+    """object_store, HF engines on CPU: use the received shared-memory buffers as the engine's parameters instead of copying them (read-only; engines on a node share one copy)."""
 
 
 @dataclass(frozen=True)
@@ -457,6 +461,7 @@ def validate(c: Config, source: str = "config") -> None:
     choice(c.grpo.advantage, "grpo.advantage", ("std", "mean"))
     choice(c.grpo.loss_agg, "grpo.loss_agg", ("token_mean", "seq_mean"))
     choice(c.rollout.engine, "rollout.engine", ("hf", "vllm"))
+    choice(c.rollout.hf_loop, "rollout.hf_loop", ("lean", "generate"))
     choice(c.reward.variant, "reward.variant", ("paper", "release"))
     choice(c.learner.backend, "learner.backend", ("auto", "gloo", "nccl"))
     choice(c.sync.backend, "sync.backend", ("object_store", "nccl"))
@@ -545,6 +550,10 @@ def validate(c: Config, source: str = "config") -> None:
             "data.prompt_template must contain the {speed} and {navigation} slots",
         )
     check(c.sync.backend != "nccl" or c.rollout.engine == "vllm", "sync.backend=nccl needs rollout.engine=vllm on GPUs")
+    check(
+        c.rollout.engine != "vllm" or c.rollout.temperature <= 2.0,
+        f"rollout.temperature {c.rollout.temperature} is above 2.0, the largest vLLM accepts",
+    )
     check(
         c.rollout.engine != "vllm" or c.rollout.gpus_per_worker > 0,
         "rollout.engine=vllm needs GPUs: set rollout.gpus_per_worker (e.g. 1)",

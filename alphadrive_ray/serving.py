@@ -273,7 +273,8 @@ class HFChatBackend:
         prompt_len = batch["input_ids"].shape[1]
         kwargs: dict[str, Any] = dict(
             max_new_tokens=params.max_tokens,
-            num_return_sequences=params.n,
+            # arg-max decoding has one answer: it is generated once and repeated below
+            num_return_sequences=1 if params.temperature == 0 else params.n,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
             top_k=None,
@@ -292,8 +293,11 @@ class HFChatBackend:
             if params.seed is not None:
                 torch.manual_seed(params.seed % (2**63))
             sequences = self.model.generate(**batch, **kwargs)
+        rows = sequences[:, prompt_len:].tolist()  # [n, T]
+        if params.temperature == 0:
+            rows = rows * params.n
         choices = []
-        for row in sequences[:, prompt_len:].tolist():  # [n, T]
+        for row in rows:
             ids, finish = row, "length"
             for k, token in enumerate(row):
                 if token in self.eos_ids:

@@ -65,25 +65,24 @@ def prepare_run_dir(config: Config, resume: bool = False) -> Path:
 
 def prepare_data(config: Config, say=print) -> tuple[list[Record], list[Record]]:
     """Generate the synthetic splits when configured and missing, then load both splits."""
-    from alphadrive_ray.data.synth import DEFAULT_PATH_MIX, DEFAULT_SPEED_MIX, generate_dataset
+    from alphadrive_ray.data.synth import DEFAULT_PATH_MIX, DEFAULT_SPEED_MIX, generate_dataset, generation_key, is_current
 
     for path, synth, prefix in (
         (config.data.train, config.data.synth_train, "train"),
         (config.data.eval, config.data.synth_eval, "eval"),
     ):
-        if synth.n > 0 and not Path(path).exists():
-            if Path(path).name != "data.jsonl":
-                raise UserError(f"data.{prefix}: a generated split is written as <folder>/data.jsonl; got {path}")
-            say(f"generating {synth.n} synthetic scenes for the {prefix} split (seed {synth.seed}) -> {path}")
-            generate_dataset(
-                Path(path).parent,
-                synth.n,
-                synth.seed,
-                size=synth.size,
-                speed_mix=synth.speed_mix or DEFAULT_SPEED_MIX,
-                path_mix=synth.path_mix or DEFAULT_PATH_MIX,
-                id_prefix=prefix,
-            )
+        if synth.n <= 0:
+            continue
+        if Path(path).name != "data.jsonl":
+            raise UserError(f"data.{prefix}: a generated split is written as <folder>/data.jsonl; got {path}")
+        speed_mix, path_mix = synth.speed_mix or DEFAULT_SPEED_MIX, synth.path_mix or DEFAULT_PATH_MIX
+        key = generation_key(synth.n, synth.seed, synth.size, speed_mix, path_mix)
+        if is_current(Path(path).parent, key):
+            continue
+        if Path(path).exists() and not (Path(path).parent / "synth.json").exists():
+            raise UserError(f"data.{prefix}: {path} exists but was not made by the scene generator; set data.synth_{prefix}.n: 0 to use it as it is")
+        say(f"generating {synth.n} synthetic scenes for the {prefix} split (seed {synth.seed}) -> {path}")
+        generate_dataset(Path(path).parent, synth.n, synth.seed, size=synth.size, speed_mix=speed_mix, path_mix=path_mix, id_prefix=prefix)
     train = load_records(config.data.train, skip_bad=config.data.skip_bad, log=say)
     held_out = load_records(config.data.eval, skip_bad=config.data.skip_bad, log=say)
     overlap = {r.id for r in train} & {r.id for r in held_out}
@@ -99,16 +98,19 @@ def connect_ray(config: Config, say=print):
     if ray.is_initialized():
         return
     address = config.ray.address or os.environ.get("RAY_ADDRESS", "")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
     if address:
+        # NOTE: a submitted job brings its own runtime env (jobs/runtime_env.yaml); adding one
+        # here would conflict with it, so the job's env vars apply as they are.
         say(f"joining Ray cluster at {address}")
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
         return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
     r, l, w = config.rollout, config.learner, config.reward
     need = r.num_workers * r.cpus_per_worker + l.num_workers * l.cpus_per_worker + w.num_workers * w.cpus_per_worker
     num_cpus = config.ray.num_cpus or max(math.ceil(need), os.cpu_count() or 1)
     say(f"starting a local Ray cluster ({num_cpus} logical CPUs, dashboard on {config.ray.dashboard_host})")
     ray.init(
+        address="local",  # a new cluster, even when `ray start` left one running on this machine
         num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host=config.ray.dashboard_host,
@@ -131,6 +133,7 @@ class Trainer:
         self.eval_records = list(eval_records)[: c.eval.samples or None]
         self.version = 0
         self.last_sync_bytes = 0
+        self._nccl_open = False
         self.accuracy: dict[str, float] = {}  # held-out planning accuracy by stage
         self.ckpt = CheckpointManager(run_dir, c.checkpoint.keep)
         gpu = c.learner.gpus_per_worker > 0
@@ -159,6 +162,8 @@ class Trainer:
             prompt_template=c.data.prompt_template,
             image_cache=c.data.image_cache,
             batch_size=c.rollout.batch_size,
+            hf_loop=c.rollout.hf_loop,
+            zero_copy_weights=c.sync.zero_copy,
             cpus=c.rollout.cpus_per_worker,
             device="cuda" if c.rollout.gpus_per_worker > 0 else "cpu",
             vllm_gpu_memory_utilization=c.rollout.vllm_gpu_memory_utilization,
@@ -174,19 +179,32 @@ class Trainer:
         )
         say = tracker.say
         say(f"starting {c.learner.num_workers} learner(s) (DeepSpeed ZeRO-{c.learner.zero_stage}, {backend})")
-        self.learners = LearnerGroup.start(learner_spec, c.learner.num_workers, Resources(c.learner.cpus_per_worker, c.learner.gpus_per_worker))
+        self.learners = LearnerGroup.start(
+            learner_spec, c.learner.num_workers, Resources(c.learner.cpus_per_worker, c.learner.gpus_per_worker), placement=c.learner.placement
+        )
         say(f"starting {c.rollout.num_workers} rollout worker(s) ({c.rollout.engine} engine)")
-        self.rollout = RolloutGroup.start(rollout_spec, c.rollout.num_workers, Resources(c.rollout.cpus_per_worker, c.rollout.gpus_per_worker))
+        self.rollout = RolloutGroup.start(
+            rollout_spec, c.rollout.num_workers, Resources(c.rollout.cpus_per_worker, c.rollout.gpus_per_worker), placement=c.rollout.placement
+        )
         say(f"starting {c.reward.num_workers} reward worker(s) ({c.reward.variant} rewards: {', '.join(c.reward.components)})")
-        self.rewards = RewardPool.start(reward_spec, c.reward.num_workers, Resources(c.reward.cpus_per_worker, 0), c.reward.timeout_s)
+        self.rewards = RewardPool.start(
+            reward_spec, c.reward.num_workers, Resources(c.reward.cpus_per_worker, 0), c.reward.timeout_s, placement=c.reward.placement
+        )
 
     # --- the pieces ---------------------------------------------------------------------
 
     def sync_weights(self) -> float:
         """Learners -> engines; returns seconds taken. Every sync bumps the weight version."""
         start = time.monotonic()
-        bucket_refs = self.learners.export_weights(self.config.sync.bucket_mb)
         self.version += 1
+        if self.config.sync.backend == "nccl":
+            # NOTE: GPU only: learner rank 0 broadcasts to the vLLM workers over NCCL
+            if not self._nccl_open:
+                self.learners.open_nccl_sync(self.rollout)
+                self._nccl_open = True
+            self.learners.broadcast_weights(self.rollout, self.version)
+            return time.monotonic() - start
+        bucket_refs = self.learners.export_weights(self.config.sync.bucket_mb)
         self.rollout.load_weights(bucket_refs, self.version)
         self.last_sync_bytes = sum(meta.nbytes for metas, _ in bucket_refs for meta in metas)
         return time.monotonic() - start

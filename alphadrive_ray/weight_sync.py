@@ -1,16 +1,20 @@
 """Weight sync, learner -> rollout engines: a small explicit protocol.
 
 The sender walks the trainable parameters in a fixed order (gathering ZeRO-3 shards
-first, see `LearnerWorker.iter_full_parameters`) and packs them into byte buckets of
-about `bucket_bytes`; each bucket travels with its metadata, one `TensorMeta` (name,
-dtype, shape, offset, nbytes) per tensor. The receiver rebuilds tensors as views of the
-bucket and copies them into its model.
+first, see `LearnerWorker.iter_full_parameters`) and groups them into buckets of about
+`bucket_bytes`; each bucket travels with its metadata, one `TensorMeta` (name, dtype,
+shape, offset, nbytes) per tensor. The receiver rebuilds tensors as views of the bucket
+and loads them into its model.
 
-On CPU and across nodes the buckets go through the Ray object store as numpy uint8
-arrays: Ray stores numpy buffers zero-copy, so a receiver on the same node reads them
-straight from shared memory (pickled torch tensors would be copied twice; see
-bench/weight_sync.py). On GPUs the same metadata drives an NCCL broadcast
-(alphadrive_ray/engines/vllm_engine.py).
+On CPU and across nodes the buckets go through the Ray object store. A bucket is put as
+a list of per-tensor numpy uint8 views of the parameters (`group_buckets`): Ray writes
+each view's bytes straight into shared memory, the only copy on the sender (a
+concatenated bucket, `pack_buckets`, would cost one more). Ray stores numpy buffers
+zero-copy, so a receiver on the same node reads them straight from shared memory; the HF
+engine on CPU can even use them as its parameters without copying (`zero_copy` in
+`load_into_parameters`). Pickled torch tensors would be copied twice more; see
+bench/weight_sync.py and docs/performance.md. On GPUs the same metadata drives an NCCL
+broadcast (alphadrive_ray/engines/vllm_engine.py).
 """
 
 from __future__ import annotations
@@ -49,48 +53,79 @@ def tensor_bytes(t: torch.Tensor) -> np.ndarray:
     return t.numpy().reshape(-1).view(np.uint8)
 
 
-def pack_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[tuple[list[TensorMeta], np.ndarray]]:
-    """Group tensors into contiguous byte buckets of about `bucket_bytes` (a bigger tensor gets its own)."""
+def group_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[tuple[list[TensorMeta], list[np.ndarray]]]:
+    """Group tensors into buckets of about `bucket_bytes` (a bigger tensor gets its own), without copying.
+
+    Each bucket is its metadata and one flat uint8 view per tensor; the offsets are those of
+    the concatenated bucket (`concat_bucket`), so both forms share one metadata list. The
+    views alias the tensors: publish (copy) them before the tensors change.
+    """
     metas: list[TensorMeta] = []
     parts: list[np.ndarray] = []
     size = 0
     for name, tensor in named_tensors:
         raw = tensor_bytes(tensor)
         if metas and size + raw.nbytes > bucket_bytes:
-            yield metas, np.concatenate(parts)
+            yield metas, parts
             metas, parts, size = [], [], 0
-        pad = -size % ALIGN
-        if pad:
-            parts.append(np.zeros(pad, dtype=np.uint8))
-            size += pad
+        size += -size % ALIGN
         metas.append(TensorMeta(name, dtype_name(tensor.dtype), tuple(tensor.shape), size, raw.nbytes))
         parts.append(raw)
         size += raw.nbytes
     if metas:
-        yield metas, np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+        yield metas, parts
 
 
-def unpack_bucket(metas: list[TensorMeta], bucket: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of a bucket, as views of its bytes (read-only: copy them into parameters)."""
+def concat_bucket(metas: list[TensorMeta], parts: list[np.ndarray]) -> np.ndarray:
+    """One contiguous byte array holding the parts at their metadata offsets (zero padding)."""
+    out = np.empty(metas[-1].offset + metas[-1].nbytes, dtype=np.uint8)
+    end = 0
+    for meta, raw in zip(metas, parts):
+        out[end : meta.offset] = 0
+        out[meta.offset : meta.offset + meta.nbytes] = raw
+        end = meta.offset + meta.nbytes
+    return out
+
+
+def pack_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[tuple[list[TensorMeta], np.ndarray]]:
+    """The buckets of `group_buckets` as contiguous byte arrays (one copy of the weights)."""
+    for metas, parts in group_buckets(named_tensors, bucket_bytes):
+        yield metas, concat_bucket(metas, parts)
+
+
+def unpack_bucket(metas: list[TensorMeta], bucket: np.ndarray | list[np.ndarray]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a bucket (a contiguous array or a list of per-tensor parts), as views of its bytes.
+
+    Views of object-store buffers are read-only memory: copy them into parameters, or use
+    them only for reading (see `load_into_parameters`).
+    """
     import warnings
 
     with warnings.catch_warnings():
         # buckets from the object store are read-only; the views are only read from
         warnings.simplefilter("ignore", UserWarning)
-        flat = torch.from_numpy(bucket)
-    for meta in metas:
+        if isinstance(bucket, (list, tuple)):
+            if len(bucket) != len(metas):
+                raise ValueError(f"weight sync: a bucket has {len(bucket)} parts for {len(metas)} tensors")
+            raws = [torch.from_numpy(part) for part in bucket]
+        else:
+            flat = torch.from_numpy(bucket)
+            raws = [flat[meta.offset : meta.offset + meta.nbytes] for meta in metas]
+    for meta, raw in zip(metas, raws):
+        if raw.numel() != meta.nbytes:
+            raise ValueError(f"weight sync: {meta.name} has {raw.numel()} bytes, its metadata says {meta.nbytes}")
         dtype = to_dtype(meta.dtype)
-        raw = flat[meta.offset : meta.offset + meta.nbytes]
         carrier = _CARRIER.get(dtype)
         tensor = raw.view(carrier).view(dtype) if carrier is not None else raw.view(dtype)
         yield meta.name, tensor.view(meta.shape)
 
 
-def publish(buckets: Iterable[tuple[list[TensorMeta], np.ndarray]]) -> list[tuple[list[TensorMeta], "object"]]:
-    """Put each bucket into the Ray object store; returns (metadata, object ref) pairs."""
+def publish(buckets: Iterable[tuple[list[TensorMeta], np.ndarray | list[np.ndarray]]]) -> list[tuple[list[TensorMeta], "object"]]:
+    """Put each bucket (an array, or a list of per-tensor views) into the Ray object store;
+    returns (metadata, object ref) pairs. `ray.put` copies the bytes once, into shared memory."""
     import ray
 
-    return [(metas, ray.put(array)) for metas, array in buckets]
+    return [(metas, ray.put(bucket)) for metas, bucket in buckets]
 
 
 def receive(bucket_refs: list[tuple[list[TensorMeta], "object"]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -99,3 +134,41 @@ def receive(bucket_refs: list[tuple[list[TensorMeta], "object"]]) -> Iterator[tu
 
     for metas, ref in bucket_refs:
         yield from unpack_bucket(metas, ray.get(ref))
+
+
+@torch.no_grad()
+def load_into_parameters(
+    params: dict[str, torch.nn.Parameter],
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    zero_copy: bool = False,
+    borrowed: set[str] | None = None,
+) -> int:
+    """Load received tensors into a model's parameters (by name); returns how many were loaded.
+
+    By default each tensor is copied into its parameter. With `zero_copy`, a parameter whose
+    device, dtype and shape already match is pointed at the received tensor instead: on CPU
+    that is the object-store buffer itself, so loading costs no copy and engines on one node
+    share one copy of the weights. Such parameters are read-only memory (fine for inference:
+    nothing writes parameters there) and stay valid while they are in use (the tensor keeps
+    its buffer alive). `borrowed` records their names; a later copying load gives a borrowed
+    parameter fresh memory of its own instead of writing into the shared buffer.
+    """
+    borrowed = borrowed if borrowed is not None else set()
+    n = 0
+    for name, tensor in named_tensors:
+        param = params.get(name)
+        if param is None:
+            raise KeyError(f"weight sync: the engine's model has no parameter {name!r}")
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise ValueError(f"weight sync: {name} has shape {tuple(tensor.shape)}, engine expects {tuple(param.shape)}")
+        if zero_copy and tensor.device == param.device and tensor.dtype == param.dtype and tensor.is_contiguous():
+            param.data = tensor
+            borrowed.add(name)
+        elif name in borrowed:
+            param.data = tensor.to(device=param.device, dtype=param.dtype, copy=True)
+            borrowed.discard(name)
+        else:
+            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+        n += 1
+    return n

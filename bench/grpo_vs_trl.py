@@ -3,7 +3,7 @@
     pip install -e '.[bench]'                       # TRL (see pyproject.toml for the pinned version)
     python bench/grpo_vs_trl.py                     # TRL, then ours; samples/s of both and the ratio
     python bench/grpo_vs_trl.py --repeat 3          # alternate TRL / ours three times, report medians
-    python bench/grpo_vs_trl.py --only ours --set grpo.off_policy_steps=1   # one option of ours
+    python bench/grpo_vs_trl.py --only ours --variant grpo.off_policy_steps=1   # ours with and without an option
 
 Both sides train the same randomly initialised tiny Qwen2-VL (alphadrive_ray.models.tiny, seed 0)
 on the same synthetic scenes (alphadrive_ray.data.synth, seed 1, one pass: no prompt is seen
@@ -50,6 +50,13 @@ def parse_args(argv=None):
     p.add_argument("--only", choices=("both", "ours", "trl"), default="both")
     p.add_argument("--repeat", type=int, default=1, help="runs of each side, alternating; medians are reported")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override of our config (repeatable)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="also run ours with these overrides on top (repeatable; runs alternate with the others)",
+    )
     p.add_argument("--workdir", type=Path, default=None, help="model, data and run folders (default: a temporary folder)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)  # internal: run one side
@@ -116,6 +123,10 @@ def run_trl(args, workdir: Path) -> dict:
     G = args.group
     group_sizes = []
 
+    def prompt_text(messages) -> str:
+        parts = [m["content"] if isinstance(m["content"], str) else [c.get("text") for c in m["content"]] for m in messages]
+        return json.dumps(parts)
+
     def alphadrive_reward(prompts, completions, solution, **_):
         """Our rewards: each contiguous block of G completions is one prompt's group (TRL's RepeatSampler)."""
         if len(completions) % G:
@@ -123,7 +134,7 @@ def run_trl(args, workdir: Path) -> dict:
         totals = []
         for start in range(0, len(completions), G):
             block = slice(start, start + G)
-            if len(set(solution[block])) != 1 or len({json.dumps(p, default=str) for p in prompts[block]}) != 1:
+            if len(set(solution[block])) != 1 or len({prompt_text(p) for p in prompts[block]}) != 1:
                 raise ValueError("a block of num_generations completions mixes prompts: groups are not contiguous")
             texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions[block]]
             totals += [s["total"] for s in score_group(texts, solution[start])]
@@ -265,18 +276,20 @@ def run_ours(args, workdir: Path) -> dict:
 # --- driver ------------------------------------------------------------------------------------
 
 
-def run_side(side: str, args, workdir: Path) -> dict:
+def run_side(side: str, args, workdir: Path, overrides: list[str]) -> dict:
     """One side in a fresh Python process (its own threads, Ray cluster and memory)."""
     out = workdir / f"result-{side}-{time.time_ns()}.json"
     cmd = [sys.executable, __file__, "--side", side, "--out", str(out), "--workdir", str(workdir)]
     for key in ("steps", "warmup", "prompts", "group", "max_new_tokens", "temperature", "top_p", "micro_batch", "lr", "image_size"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    for item in args.set:
+    for item in overrides:
         cmd += ["--set", item]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     log = workdir / f"{side}.log"
     with open(log, "a") as fh:
+        fh.write(f"\n=== {' '.join(cmd)}\n")
+        fh.flush()
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     if proc.returncode != 0:
         raise SystemExit(f"the {side} run failed (exit {proc.returncode}); see {log}:\n" + log.read_text()[-4000:])
@@ -295,16 +308,14 @@ def main(argv=None) -> None:
     if args.warmup >= args.steps:
         raise SystemExit("--warmup must be smaller than --steps")
     if args.side:
-        workdir = args.workdir
-        result = run_trl(args, workdir) if args.side == "trl" else run_ours(args, workdir)
+        result = run_trl(args, args.workdir) if args.side == "trl" else run_ours(args, args.workdir)
         args.out.write_text(json.dumps(result))
         return
 
     import torch
     import transformers
 
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="grpo-vs-trl-"))
-    workdir = workdir.resolve()
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="grpo-vs-trl-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     prepare(workdir, args)
     try:
@@ -315,6 +326,14 @@ def main(argv=None) -> None:
         trl_version = None
         if args.only != "ours":
             raise SystemExit("TRL is not installed: pip install -e '.[bench]' (or --only ours)")
+    # what runs: TRL, ours (with --set), and ours with each --variant on top
+    runs: list[tuple[str, str, list[str]]] = []
+    if args.only in ("both", "trl"):
+        runs.append(("TRL GRPOTrainer", "trl", []))
+    if args.only in ("both", "ours"):
+        runs.append(("alphadrive-ray", "ours", list(args.set)))
+        for variant in args.variant:
+            runs.append((f"alphadrive-ray + {variant}", "ours", [*args.set, *variant.split(",")]))
     print("GRPO throughput, ours vs TRL GRPOTrainer")
     print(
         f"  model: tiny Qwen2-VL (alphadrive_ray.models.tiny, seed 0), float32, sdpa, CPU; "
@@ -326,31 +345,35 @@ def main(argv=None) -> None:
         f"max_new_tokens {args.max_new_tokens}, temperature {args.temperature}, top_p {args.top_p}, "
         f"micro-batch {args.micro_batch}, lr {args.lr}, beta 0, 1 update per batch"
     )
-    print(f"  steps: {args.steps} ({args.warmup} warm-up, not timed); repeats: {args.repeat}; our overrides: {args.set or 'none'}")
+    print(f"  steps: {args.steps} ({args.warmup} warm-up, not timed); repeats: {args.repeat} (runs alternate); our overrides: {args.set or 'none'}")
     print(f"  machine: {os.cpu_count()} CPUs; load average before: {load_average()}; work folder {workdir}", flush=True)
 
-    sides = [s for s in ("trl", "ours") if args.only in ("both", s)]
-    results: dict[str, list[dict]] = {s: [] for s in sides}
+    results: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
     for i in range(args.repeat):
-        for side in sides:
-            r = run_side(side, args, workdir)
+        for label, side, overrides in runs:
+            r = run_side(side, args, workdir, overrides)
             r["load_after"] = load_average()
-            results[side].append(r)
+            results[label].append(r)
             extra = ""
             if side == "ours":
                 m = r["median_s"]
-                extra = f" (median s: rollout {m['rollout']:.2f}, reward {m['reward']:.2f}, learner {m['learner']:.2f}, sync {m['sync']:.3f})"
+                extra = f"; median s: rollout {m['rollout']:.2f}, reward {m['reward']:.2f}, learner {m['learner']:.2f}, sync {m['sync']:.3f}"
             print(
-                f"  run {i + 1} {side:4s}: {r['samples_per_s']:6.1f} samples/s, {r['step_s_median']:.2f} s/step, "
-                f"{r['mean_completion_tokens']:.1f} tokens/completion{extra}; load {r['load_after']}",
+                f"  run {i + 1} {label}: {r['samples_per_s']:.1f} samples/s, {r['step_s_median']:.2f} s/step, "
+                f"{r['samples_per_step']:.0f} samples/step, {r['mean_completion_tokens']:.1f} tokens/completion{extra}; load {r['load_after']}",
                 flush=True,
             )
-    med = {s: statistics.median(r["samples_per_s"] for r in rs) for s, rs in results.items()}
+    med = {label: statistics.median(r["samples_per_s"] for r in rs) for label, rs in results.items()}
     print()
-    for s in sides:
-        print(f"{'TRL GRPOTrainer' if s == 'trl' else 'alphadrive-ray'}: {med[s]:.1f} samples/s (median of {len(results[s])})")
-    if len(sides) == 2:
-        print(f"ratio ours / TRL: {med['ours'] / med['trl']:.2f}x")
+    width = max(len(label) for label in med)
+    trl_med = med.get("TRL GRPOTrainer")
+    for label, value in med.items():
+        spread = ", ".join(f"{r['samples_per_s']:.1f}" for r in results[label])
+        ratio = f"  {value / trl_med:.2f}x TRL" if trl_med and label != "TRL GRPOTrainer" else ""
+        print(f"{label:{width}s}  {value:6.1f} samples/s (median of {len(results[label])}: {spread}){ratio}")
+    if trl_med and "alphadrive-ray" in med:
+        print(f"ratio ours / TRL: {med['alphadrive-ray'] / trl_med:.2f}x")
+    print(f"load average after: {load_average()}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "median": med}, indent=2))
 

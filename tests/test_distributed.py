@@ -80,9 +80,7 @@ def trained(ray_cluster, tiny_vl_dir, scenes):
         states = [s for s in group._all("state_dict_cpu")]
         results[name] = (metrics, states)
     for group in groups.values():
-        for actor in group.actors:
-            ray.kill(actor)
-        ray.util.remove_placement_group(group.pg)
+        group.shutdown()
     return results
 
 
@@ -149,8 +147,8 @@ def test_sync_puts_the_learner_weights_into_every_engine(ray_cluster, tiny_vl_di
         assert [g.completions[0].token_ids for g in after] != [g.completions[0].token_ids for g in before]
         assert {c.weight_version for g in after for c in g.completions} == {1}
     finally:
-        for actor in learners.actors + rollout.actors:
-            ray.kill(actor)
+        learners.shutdown()
+        rollout.shutdown()
 
 
 def test_groups_are_never_split_across_workers(ray_cluster, tiny_vl_dir, scenes):
@@ -170,8 +168,7 @@ def test_groups_are_never_split_across_workers(ray_cluster, tiny_vl_dir, scenes)
             for group in part:
                 assert len(group.completions) == 4
     finally:
-        for actor in rollout.actors:
-            ray.kill(actor)
+        rollout.shutdown()
 
 
 def test_reward_pool_equals_serial_scoring(ray_cluster, scenes):
@@ -189,10 +186,7 @@ def test_reward_pool_equals_serial_scoring(ray_cluster, scenes):
     for spec in (RewardSpec(), RewardSpec(variant="release"), RewardSpec(components=("accuracy", "format"))):
         pool = RewardPool.start(spec, 2, Resources(cpus=0.25), timeout_s=60)
         assert pool.score(groups) == score_groups(groups, spec)
-        for actor in pool.actors:
-            import ray
-
-            ray.kill(actor)
+        pool.shutdown()
 
 
 class _SlowRewardWorker:

@@ -122,6 +122,9 @@ def test_greedy_answer_equals_the_rollout_engine(client, dataset, tiny_vl_dir):
     served = client.chat.completions.create(model=NAME, messages=planning_messages(record), max_tokens=8, temperature=0)
     assert served.choices[0].message.content == group.completions[0].text
     assert served.usage.completion_tokens == len(group.completions[0].token_ids)
+    # greedy with n > 1: the one arg-max answer, n times
+    several = client.chat.completions.create(model=NAME, messages=planning_messages(record), max_tokens=8, temperature=0, n=2)
+    assert [c.message.content for c in several.choices] == [group.completions[0].text] * 2
 
     # `stop` cuts the text before the stop string
     text = served.choices[0].message.content

@@ -237,7 +237,7 @@ PATH_WORDS = {
 def test_reasoning_states_the_decision(dataset):
     for record in load_records(dataset, check_images=False):
         text = record.reasoning
-        assert text.startswith(f"At {record.speed:.1f} m/s, "), text
+        assert text.startswith("I see ") and f". At {record.speed:.1f} m/s, " in text, text
         assert SPEED_WORDS[record.speed_action] in text, text
         assert any(w in text for w in PATH_WORDS[record.path_action]), text
 
@@ -245,8 +245,38 @@ def test_reasoning_states_the_decision(dataset):
 def test_reasoning_of_a_constructed_scene():
     scene = dataclasses.replace(BASE, intersection="near", light="red", speed=2.0)
     assert reasoning_for(scene, plan_scene(scene)) == (
+        "I see a red light at an intersection close ahead and a lane on my right. "
         "At 2.0 m/s, the traffic light at the intersection ahead is red, so I stop. I stay in my lane."
     )
+
+
+# (changes to BASE, the scene description): every planning-relevant element is named
+DESCRIPTION_CASES = [
+    # nothing in view but the lane to the right
+    ({}, "I see a lane on my right."),
+    # one lane only
+    (dict(num_lanes=1), "I see no other lane."),
+    # the lead car's distance in the planner's bands: < 10 m very close, < 25 m close, < 45 m safe
+    (dict(lead_distance=9.9), "I see a car very close ahead and a lane on my right."),
+    (dict(lead_distance=10.0), "I see a car close ahead and a lane on my right."),
+    (dict(lead_distance=30.0), "I see a car at a safe distance ahead and a lane on my right."),
+    (dict(lead_distance=45.0), "I see a car far ahead and a lane on my right."),
+    # an intersection without a light, far away
+    (dict(intersection="far"), "I see an intersection far ahead and a lane on my right."),
+    # everything at once, in the fixed order; the middle lane of three has lanes on both sides
+    (
+        dict(num_lanes=3, ego_lane=1, intersection="near", light="yellow", lead_distance=20.0, pedestrian_distance=8.0, cones_distance=12.0),
+        "I see a yellow light at an intersection close ahead, a car close ahead, a pedestrian on the road, "
+        "cones in my lane and a lane on my left and right.",
+    ),
+]
+
+
+@pytest.mark.parametrize("changes, expected", DESCRIPTION_CASES)
+def test_scene_description(changes, expected):
+    from alphadrive_ray.data.synth import describe_scene
+
+    assert describe_scene(dataclasses.replace(BASE, **changes)) == expected
 
 
 # --- rendering -----------------------------------------------------------------------------

@@ -63,3 +63,96 @@ def test_through_the_object_store(ray_cluster):
     got = ray.get(read.remote(refs))
     for name, t in tensors:
         assert torch.equal(got[name], t)
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 100, 10**9])
+def test_grouped_buckets_have_the_packed_metadata_and_bytes(bucket_bytes):
+    """group_buckets (per-tensor views, no copy) and pack_buckets (one array) describe the same bytes."""
+    tensors = named()
+    grouped = list(weight_sync.group_buckets(tensors, bucket_bytes))
+    packed = list(weight_sync.pack_buckets(tensors, bucket_bytes))
+    assert [m for m, _ in grouped] == [m for m, _ in packed]
+    for (metas, parts), (_, array) in zip(grouped, packed):
+        assert weight_sync.concat_bucket(metas, parts).tobytes() == array.tobytes()
+        received = list(weight_sync.unpack_bucket(metas, parts))
+        for (name, t), meta in zip(received, metas):
+            assert name == meta.name
+    received = [pair for metas, parts in grouped for pair in weight_sync.unpack_bucket(metas, parts)]
+    for (_, a), (_, b) in zip(tensors, received):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_grouped_parts_are_views_of_the_tensors():
+    t = torch.arange(8, dtype=torch.float32)
+    ((_, parts),) = weight_sync.group_buckets([("t", t)], 1 << 20)
+    t[0] = 42.0  # a view, not a copy: publish before the tensor changes
+    assert parts[0].view("float32")[0] == 42.0
+
+
+def test_a_part_of_the_wrong_size_is_refused():
+    metas, parts = next(weight_sync.group_buckets([("a", torch.zeros(4)), ("b", torch.zeros(2))], 1 << 20))
+    with pytest.raises(ValueError, match="bytes"):
+        list(weight_sync.unpack_bucket(metas, [parts[1], parts[0]]))
+    with pytest.raises(ValueError, match="parts"):
+        list(weight_sync.unpack_bucket(metas, parts[:1]))
+
+
+def params_like(tensors):
+    return {name: torch.nn.Parameter(torch.zeros_like(t), requires_grad=False) for name, t in tensors}
+
+
+def test_copying_load_keeps_the_parameters_own_memory():
+    tensors = [("w", torch.randn(3, 4)), ("b", torch.randn(4))]
+    params = params_like(tensors)
+    ptrs = {n: p.data_ptr() for n, p in params.items()}
+    assert weight_sync.load_into_parameters(params, tensors) == 2
+    for name, t in tensors:
+        assert torch.equal(params[name], t) and params[name].data_ptr() == ptrs[name] != t.data_ptr()
+
+
+def test_zero_copy_load_uses_the_received_memory_and_a_later_copy_does_not_write_into_it():
+    received = [("w", torch.randn(3, 4)), ("h", torch.randn(4, dtype=torch.float64))]
+    params = params_like([("w", received[0][1]), ("h", torch.zeros(4))])  # h: float32 engine, float64 sent
+    borrowed = set()
+    weight_sync.load_into_parameters(params, received, zero_copy=True, borrowed=borrowed)
+    assert params["w"].data_ptr() == received[0][1].data_ptr() and borrowed == {"w"}
+    # a dtype mismatch cannot be shared: converted into the parameter's own memory
+    assert params["h"].dtype == torch.float32 and torch.equal(params["h"], received[1][1].float())
+    shared = received[0][1].clone()
+    update = torch.randn(3, 4)
+    weight_sync.load_into_parameters(params, [("w", update)], borrowed=borrowed)
+    assert torch.equal(received[0][1], shared), "the copying load wrote into the shared buffer"
+    assert torch.equal(params["w"], update) and params["w"].data_ptr() != received[0][1].data_ptr()
+    assert borrowed == set()
+
+
+def test_zero_copy_load_through_the_object_store_and_a_later_sync_replaces_it(ray_cluster):
+    """A receiver points its parameters at two successive published versions; each is exact and
+    the second replaces the first (whose buffers the receiver no longer holds)."""
+    import ray
+
+    @ray.remote
+    class Receiver:
+        def __init__(self, tensors):
+            self.params = params_like(tensors)
+            self.borrowed = set()
+
+        def load(self, bucket_refs):
+            return weight_sync.load_into_parameters(self.params, weight_sync.receive(bucket_refs), zero_copy=True, borrowed=self.borrowed)
+
+        def state(self):
+            return {n: (p.detach().clone(), p.data_ptr()) for n, p in self.params.items()}
+
+    v1 = [(n, t) for n, t in named() if t.dtype != torch.int64]
+    v2 = [(n, t + 1) for n, t in v1]
+    receiver = Receiver.remote(v1)
+    refs1 = weight_sync.publish(weight_sync.group_buckets(v1, 64))
+    assert ray.get(receiver.load.remote(refs1)) == len(v1)
+    state1 = ray.get(receiver.state.remote())
+    refs2 = weight_sync.publish(weight_sync.group_buckets(v2, 64))
+    ray.get(receiver.load.remote(refs2))
+    state2 = ray.get(receiver.state.remote())
+    for (name, t1), (_, t2) in zip(v1, v2):
+        assert torch.equal(state1[name][0], t1) and torch.equal(state2[name][0], t2)
+        assert state1[name][1] != state2[name][1]
+    ray.kill(receiver)

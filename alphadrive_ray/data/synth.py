@@ -159,10 +159,33 @@ _SPEED_VERBS = {
 }
 
 
+def describe_scene(scene: Scene) -> str:
+    """What a driver would note first: the planning-relevant things in view, in a fixed order.
+
+    Writing them out (not just the one that decides) gives every sample a dense, checkable
+    account of the scene; a teacher model's reasoning does the same.
+    """
+    seen = []
+    if scene.intersection:
+        light = f"a {scene.light} light at " if scene.light else ""
+        seen.append(f"{light}an intersection {'close' if scene.intersection == 'near' else 'far'} ahead")
+    if scene.lead_distance is not None:
+        d = scene.lead_distance
+        where = "very close" if d < LEAD_HAZARD_M else "close" if d < LEAD_CAUTION_M else "at a safe distance" if d < LEAD_FOLLOW_M else "far"
+        seen.append(f"a car {where} ahead")
+    if scene.pedestrian_distance is not None:
+        seen.append("a pedestrian on the road")
+    if scene.cones_distance is not None:
+        seen.append("cones in my lane")
+    lanes = [side for side, ok in (("left", scene.lane_on_left), ("right", scene.lane_on_right)) if ok]
+    seen.append(f"a lane on my {' and '.join(lanes)}" if lanes else "no other lane")
+    return "I see " + ", ".join(seen[:-1]) + (" and " if len(seen) > 1 else "") + seen[-1] + "."
+
+
 def reasoning_for(scene: Scene, plan: Plan) -> str:
-    """One or two sentences explaining the plan, as a teacher would."""
+    """A short account of the scene and the decision, as a teacher would write it."""
     speed = f"{scene.speed:.1f}"
-    first = f"At {speed} m/s, {_SPEED_REASONS[plan.speed_reason]}, so I {_SPEED_VERBS[plan.speed_action]}."
+    first = f"{describe_scene(scene)} At {speed} m/s, {_SPEED_REASONS[plan.speed_reason]}, so I {_SPEED_VERBS[plan.speed_action]}."
     side = scene.navigation.split()[-1]
     second = {
         "hold": "I stay in my lane.",
@@ -187,6 +210,11 @@ def reasoning_corpus() -> list[str]:
             f"The navigation says turn {side} ahead, so I move to the {side} lane.",
         ]
     out += ["I stay in my lane.", "I keep straight."]
+    for light in ("red", "yellow", "green"):
+        for where in ("close", "far"):
+            out.append(f"I see a {light} light at an intersection {where} ahead, a car very close ahead and a lane on my left and right.")
+    for where in ("close", "at a safe distance", "far"):
+        out.append(f"I see an intersection close ahead, a car {where} ahead, a pedestrian on the road, cones in my lane and no other lane.")
     return out
 
 
@@ -499,11 +527,7 @@ def generate_dataset(
     (out / "synth.json").write_text(
         json.dumps(
             {
-                "n": n,
-                "seed": seed,
-                "size": size,
-                "speed_mix": dict(speed_mix),
-                "path_mix": dict(path_mix),
+                **generation_key(n, seed, size, speed_mix, path_mix),
                 "speed_counts": stats.speed_counts,
                 "path_counts": stats.path_counts,
             },
@@ -512,6 +536,32 @@ def generate_dataset(
         + "\n"
     )
     return path, stats
+
+
+# Bumped whenever rendering or labelling changes, so that stale generated splits are redone.
+GENERATOR_VERSION = 4
+
+
+def generation_key(n: int, seed: int, size: int, speed_mix: Mapping[str, float], path_mix: Mapping[str, float]) -> dict:
+    """What determines a generated split (written to synth.json next to data.jsonl)."""
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "n": n,
+        "seed": seed,
+        "size": size,
+        "speed_mix": {k: float(v) for k, v in speed_mix.items()},
+        "path_mix": {k: float(v) for k, v in path_mix.items()},
+    }
+
+
+def is_current(out_dir: str | Path, key: dict) -> bool:
+    """True when out_dir holds a complete split generated with exactly `key`."""
+    out = Path(out_dir)
+    try:
+        recorded = json.loads((out / "synth.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (out / "data.jsonl").is_file() and all(recorded.get(k) == v for k, v in key.items())
 
 
 def scene_from_json(obj: Mapping) -> Scene:

@@ -2,6 +2,19 @@
 
 Sampling goes through `apply_sampling_transform`, the same function the learner uses to
 compute log-probs, so temperature and top-p are applied identically on both sides.
+
+Two decoding loops (`loop`):
+
+- `lean` (default): each prompt is prefilled once (image through the vision tower once),
+  its KV cache is copied G times into a preallocated buffer with room for the completion,
+  and a small loop decodes all B x G rows: one forward per token with a precomputed
+  attention mask and explicit positions, no per-token Python of `generate`. Positions
+  follow the learner's batch layout (`inputs.collate`): Qwen2-VL's M-RoPE positions of the
+  prompt come from `get_rope_index`, and completion token j sits at `n + j + rope_delta`
+  (n = the prompt's unpadded length), exactly where the learner's full forward puts it.
+- `generate`: transformers' `model.generate(num_return_sequences=G)`, which repeats the
+  prompt (and the vision tower) G times; kept as the reference the lean loop is tested
+  and benchmarked against (bench/grpo_vs_trl.py, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -40,7 +53,11 @@ class HFEngine:
         batch_size: int = 64,
         image_cache: bool = True,
         attn_implementation: str = "sdpa",
+        loop: str = "lean",
     ):
+        if loop not in ("lean", "generate"):
+            raise ValueError(f"unknown HF decoding loop {loop!r}; expected 'lean' or 'generate'")
+        self.loop = loop
         self.device = torch.device(device)
         self.model = load_model(model_path, dtype, attn_implementation).to(self.device)
         self.model.requires_grad_(False)
@@ -48,17 +65,111 @@ class HFEngine:
         self.batch_size = batch_size
         self.weight_version = 0
         self._params = dict(self.model.named_parameters())
+        self._borrowed: set[str] = set()  # parameters that are views of received buffers (zero-copy sync)
 
     def parameter_names(self) -> list[str]:
         return list(self._params)
 
     @torch.no_grad()
     def generate(self, records: Sequence[Record], params: SamplingParams) -> list[Group]:
+        if params.greedy and params.n > 1:
+            # arg-max decoding has one answer per prompt: repeat it (transformers refuses n > 1)
+            groups = self.generate(records, SamplingParams(**{**params.__dict__, "n": 1}))
+            for group in groups:
+                group.completions = [group.completions[0]] * params.n
+            return groups
         per_call = max(1, self.batch_size // params.n)
         groups: list[Group] = []
         for start in range(0, len(records), per_call):
-            groups += self._generate_chunk(records[start : start + per_call], params, seed=params.seed + start)
+            chunk = records[start : start + per_call]
+            if self.loop == "lean":
+                groups += self._lean_chunk(chunk, params, seed=params.seed + start)
+            else:
+                groups += self._generate_chunk(chunk, params, seed=params.seed + start)
         return groups
+
+    def _groups(self, records: Sequence[Record], n: int, new_tokens: torch.Tensor, logprobs: torch.Tensor) -> list[Group]:
+        """Completions (cut after the end-of-turn token) from [B * n, T] tokens and log-probs."""
+        groups = [Group(record=r) for r in records]
+        token_rows = new_tokens.tolist()
+        logprob_rows = logprobs.tolist()
+        for row, ids in enumerate(token_rows):
+            finish = "length"
+            if self.encoder.eos_id in ids:
+                ids = ids[: ids.index(self.encoder.eos_id) + 1]
+                finish = "stop"
+            groups[row // n].completions.append(
+                Completion(
+                    text=self.encoder.decode(ids),
+                    token_ids=ids,
+                    logprobs=logprob_rows[row][: len(ids)],
+                    finish_reason=finish,
+                    weight_version=self.weight_version,
+                )
+            )
+        return groups
+
+    def _lean_chunk(self, records: Sequence[Record], params: SamplingParams, seed: int) -> list[Group]:
+        """Prefill each prompt once, copy its KV cache n times, decode all rows together."""
+        G, T = params.n, params.max_new_tokens
+        batch = self.encoder.collate([self.encoder.encode(r) for r in records])
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        prompt_mask = batch["attention_mask"]  # [B, P]
+        B, P = prompt_mask.shape
+        N = B * G
+        if self.encoder.vision:
+            # M-RoPE positions of the prompts (image tokens get 2D positions) and, per row, the
+            # offset between a text token's position and its index (the same call as the model's)
+            positions, rope_delta = self.model.model.get_rope_index(
+                batch["input_ids"],
+                mm_token_type_ids=batch["mm_token_type_ids"],
+                image_grid_thw=batch["image_grid_thw"],
+                attention_mask=prompt_mask,
+            )  # [3, B, P], [B, 1]
+            next_position = prompt_mask.sum(dim=1, keepdim=True) + rope_delta  # [B, 1]
+        else:
+            # a text-only model numbers padded columns too (as the learner's forward does)
+            positions = None
+            next_position = torch.full((B, 1), P, dtype=torch.long, device=self.device)
+        prefill = self.model(**batch, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache = _RepeatedKVCache(prefill.cache, G, T)
+        logits = prefill.logits[:, -1].repeat_interleave(G, dim=0)  # [N, V]
+        next_position = next_position.repeat_interleave(G, dim=0)  # [N, 1]
+        # key mask over prompt + completion columns; column P + t opens when token t is fed
+        key_mask = torch.zeros((N, 1, 1, P + T), dtype=torch.bool, device=self.device)
+        key_mask[:, 0, 0, :P] = prompt_mask.bool().repeat_interleave(G, dim=0)
+
+        banned = self.encoder.banned_token_ids.to(self.device)
+        temperature, top_p = (1.0, 1.0) if params.greedy else (params.temperature, params.top_p)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        tokens = torch.full((N, T), self.encoder.pad_id, dtype=torch.long, device=self.device)
+        logprobs = torch.zeros((N, T), dtype=torch.float32, device=self.device)
+        finished = torch.zeros(N, dtype=torch.bool, device=self.device)
+        for t in range(T):
+            # the distribution of token t, as the learner computes it (algo.compute_token_logprobs)
+            dist = torch.log_softmax(apply_sampling_transform(logits, temperature, top_p, banned), dim=-1)  # [N, V]
+            if params.greedy:
+                token = dist.argmax(dim=-1)
+            else:
+                token = torch.multinomial(dist.exp(), 1, generator=generator).squeeze(1)
+            token = token.masked_fill(finished, self.encoder.pad_id)  # finished rows idle on padding
+            tokens[:, t] = token
+            logprobs[:, t] = dist.gather(-1, token.unsqueeze(1)).squeeze(1)
+            finished |= token == self.encoder.eos_id
+            if t + 1 == T or bool(finished.all()):
+                break
+            key_mask[:, 0, 0, P + t] = True
+            position = next_position + t  # [N, 1]
+            out = self.model(
+                input_ids=token.unsqueeze(1),
+                attention_mask={"full_attention": key_mask[..., : P + t + 1]},
+                position_ids=position.unsqueeze(0).expand(3, -1, -1) if self.encoder.vision else position,
+                cache=cache,
+                use_cache=True,
+            )
+            cache.advance(1)
+            logits = out.logits[:, -1]
+        return self._groups(records, G, tokens[:, : t + 1], logprobs[:, : t + 1])
 
     def _generate_chunk(self, records: Sequence[Record], params: SamplingParams, seed: int) -> list[Group]:
         from transformers import LogitsProcessorList
@@ -90,34 +201,53 @@ class HFEngine:
         # scores are the processed logits each token was sampled from
         scores = torch.stack(out.scores, dim=1).float()  # [B * n, T, V]
         logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
-        groups = [Group(record=r) for r in records]
-        for row in range(new_tokens.shape[0]):
-            ids = new_tokens[row].tolist()
-            finish = "length"
-            if self.encoder.eos_id in ids:
-                ids = ids[: ids.index(self.encoder.eos_id) + 1]
-                finish = "stop"
-            groups[row // params.n].completions.append(
-                Completion(
-                    text=self.encoder.decode(ids),
-                    token_ids=ids,
-                    logprobs=logprobs[row, : len(ids)].tolist(),
-                    finish_reason=finish,
-                    weight_version=self.weight_version,
-                )
-            )
-        return groups
+        return self._groups(records, params.n, new_tokens, logprobs)
 
     @torch.no_grad()
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        n = 0
-        for name, tensor in named_tensors:
-            param = self._params.get(name)
-            if param is None:
-                raise KeyError(f"weight sync: the engine's model has no parameter {name!r}")
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise ValueError(f"weight sync: {name} has shape {tuple(tensor.shape)}, engine expects {tuple(param.shape)}")
-            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
-            n += 1
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, zero_copy: bool = False) -> int:
+        """Copy the tensors into the model; with `zero_copy` (CPU), use matching ones as the
+        parameters themselves (read-only object-store buffers; see weight_sync.load_into_parameters)."""
+        from alphadrive_ray.weight_sync import load_into_parameters
+
+        n = load_into_parameters(self._params, named_tensors, zero_copy=zero_copy, borrowed=self._borrowed)
         self.weight_version = version
         return n
+
+
+class _RepeatedKVCache:
+    """A preallocated KV cache for the lean loop: the prefill of B prompts repeated G times.
+
+    Per layer, keys and values live in one [B * G, kv_heads, P + T, head_dim] buffer; the
+    prompt columns are filled once, and each decoded token is written in place (no growing
+    `torch.cat` per token). `update` returns views of the filled columns. Implements the part
+    of transformers' `Cache` interface the decoder layers use (`update`, `get_seq_length`).
+    """
+
+    is_compileable = False
+
+    def __init__(self, prefill_cache, repeats: int, extra: int):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for layer in prefill_cache.layers:
+            k, v = layer.keys, layer.values  # [B, h, P, d]
+            B, h, P, _ = k.shape
+            K = k.new_empty((B * repeats, h, P + extra, k.shape[-1]))
+            V = v.new_empty((B * repeats, h, P + extra, v.shape[-1]))
+            K[:, :, :P] = k.repeat_interleave(repeats, dim=0)
+            V[:, :, :P] = v.repeat_interleave(repeats, dim=0)
+            self.keys.append(K)
+            self.values.append(V)
+        self.length = prefill_cache.get_seq_length()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        self.keys[layer_idx][:, :, self.length : end] = key_states
+        self.values[layer_idx][:, :, self.length : end] = value_states
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Every layer has written `n` more columns (called once per forward)."""
+        self.length += n
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length

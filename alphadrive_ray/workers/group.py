@@ -104,6 +104,19 @@ def _free_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
+class _ActorGroup:
+    actors: list
+    pg: Any
+
+    def shutdown(self) -> None:
+        """Stop the actors and give their reserved resources back."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+
+
 def split_evenly(items: Sequence, parts: int) -> list[Sequence]:
     """Contiguous chunks whose sizes differ by at most one."""
     q, r = divmod(len(items), parts)
@@ -149,7 +162,7 @@ def wait_alive(actor, timeout_s: float = 300.0) -> None:
             delay = min(delay * 2, 5.0)
 
 
-class RolloutGroup:
+class RolloutGroup(_ActorGroup):
     def __init__(self, actors: list, pg=None, max_retries: int = 3):
         self.actors = actors
         self.pg = pg
@@ -248,7 +261,7 @@ class RolloutGroup:
         return out
 
 
-class RewardPool:
+class RewardPool(_ActorGroup):
     def __init__(self, actors: list, timeout_s: float, pg=None):
         self.actors = actors
         self.timeout_s = timeout_s
@@ -280,7 +293,7 @@ class RewardPool:
         return self.gather([self.actors[i].score.remote(list(c)) for i, c in enumerate(chunks)])
 
 
-class LearnerGroup:
+class LearnerGroup(_ActorGroup):
     def __init__(self, actors: list, pg=None):
         self.actors = actors
         self.pg = pg
@@ -345,6 +358,24 @@ class LearnerGroup:
 
     def export_weights(self, bucket_mb: int) -> list:
         return self._all("export_weights", bucket_mb)[0]
+
+    def open_nccl_sync(self, rollout: "RolloutGroup") -> None:
+        """GPU: one NCCL group of learner rank 0 (rank 0) and every vLLM worker (ranks 1..N)."""
+        addr, port = ray.get(
+            _free_address.options(scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0)).remote()
+        )
+        world = 1 + len(rollout.actors)
+        refs = [self.actors[0].open_weight_sync_group.remote(addr, port, world)]
+        refs += [a.init_weight_sync_group.remote(addr, port, 1 + i, world) for i, a in enumerate(rollout.actors)]
+        self._get(refs, "open_weight_sync_group")
+
+    def broadcast_weights(self, rollout: "RolloutGroup", version: int) -> int:
+        """GPU: stream the weights over NCCL; engines receive concurrently."""
+        metas = ray.get(self.actors[0].weight_metas.remote())
+        refs = [a.receive_weights_nccl.remote(metas, version) for a in rollout.actors]
+        self._all("broadcast_weights")
+        ray.get(refs)
+        return len(metas)
 
     def save_hf(self, out_dir: str) -> str:
         return self._all("save_hf", out_dir)[0]

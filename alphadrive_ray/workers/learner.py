@@ -344,12 +344,44 @@ class LearnerWorker:
         """Rank 0: the published buckets [(metadata, object ref)]; other ranks join the gather and return []."""
         from alphadrive_ray import weight_sync
 
-        buckets = weight_sync.pack_buckets(self.iter_full_parameters(), bucket_mb * 2**20)
+        # per-tensor views, no concatenation: ray.put's copy into shared memory is the only one
+        buckets = weight_sync.group_buckets(self.iter_full_parameters(), bucket_mb * 2**20)
         if self.rank != 0:
             for _ in buckets:  # drive the ZeRO-3 gathers in lockstep with rank 0
                 pass
             return []
         return weight_sync.publish(buckets)
+
+    # --- NCCL weight sync (GPU learners -> vLLM engines) --------------------------------
+
+    def weight_metas(self) -> list[tuple[str, str, list[int]]]:
+        """(name, dtype, shape) of each synced parameter, in the broadcast order."""
+        from alphadrive_ray.weight_sync import dtype_name
+
+        out = []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                shape = list(param.ds_shape) if hasattr(param, "ds_shape") else list(param.shape)
+                out.append((name, dtype_name(param.dtype), shape))
+        return out
+
+    def open_weight_sync_group(self, master_address: str, master_port: int, world_size: int) -> None:
+        """Rank 0 joins the NCCL group with every vLLM worker (they join concurrently)."""
+        if self.rank == 0:
+            from alphadrive_ray.engines.vllm_engine import open_weight_sync_group
+
+            self._nccl_group = open_weight_sync_group(master_address, master_port, world_size)
+
+    def broadcast_weights(self) -> int:
+        """Rank 0 broadcasts every synced parameter; other ranks join the ZeRO-3 gathers."""
+        tensors = self.iter_full_parameters()
+        if self.rank != 0:
+            for _ in tensors:
+                pass
+            return 0
+        from alphadrive_ray.engines.vllm_engine import broadcast_weights
+
+        return broadcast_weights(self._nccl_group, tensors)
 
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """Every parameter, gathered, on CPU (tests compare these with the engines')."""

@@ -19,6 +19,8 @@ class RolloutSpec:
     prompt_template: str = ""
     image_cache: bool = True
     batch_size: int = 64
+    hf_loop: str = "lean"  # HFEngine decoding loop: "lean" | "generate"
+    zero_copy_weights: bool = True  # HF engine on CPU: parameters become views of the synced buffers
     cpus: float = 1.0
     device: str = "cpu"
     vllm_gpu_memory_utilization: float = 0.6
@@ -39,6 +41,7 @@ def make_engine(spec: RolloutSpec):
             batch_size=spec.batch_size,
             image_cache=spec.image_cache,
             attn_implementation=spec.attn_implementation,
+            loop=spec.hf_loop,
         )
     if spec.engine == "vllm":
         from alphadrive_ray.engines.vllm_engine import VLLMEngine
@@ -70,7 +73,18 @@ class RolloutWorker:
         """Receive published buckets (see alphadrive_ray.weight_sync) and load them."""
         from alphadrive_ray import weight_sync
 
+        if self.spec.engine == "hf":
+            zero_copy = self.spec.zero_copy_weights and self.spec.device == "cpu"
+            return self.engine.load_weights(weight_sync.receive(bucket_refs), version, zero_copy=zero_copy)
         return self.engine.load_weights(weight_sync.receive(bucket_refs), version)
+
+    def init_weight_sync_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        """GPU (vLLM): join learner rank 0's NCCL broadcast group."""
+        self.engine.init_weight_sync_group(master_address, master_port, rank_offset, world_size)
+
+    def receive_weights_nccl(self, metas: list, version: int) -> int:
+        """GPU (vLLM): receive the weights learner rank 0 broadcasts, described by `metas`."""
+        return self.engine.receive_weights_nccl(metas, version)
 
     def weight_version(self) -> int:
         return self.engine.weight_version
