@@ -226,6 +226,8 @@ class LearnerConfig:
     """Placement-group strategy of the learner ranks: PACK keeps their all-reduce on one node where they fit, STRICT_PACK requires it; SPREAD, STRICT_SPREAD."""
     grad_clip: float = 1.0
     """Gradient norm clipping (0 disables)."""
+    share_prompts: bool = True
+    """GRPO: run each prompt (and its image) once per micro-batch and its completions on copies of its KV cache, instead of G full rows (same loss and gradients; ignored with model.gradient_checkpointing)."""
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,8 @@ class RayConfig:
     """Logical CPUs of a local cluster (0: what the actors ask for, at least the machine's cores)."""
     dashboard_host: str = "127.0.0.1"
     """Dashboard bind address of a local cluster; 127.0.0.1 keeps it private."""
+    omp_wait_policy: str = "PASSIVE"
+    """OMP_WAIT_POLICY of the actors of a local cluster: PASSIVE keeps idle torch threads from spinning on cores other workers need (docs/performance.md); empty: the OpenMP default."""
 
 
 @dataclass(frozen=True)
@@ -465,6 +469,7 @@ def validate(c: Config, source: str = "config") -> None:
     choice(c.reward.variant, "reward.variant", ("paper", "release"))
     choice(c.learner.backend, "learner.backend", ("auto", "gloo", "nccl"))
     choice(c.sync.backend, "sync.backend", ("object_store", "nccl"))
+    choice(c.ray.omp_wait_policy, "ray.omp_wait_policy", ("PASSIVE", "ACTIVE", ""))
     for role in ("rollout", "reward", "learner"):
         choice(getattr(c, role).placement, f"{role}.placement", PLACEMENT_STRATEGIES)
     for key, value in _string_fields(c):

@@ -8,6 +8,11 @@ Layout of a batch, shared by the rollout engines and the learners:
 All completions start at column P, so the logits that predict them are the last C + 1
 positions (`logits_to_keep`), and Qwen2-VL's M-RoPE positions are computed from the
 attention mask, so padding never shifts them.
+
+GRPO batches hold G completions of each prompt. With `collate(..., share_prompts=True)`
+`completion_logits` runs each distinct prompt (and its image) once and the completions on
+copies of its KV cache: the same logits and gradients as G full rows, without computing the
+prompt G times (the prompt is most of a row: ~80 of ~145 tokens in the quickstart).
 """
 
 from __future__ import annotations
@@ -95,11 +100,20 @@ class PromptEncoder:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    def collate(self, prompts: Sequence[EncodedPrompt], completions: Sequence[Sequence[int]] | None = None) -> dict:
+    def collate(
+        self,
+        prompts: Sequence[EncodedPrompt],
+        completions: Sequence[Sequence[int]] | None = None,
+        share_prompts: bool = False,
+    ) -> dict:
         """Batch prompts (left-padded) and optional completions (right-padded).
 
         Returns model inputs plus `completion_ids` [B, C] and `response_mask` [B, C] when
         completions are given; `logits_to_keep` = C + 1 selects the predicting logits.
+        With `share_prompts` (and completions), rows with the same prompt are marked for
+        `completion_logits` to compute that prompt once: `prompt_index` [B] maps each row
+        to a distinct prompt, `prompt_rows` [U] names one row of each, and the pixels are
+        those of the U distinct prompts only (this batch is for `completion_logits`).
         """
         P = max(len(p.input_ids) for p in prompts)
         C = max((len(c) for c in completions), default=0) if completions is not None else 0
@@ -121,9 +135,15 @@ class PromptEncoder:
             input_ids[:, P:] = completion_ids
             attention_mask[:, P:] = response_mask.long()
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        distinct = list(prompts)
+        if share_prompts and completions is not None:
+            index, rows = distinct_prompts(prompts)
+            distinct = [prompts[r] for r in rows]
+            batch["prompt_index"] = torch.tensor(index, dtype=torch.long)
+            batch["prompt_rows"] = torch.tensor(rows, dtype=torch.long)
         if self.vision:
-            batch["pixel_values"] = torch.cat([p.pixel_values for p in prompts], dim=0)
-            batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in prompts], dim=0)
+            batch["pixel_values"] = torch.cat([p.pixel_values for p in distinct], dim=0)
+            batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in distinct], dim=0)
             batch["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
         if completions is not None:
             batch["completion_ids"] = completion_ids
@@ -131,9 +151,82 @@ class PromptEncoder:
         return batch
 
 
+def distinct_prompts(prompts: Sequence[EncodedPrompt]) -> tuple[list[int], list[int]]:
+    """(index of each prompt's distinct prompt, first row of each distinct prompt).
+
+    Prompts are the same when they are the same object (the encoder's cache) or have equal
+    tokens and pixels (an encoder without a cache).
+    """
+    rows: list[int] = []
+    index: list[int] = []
+    for b, p in enumerate(prompts):
+        for u, r in enumerate(rows):
+            q = prompts[r]
+            same = q is p or (
+                q.input_ids == p.input_ids
+                and _same_tensor(q.pixel_values, p.pixel_values)
+                and _same_tensor(q.image_grid_thw, p.image_grid_thw)
+            )
+            if same:
+                index.append(u)
+                break
+        else:
+            index.append(len(rows))
+            rows.append(b)
+    return index, rows
+
+
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
+
+
 def completion_logits(model, batch: dict) -> torch.Tensor:
     """Logits that predict each completion token: [B, C, V]."""
+    if "prompt_index" in batch:
+        return _shared_prompt_logits(model, batch)
     C = batch["completion_ids"].shape[1]
     inputs = {k: v for k, v in batch.items() if k not in ("completion_ids", "response_mask")}
     out = model(**inputs, use_cache=False, logits_to_keep=C + 1)
     return out.logits[:, :-1, :]  # position P-1+j predicts completion token j
+
+
+def _shared_prompt_logits(model, batch: dict) -> torch.Tensor:
+    """`completion_logits` of a `share_prompts` batch: each distinct prompt once, then all
+    completions on copies of their prompt's KV cache (gradients flow into the prompt once).
+
+    Positions are those of the full-row forward: M-RoPE positions of the prompt from
+    `get_rope_index`, completion token j at `n + j + rope_delta` (n = the prompt's unpadded
+    length); a text-only model numbers all columns, so completion token j sits at P + j.
+    """
+    completion_ids = batch["completion_ids"]  # [B, C]
+    index, rows = batch["prompt_index"], batch["prompt_rows"]  # [B], [U]
+    B, C = completion_ids.shape
+    mask = batch["attention_mask"]  # [B, P + C]
+    P = mask.shape[1] - C
+    prompt = {"input_ids": batch["input_ids"][rows, :P], "attention_mask": mask[rows, :P]}
+    steps = torch.arange(C, device=mask.device)
+    if "pixel_values" in batch:
+        prompt.update(
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            mm_token_type_ids=batch["mm_token_type_ids"][rows, :P],
+        )
+        core = getattr(model, "module", model).model  # the Qwen2-VL model under a DeepSpeed engine
+        positions, rope_delta = core.get_rope_index(
+            prompt["input_ids"],
+            mm_token_type_ids=prompt["mm_token_type_ids"],
+            image_grid_thw=prompt["image_grid_thw"],
+            attention_mask=prompt["attention_mask"],
+        )  # [3, U, P], [U, 1]
+        start = prompt["attention_mask"].sum(dim=1, keepdim=True) + rope_delta  # [U, 1]
+        completion_positions = (start[index] + steps).unsqueeze(0).expand(3, -1, -1)  # [3, B, C]
+    else:
+        positions = None
+        completion_positions = (P + steps).unsqueeze(0).expand(B, -1)  # [B, C]
+    head = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = head.cache
+    for layer in cache.layers:
+        layer.batch_select_indices(index)  # [U, ...] -> [B, ...], differentiable
+    tail = model(input_ids=completion_ids, attention_mask=mask, position_ids=completion_positions, cache=cache, use_cache=True, logits_to_keep=C)
+    # the prompt's last position predicts completion token 0; completion position j predicts token j + 1
+    return torch.cat([head.logits[index], tail.logits[:, :-1, :]], dim=1)  # [B, C, V]

@@ -105,6 +105,9 @@ def connect_ray(config: Config, say=print):
         ray.init(address=address, log_to_driver=True)
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
+    if config.ray.omp_wait_policy:
+        # NOTE: CPU workers share cores; spinning OpenMP threads of one starve the others
+        env["env_vars"]["OMP_WAIT_POLICY"] = config.ray.omp_wait_policy
     r, l, w = config.rollout, config.learner, config.reward
     need = r.num_workers * r.cpus_per_worker + l.num_workers * l.cpus_per_worker + w.num_workers * w.cpus_per_worker
     num_cpus = config.ray.num_cpus or max(math.ceil(need), os.cpu_count() or 1)
@@ -143,6 +146,7 @@ class Trainer:
             dtype=c.model.dtype,
             attn_implementation=c.model.attn_implementation,
             gradient_checkpointing=c.model.gradient_checkpointing,
+            share_prompts=c.learner.share_prompts,
             freeze_vision=c.model.freeze_vision,
             prompt_template=c.data.prompt_template,
             image_cache=c.data.image_cache,

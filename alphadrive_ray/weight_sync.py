@@ -19,6 +19,7 @@ broadcast (alphadrive_ray/engines/vllm_engine.py).
 
 from __future__ import annotations
 
+import bisect
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -46,44 +47,75 @@ def to_dtype(name: str) -> torch.dtype:
 
 def tensor_bytes(t: torch.Tensor) -> np.ndarray:
     """The tensor's bytes as a flat uint8 numpy array (no copy for contiguous CPU tensors)."""
+    return _flat_bytes(t).numpy()
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor as a flat uint8 view of its own memory (contiguous CPU tensors: no copy)."""
     t = t.detach().contiguous().cpu()
     carrier = _CARRIER.get(t.dtype)
     if carrier is not None:
         t = t.view(carrier)
-    return t.numpy().reshape(-1).view(np.uint8)
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _part_starts(parts: list[np.ndarray]) -> list[int]:
+    """Where each part sits in the bucket's byte layout: parts follow each other, each at an ALIGN boundary."""
+    starts, at = [], 0
+    for part in parts:
+        at += -at % ALIGN
+        starts.append(at)
+        at += part.nbytes
+    return starts
 
 
 def group_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[tuple[list[TensorMeta], list[np.ndarray]]]:
     """Group tensors into buckets of about `bucket_bytes` (a bigger tensor gets its own), without copying.
 
-    Each bucket is its metadata and one flat uint8 view per tensor; the offsets are those of
-    the concatenated bucket (`concat_bucket`), so both forms share one metadata list. The
-    views alias the tensors: publish (copy) them before the tensors change.
+    Each bucket is its metadata and a list of flat uint8 views ("parts"). Tensors that follow
+    each other in one storage (a DeepSpeed learner keeps its parameters in one flat buffer)
+    share one part, so a bucket is usually a single view; other tensors get a part each. A
+    meta's offset is its place in the bucket's byte layout: parts one after the other, each
+    starting at an ALIGN boundary (`concat_bucket` builds exactly that array). The views
+    alias the tensors: publish (copy) them before the tensors change.
     """
     metas: list[TensorMeta] = []
     parts: list[np.ndarray] = []
     size = 0
+    run: list | None = None  # the part being extended: [storage, first byte, nbytes, dtype]
+
+    def close() -> None:
+        storage, first, nbytes, _ = run
+        parts.append(torch.empty(0, dtype=torch.uint8).set_(storage, first, (nbytes,)).numpy())
+
     for name, tensor in named_tensors:
-        raw = tensor_bytes(tensor)
-        if metas and size + raw.nbytes > bucket_bytes:
+        raw = _flat_bytes(tensor)
+        nbytes = raw.numel()
+        if metas and size + nbytes > bucket_bytes:
+            close()
             yield metas, parts
-            metas, parts, size = [], [], 0
-        size += -size % ALIGN
-        metas.append(TensorMeta(name, dtype_name(tensor.dtype), tuple(tensor.shape), size, raw.nbytes))
-        parts.append(raw)
-        size += raw.nbytes
+            metas, parts, size, run = [], [], 0, None
+        storage = raw.untyped_storage()
+        first = raw.storage_offset()
+        if run is not None and run[0].data_ptr() == storage.data_ptr() and run[3] == tensor.dtype and run[1] + run[2] == first:
+            run[2] += nbytes  # right after the previous tensor: the same part grows
+        else:
+            if run is not None:
+                close()
+            size += -size % ALIGN
+            run = [storage, first, nbytes, tensor.dtype]
+        metas.append(TensorMeta(name, dtype_name(tensor.dtype), tuple(tensor.shape), size, nbytes))
+        size += nbytes
     if metas:
+        close()
         yield metas, parts
 
 
 def concat_bucket(metas: list[TensorMeta], parts: list[np.ndarray]) -> np.ndarray:
-    """One contiguous byte array holding the parts at their metadata offsets (zero padding)."""
-    out = np.empty(metas[-1].offset + metas[-1].nbytes, dtype=np.uint8)
-    end = 0
-    for meta, raw in zip(metas, parts):
-        out[end : meta.offset] = 0
-        out[meta.offset : meta.offset + meta.nbytes] = raw
-        end = meta.offset + meta.nbytes
+    """One contiguous byte array of the bucket's layout (parts at their offsets, zero padding)."""
+    out = np.zeros(metas[-1].offset + metas[-1].nbytes, dtype=np.uint8)
+    for start, part in zip(_part_starts(parts), parts):
+        out[start : start + part.nbytes] = part
     return out
 
 
@@ -94,7 +126,7 @@ def pack_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes
 
 
 def unpack_bucket(metas: list[TensorMeta], bucket: np.ndarray | list[np.ndarray]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of a bucket (a contiguous array or a list of per-tensor parts), as views of its bytes.
+    """Tensors of a bucket (a contiguous array, or the list of parts of `group_buckets`), as views of its bytes.
 
     Views of object-store buffers are read-only memory: copy them into parameters, or use
     them only for reading (see `load_into_parameters`).
@@ -105,15 +137,16 @@ def unpack_bucket(metas: list[TensorMeta], bucket: np.ndarray | list[np.ndarray]
         # buckets from the object store are read-only; the views are only read from
         warnings.simplefilter("ignore", UserWarning)
         if isinstance(bucket, (list, tuple)):
-            if len(bucket) != len(metas):
-                raise ValueError(f"weight sync: a bucket has {len(bucket)} parts for {len(metas)} tensors")
-            raws = [torch.from_numpy(part) for part in bucket]
+            starts = _part_starts(list(bucket))
+            flats = [torch.from_numpy(part) for part in bucket]
         else:
-            flat = torch.from_numpy(bucket)
-            raws = [flat[meta.offset : meta.offset + meta.nbytes] for meta in metas]
-    for meta, raw in zip(metas, raws):
-        if raw.numel() != meta.nbytes:
-            raise ValueError(f"weight sync: {meta.name} has {raw.numel()} bytes, its metadata says {meta.nbytes}")
+            starts, flats = [0], [torch.from_numpy(bucket)]
+    for meta in metas:
+        k = max(0, bisect.bisect_right(starts, meta.offset) - 1)
+        local = meta.offset - starts[k]
+        if local + meta.nbytes > flats[k].numel():
+            raise ValueError(f"weight sync: {meta.name} ({meta.nbytes} bytes at {meta.offset}) is outside the bucket's bytes")
+        raw = flats[k][local : local + meta.nbytes]
         dtype = to_dtype(meta.dtype)
         carrier = _CARRIER.get(dtype)
         tensor = raw.view(carrier).view(dtype) if carrier is not None else raw.view(dtype)

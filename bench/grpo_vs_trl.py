@@ -35,18 +35,30 @@ REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "jobs" / "quickstart_cpu.yaml"
 
 
+def quickstart() -> dict:
+    import yaml
+
+    return yaml.safe_load(QUICKSTART.read_text())
+
+
 def parse_args(argv=None):
+    q = quickstart()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=14, help="optimizer steps per run (default 14)")
     p.add_argument("--warmup", type=int, default=4, help="steps not timed at the start (default 4)")
-    p.add_argument("--prompts", type=int, default=8, help="prompts per step (default 8, as the quickstart)")
-    p.add_argument("--group", type=int, default=8, help="completions per prompt, G (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="longest completion (default 64, as the quickstart)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--micro-batch", type=int, default=32, help="completions per forward/backward (default 32)")
-    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--prompts", type=int, default=q["grpo"]["prompts_per_step"], help="prompts per step (default: the quickstart's)")
+    p.add_argument("--group", type=int, default=q["grpo"]["group_size"], help="completions per prompt, G (default: the quickstart's)")
+    p.add_argument("--max-new-tokens", type=int, default=q["rollout"]["max_new_tokens"], help="longest completion (default: the quickstart's)")
+    p.add_argument("--temperature", type=float, default=q["rollout"].get("temperature", 1.0))
+    p.add_argument("--top-p", type=float, default=q["rollout"].get("top_p", 1.0))
+    p.add_argument("--micro-batch", type=int, default=q["grpo"]["micro_batch_size"], help="completions per forward/backward (default: the quickstart's)")
+    p.add_argument("--lr", type=float, default=float(q["grpo"]["lr"]))
     p.add_argument("--image-size", type=int, default=224, help="rendered scene side in pixels (the quickstart's 224)")
+    p.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY of both sides (TRL's process, our actors via ray.omp_wait_policy); '' for the OpenMP default",
+    )
     p.add_argument("--only", choices=("both", "ours", "trl"), default="both")
     p.add_argument("--repeat", type=int, default=1, help="runs of each side, alternating; medians are reported")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override of our config (repeatable)")
@@ -65,9 +77,7 @@ def parse_args(argv=None):
 
 
 def prompt_template() -> str:
-    import yaml
-
-    return yaml.safe_load(QUICKSTART.read_text())["data"]["prompt_template"]
+    return quickstart()["data"]["prompt_template"]
 
 
 def prepare(workdir: Path, args) -> tuple[Path, Path, Path]:
@@ -282,10 +292,13 @@ def run_side(side: str, args, workdir: Path, overrides: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--out", str(out), "--workdir", str(workdir)]
     for key in ("steps", "warmup", "prompts", "group", "max_new_tokens", "temperature", "top_p", "micro_batch", "lr", "image_size"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    for item in overrides:
+    for item in [f"ray.omp_wait_policy={args.omp_wait_policy}", *overrides]:
         cmd += ["--set", item]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("OMP_WAIT_POLICY", None)
+    if side == "trl" and args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy  # ours: set for its actors by the config
     log = workdir / f"{side}.log"
     with open(log, "a") as fh:
         fh.write(f"\n=== {' '.join(cmd)}\n")
@@ -346,6 +359,7 @@ def main(argv=None) -> None:
         f"micro-batch {args.micro_batch}, lr {args.lr}, beta 0, 1 update per batch"
     )
     print(f"  steps: {args.steps} ({args.warmup} warm-up, not timed); repeats: {args.repeat} (runs alternate); our overrides: {args.set or 'none'}")
+    print(f"  threads: torch defaults per process; OMP_WAIT_POLICY {args.omp_wait_policy or 'unset (OpenMP default)'} on both sides")
     print(f"  machine: {os.cpu_count()} CPUs; load average before: {load_average()}; work folder {workdir}", flush=True)
 
     results: dict[str, list[dict]] = {label: [] for label, _, _ in runs}

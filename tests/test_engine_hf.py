@@ -121,11 +121,11 @@ def prompts_of_different_lengths(engine, records, k):
     return [by_length[n] for n in sorted(by_length)][:k]
 
 
-def batch_logprobs(engine, groups, temperature=1.0, top_p=1.0):
+def batch_logprobs(engine, groups, temperature=1.0, top_p=1.0, share_prompts=False):
     """The learner's log-probs of every completion, computed as one padded batch over all prompts."""
     enc = engine.encoder
     pairs = [(g.record, c.token_ids) for g in groups for c in g.completions]
-    batch = enc.collate([enc.encode(r) for r, _ in pairs], [t for _, t in pairs])
+    batch = enc.collate([enc.encode(r) for r, _ in pairs], [t for _, t in pairs], share_prompts)
     logits = completion_logits(engine.model, batch)
     logp = algo.compute_token_logprobs(logits, batch["completion_ids"], temperature, top_p, enc.banned_token_ids)
     return [logp[i, : len(t)] for i, (_, t) in enumerate(pairs)]
@@ -140,10 +140,11 @@ def test_left_padded_prompts_keep_their_positions(tiny_vl_dir, tiny_text_dir, sc
     engine = HFEngine(tiny_text_dir if text_only else tiny_vl_dir, prompt_template=TEST_PROMPT, batch_size=64)
     records = prompts_of_different_lengths(engine, scenes, 3)
     groups = engine.generate(records, SamplingParams(n=3, temperature=1.3, top_p=0.9, max_new_tokens=14, seed=4))
-    recomputed = batch_logprobs(engine, groups, 1.3, 0.9)
     engine_logp = [torch.tensor(c.logprobs) for g in groups for c in g.completions]
-    for ours, theirs in zip(engine_logp, recomputed):
-        torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=0)
+    for share_prompts in (False, True):  # the learner's full rows, and its shared-prompt forward
+        recomputed = batch_logprobs(engine, groups, 1.3, 0.9, share_prompts)
+        for ours, theirs in zip(engine_logp, recomputed):
+            torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=0)
 
 
 def test_lean_loop_decodes_like_generate(tiny_vl_dir, scenes):

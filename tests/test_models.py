@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,7 +114,7 @@ def test_same_logits_after_save_and_reload(tiny_vl, scene_image, tmp_path):
 def test_same_seed_same_weights_other_seed_other_weights(tiny_vl, tmp_path):
     # the loader's init_tiny path builds the same model as build_tiny_qwen2vl for the same seed
     again = ensure_model(tmp_path / "again", init_tiny=True, seed=0)
-    other = build_tiny_qwen2vl(tmp_path / "other", TinySpec(seed=1))
+    other = build_tiny_qwen2vl(tmp_path / "other", TinySpec(seed=1, vision_pretrain_steps=0))
     reference, same, different = state(tiny_vl), state(again), state(other)
     assert reference.keys() == same.keys() == different.keys()
     assert all(torch.equal(reference[k], same[k]) for k in reference)
@@ -121,6 +122,49 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny_vl, tmp_path):
     assert (tiny_vl / "config.json").read_text() == (again / "config.json").read_text()
     # the randomly initialised matrices change with the seed
     assert any(not torch.equal(reference[k], different[k]) for k in reference if reference[k].dim() == 2)
+
+
+def test_vision_pretraining_teaches_the_tower_and_leaves_the_language_model(tmp_path):
+    """Pretraining moves only the vision tower, deterministically, and it learns to see."""
+    import random
+
+    from alphadrive_ray.data.synth import random_scene, render_scene
+    from alphadrive_ray.models.tiny import build_processor, build_config, pretrain_vision, scene_attributes, train_tokenizer, default_corpus
+    from transformers import Qwen2VLForConditionalGeneration
+
+    spec = TinySpec(seed=0, vision_pretrain_steps=0)
+    tokenizer = train_tokenizer(default_corpus(), spec.vocab_size)
+    processor, config = build_processor(tokenizer, spec), build_config(tokenizer, spec)
+
+    def fresh():
+        torch.manual_seed(0)
+        return Qwen2VLForConditionalGeneration(config)
+
+    plain, trained, again = fresh(), fresh(), fresh()
+    assert pretrain_vision(trained, processor, steps=60, seed=0) == pretrain_vision(again, processor, steps=60, seed=0)
+    a, b, c = dict(plain.named_parameters()), dict(trained.named_parameters()), dict(again.named_parameters())
+    for name in a:
+        assert torch.equal(b[name], c[name]), name  # deterministic
+        if ".visual." in f".{name}":
+            continue
+        assert torch.equal(a[name], b[name]), name  # the language model is untouched
+    assert any(not torch.equal(a[n], b[n]) for n in a if ".visual." in f".{n}")
+    # on fresh scenes, the pretrained tower's tokens tell a red light from none better than chance
+    rng = random.Random(123)
+    scenes = [random_scene(rng) for _ in range(64)]
+    inputs = processor.image_processor(images=[render_scene(s, seed=i) for i, s in enumerate(scenes)], return_tensors="pt")
+    labels = torch.tensor([scene_attributes(s)[0] for s in scenes])
+
+    def probe_error(model):
+        with torch.no_grad():
+            out = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+            tokens = out.pooler_output if getattr(out, "pooler_output", None) is not None else out
+            feats = tokens.view(len(scenes), -1, tokens.shape[-1]).max(1).values
+        # nearest class mean on the pooled features, as a cheap linear-probe proxy
+        means = torch.stack([feats[labels == k].mean(0) if (labels == k).any() else torch.full_like(feats[0], 1e9) for k in range(4)])
+        return (torch.cdist(feats, means).argmin(1) != labels).float().mean().item()
+
+    assert probe_error(trained) < probe_error(plain)
 
 
 def test_parameter_count_is_a_few_million(tiny_vl):
@@ -148,8 +192,17 @@ def test_text_only_variant(tiny_text):
 
 def test_ensure_model_does_not_rebuild(tiny_vl):
     stamp = (tiny_vl / "model.safetensors").stat().st_mtime_ns
-    ensure_model(tiny_vl, init_tiny=True, seed=1)
+    ensure_model(tiny_vl, init_tiny=True, seed=0)  # the fixture's spec: nothing to do
     assert (tiny_vl / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_ensure_model_never_overwrites_another_model(tiny_vl, tmp_path):
+    other = tmp_path / "real-checkpoint"
+    other.mkdir()
+    shutil.copy(tiny_vl / "config.json", other / "config.json")  # a model folder with no tiny_spec.json
+    with pytest.raises(UserError, match="holds another model"):
+        ensure_model(other, init_tiny=True, seed=0)
+    assert sorted(p.name for p in other.iterdir()) == ["config.json"]
 
 
 def test_cli_model_info(tiny_vl, capsys):

@@ -91,10 +91,48 @@ def test_grouped_parts_are_views_of_the_tensors():
 
 def test_a_part_of_the_wrong_size_is_refused():
     metas, parts = next(weight_sync.group_buckets([("a", torch.zeros(4)), ("b", torch.zeros(2))], 1 << 20))
-    with pytest.raises(ValueError, match="bytes"):
+    assert len(parts) == 2  # two allocations: two parts
+    with pytest.raises(ValueError, match="outside"):
         list(weight_sync.unpack_bucket(metas, [parts[1], parts[0]]))
-    with pytest.raises(ValueError, match="parts"):
+    with pytest.raises(ValueError, match="outside"):
         list(weight_sync.unpack_bucket(metas, parts[:1]))
+
+
+def carved(sizes_and_dtypes):
+    """Tensors that are consecutive views of one flat buffer per dtype, as a DeepSpeed learner keeps them."""
+    out = []
+    flats = {dtype: torch.randn(sum(n for n, d in sizes_and_dtypes if d == dtype)).to(dtype) for _, dtype in sizes_and_dtypes}
+    at = {dtype: 0 for dtype in flats}
+    for i, (n, dtype) in enumerate(sizes_and_dtypes):
+        out.append((f"p{i}", flats[dtype][at[dtype] : at[dtype] + n].view(n // 2, 2)))
+        at[dtype] += n
+    return out
+
+
+def test_tensors_adjacent_in_memory_share_one_part():
+    """A flat parameter buffer goes out as one view per bucket (one copy into the store, no per-tensor overhead)."""
+    tensors = carved([(6, torch.float32), (10, torch.float32), (4, torch.float32), (8, torch.bfloat16), (2, torch.bfloat16)])
+    ((metas, parts),) = list(weight_sync.group_buckets(tensors, 1 << 20))
+    assert [p.nbytes for p in parts] == [80, 20]  # the float32 run, then the bfloat16 run
+    assert [m.offset for m in metas] == [0, 24, 64, 80, 96]  # runs share offsets; a new run starts aligned
+    received = list(weight_sync.unpack_bucket(metas, parts))
+    for (_, a), (_, b) in zip(tensors, received):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    packed = next(weight_sync.pack_buckets(tensors, 1 << 20))[1]
+    assert weight_sync.concat_bucket(metas, parts).tobytes() == packed.tobytes()
+    # a bucket boundary splits a run
+    split = list(weight_sync.group_buckets(tensors[:3], 70))
+    assert [[m.name for m in metas] for metas, _ in split] == [["p0", "p1"], ["p2"]]
+    assert [[p.nbytes for p in parts] for _, parts in split] == [[64], [16]]
+
+
+def test_a_gap_between_views_starts_a_new_part():
+    flat = torch.arange(10, dtype=torch.float32)
+    tensors = [("a", flat[0:3]), ("b", flat[4:6]), ("c", flat[6:10])]  # flat[3] is not sent
+    ((metas, parts),) = list(weight_sync.group_buckets(tensors, 1 << 20))
+    assert [p.nbytes for p in parts] == [12, 24]
+    assert [n for n, _ in weight_sync.unpack_bucket(metas, parts)] == ["a", "b", "c"]
+    assert [t.tolist() for _, t in weight_sync.unpack_bucket(metas, parts)] == [[0, 1, 2], [4, 5], [6, 7, 8, 9]]
 
 
 def params_like(tensors):

@@ -73,10 +73,20 @@ def load_model(path: str | Path, dtype: str = "float32", attn_implementation: st
 def ensure_model(path: str | Path, init_tiny: bool, seed: int = 0) -> Path:
     """Build the tiny model at `path` when asked and missing; then check the folder."""
     folder = Path(path)
-    if init_tiny and not (folder / "config.json").is_file():
+    if init_tiny:
+        from dataclasses import asdict
+
         from alphadrive_ray.models.tiny import TinySpec, build_tiny_qwen2vl
 
-        print(f"building the tiny Qwen2-VL at {folder} (seed {seed})", flush=True)
-        build_tiny_qwen2vl(folder, TinySpec(seed=seed))
+        spec = TinySpec(seed=seed)
+        try:
+            current = json.loads((folder / "tiny_spec.json").read_text()) == asdict(spec)
+        except (OSError, json.JSONDecodeError):
+            current = False
+        if not current:
+            if (folder / "config.json").is_file() and not (folder / "tiny_spec.json").is_file():
+                raise UserError(f"model.init_tiny is set but {folder} holds another model; point model.path elsewhere or set model.init_tiny: false")
+            print(f"building the tiny Qwen2-VL at {folder} (seed {seed}; pretraining its vision tower, about a minute)", flush=True)
+            build_tiny_qwen2vl(folder, spec)
     read_model_type(folder)
     return folder

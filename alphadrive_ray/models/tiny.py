@@ -84,6 +84,8 @@ class TinySpec:
     patch_size: int = 14
     # Images are resized to this many pixels (112 x 112 -> 8 x 8 patches -> 16 tokens).
     image_pixels: int = 112 * 112
+    # Steps of vision pretraining on synthetic scenes (0: a random vision tower too).
+    vision_pretrain_steps: int = 300
     seed: int = 0
 
     @property
@@ -202,6 +204,79 @@ def build_config(tokenizer, spec: TinySpec):
     )
 
 
+def scene_attributes(scene) -> list[int]:
+    """Classes of what a driver must see in a synthetic scene (targets of vision pretraining)."""
+    from alphadrive_ray.data.synth import LEAD_CAUTION_M, LEAD_FOLLOW_M, LEAD_HAZARD_M
+
+    d = scene.lead_distance
+    lead = 0 if d is None else 1 if d < LEAD_HAZARD_M else 2 if d < LEAD_CAUTION_M else 3 if d < LEAD_FOLLOW_M else 4
+    return [
+        (None, "red", "yellow", "green").index(scene.light),
+        (None, "near", "far").index(scene.intersection),
+        lead,
+        int(scene.pedestrian_distance is not None),
+        int(scene.cones_distance is not None),
+        int(scene.lane_on_left),
+        int(scene.lane_on_right),
+    ]
+
+
+ATTRIBUTE_CLASSES = (4, 3, 5, 2, 2, 2, 2)  # light, intersection, lead distance, pedestrian, cones, left lane, right lane
+
+
+def pretrain_vision(model, processor, steps: int, seed: int = 0, batch_size: int = 16, lr: float = 1e-3, log=None) -> float:
+    """Pretrain the vision tower to recognise scene attributes; returns the final training accuracy.
+
+    A real Qwen2-VL starts from a pretrained vision encoder; a randomly initialised tiny one
+    would spend most of a CPU budget learning to see. Before any planning data, the tower
+    learns to classify what is in synthetic front views (lights and their colour, the lead
+    car's distance band, pedestrians, cones, intersections, lanes) through linear heads on
+    its max-pooled output tokens; the heads are then dropped. The language model stays random.
+    """
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(10_000 + seed)  # the heads' initialisation: deterministic, global RNG untouched
+        return _pretrain_vision(model, processor, steps, seed, batch_size, lr, log)
+
+
+def _pretrain_vision(model, processor, steps: int, seed: int, batch_size: int, lr: float, log) -> float:
+    import random
+
+    import torch
+
+    from alphadrive_ray.data.synth import random_scene, render_scene
+
+    rng = random.Random(10_000 + seed)  # scenes unlike any dataset split's
+    visual = model.model.visual
+    width = model.config.text_config.hidden_size
+    heads = torch.nn.ModuleList(torch.nn.Linear(width, k) for k in ATTRIBUTE_CLASSES)
+    params = [p for p in visual.parameters()] + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    visual.train()
+    accuracy = 0.0
+    for step in range(steps):
+        scenes = [random_scene(rng) for _ in range(batch_size)]
+        images = [render_scene(s, size=224, seed=rng.randrange(2**31)) for s in scenes]
+        inputs = processor.image_processor(images=images, return_tensors="pt")
+        out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        tokens = out.pooler_output if getattr(out, "pooler_output", None) is not None else out
+        pooled = tokens.view(batch_size, -1, width).max(dim=1).values  # [B, D]: small objects survive max-pooling
+        targets = torch.tensor([scene_attributes(s) for s in scenes])  # [B, 7]
+        logits = [head(pooled) for head in heads]
+        loss = sum(torch.nn.functional.cross_entropy(lg, targets[:, k]) for k, lg in enumerate(logits))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            right = torch.stack([lg.argmax(-1) == targets[:, k] for k, lg in enumerate(logits)]).float().mean().item()
+        accuracy = 0.9 * accuracy + 0.1 * right if step else right
+        if log is not None and (step + 1) % 100 == 0:
+            log(f"vision pretraining {step + 1}/{steps}: loss {loss.item():.3f}, attribute accuracy {accuracy:.3f}")
+    visual.eval()
+    return accuracy
+
+
 def build_tiny_qwen2vl(out_dir: str | Path, spec: TinySpec = TinySpec(), corpus: Iterable[str] | None = None) -> Path:
     """Train the tokenizer, initialise the model from `spec.seed` and save both to `out_dir`."""
     import torch
@@ -214,6 +289,8 @@ def build_tiny_qwen2vl(out_dir: str | Path, spec: TinySpec = TinySpec(), corpus:
     config = build_config(tokenizer, spec)
     torch.manual_seed(spec.seed)
     model = Qwen2VLForConditionalGeneration(config)
+    if spec.vision_pretrain_steps:
+        pretrain_vision(model, processor, spec.vision_pretrain_steps, seed=spec.seed)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,

@@ -48,6 +48,7 @@ class LearnerSpec:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    share_prompts: bool = True  # GRPO: each prompt's forward once per micro-batch (inputs.completion_logits)
     freeze_vision: bool = False
     prompt_template: str = ""
     image_cache: bool = True
@@ -102,6 +103,9 @@ class LearnerWorker:
         if spec.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.encoder = PromptEncoder(load_processor(spec.model_path), spec.prompt_template, cache=spec.image_cache)
+        # NOTE: the shared-prompt forward passes a KV cache between two forwards, which
+        # gradient checkpointing's recomputation does not support
+        self.share_prompts = spec.share_prompts and not spec.gradient_checkpointing
         self.engine = None
         self.ref_model = None
         self.stage = None
@@ -256,7 +260,7 @@ class LearnerWorker:
         stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio_mean": 0.0, "logp_diff": 0.0, "tokens": 0.0}
         for i, chunk in enumerate(micro):
             batch = self._to_device(
-                self.encoder.collate([self.encoder.encode(s.record) for s in chunk], [s.token_ids for s in chunk])
+                self.encoder.collate([self.encoder.encode(s.record) for s in chunk], [s.token_ids for s in chunk], self.share_prompts)
             )
             mask = batch["response_mask"]
             logits = completion_logits(self.engine, batch)
@@ -312,7 +316,7 @@ class LearnerWorker:
         """Log-probs of the given completions under the current policy (for tests and diagnostics)."""
         self.engine.eval() if self.engine is not None else self.model.eval()
         model = self.engine if self.engine is not None else self.model
-        batch = self._to_device(self.encoder.collate([self.encoder.encode(s.record) for s in samples], [s.token_ids for s in samples]))
+        batch = self._to_device(self.encoder.collate([self.encoder.encode(s.record) for s in samples], [s.token_ids for s in samples], self.share_prompts))
         logp = algo.compute_token_logprobs(
             completion_logits(model, batch), batch["completion_ids"], self.spec.temperature, self.spec.top_p, self.encoder.banned_token_ids
         )
