@@ -41,14 +41,14 @@ def run(args: argparse.Namespace) -> int:
     from alphadrive_ray.config import load_config
 
     config = load_config(args.config, args.overrides)
-    from alphadrive_ray.trainer import train
+    from alphadrive_ray.trainer import stage_labels, train
 
     summary = train(config, resume=args.resume)
     acc = summary.accuracy
     print()
     print(f"run directory: {summary.run_dir}")
     print("held-out planning accuracy:")
-    for stage, label in (("untrained", "untrained model"), ("sft", "after SFT warm-up"), ("final", "after SFT + GRPO")):
+    for stage, label in stage_labels(config).items():
         if stage in acc:
             print(f"  {label:20s} {acc[stage]:.3f}")
     print(f"report: {summary.run_dir}/report/report.html")

@@ -519,6 +519,14 @@ class Trainer:
         return [g for g, _ in keep], [s for _, s in keep], dropped
 
 
+def stage_labels(config: Config) -> dict[str, str]:
+    """How the summary names the accuracies it reports, given which stages the run had."""
+    sft = config.sft.enabled and config.sft.samples > 0
+    grpo = config.grpo.enabled and config.grpo.steps > 0
+    final = {(True, True): "after SFT + GRPO", (True, False): "final (SFT only)", (False, True): "after GRPO"}.get((sft, grpo), "final (no training)")
+    return {"untrained": "untrained model" if config.model.init_tiny else "starting model", "sft": "after SFT warm-up", "final": final}
+
+
 def train(config: Config, resume: bool = False) -> RunSummary:
     """Run both stages end to end (or continue from the latest checkpoint with `resume`);
     returns the summary written to run_dir/summary.json."""
@@ -561,7 +569,7 @@ def train(config: Config, resume: bool = False) -> RunSummary:
         predictions = trainer.predict()
         trainer.accuracy["final"] = trainer.planning_accuracy(predictions)
         summary.accuracy = dict(trainer.accuracy)
-        stages = {"untrained": "untrained model", "sft": "after SFT warm-up", "final": "after SFT + GRPO"}
+        stages = stage_labels(config)
         extra = {
             "Planning accuracy by stage (held-out split)": [
                 {"stage": stages[k], "accuracy": round(v, 4)} for k, v in summary.accuracy.items()

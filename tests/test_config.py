@@ -287,3 +287,18 @@ def test_cli_train_reports_config_errors_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     result = run_cli("train", str(path), "--set", "grpo.steps=3", "--set", "grpo=1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, untrained, final",
+    [
+        (("model.init_tiny=true",), "untrained model", "after SFT + GRPO"),
+        (("model.init_tiny=true", "grpo.enabled=false"), "untrained model", "final (SFT only)"),
+        (("sft.enabled=false", "model.init_tiny=false"), "starting model", "after GRPO"),
+    ],
+)
+def test_summary_names_the_stages_the_run_had(overrides, untrained, final):
+    from alphadrive_ray.trainer import stage_labels
+
+    labels = stage_labels(load_config(None, list(overrides)))
+    assert (labels["untrained"], labels["final"]) == (untrained, final)

@@ -258,3 +258,16 @@ def test_missing_folder_hint_and_cli(tmp_path):
     result = run_cli("model", "info", str(tmp_path / "nope"))
     assert result.returncode == 2 and result.stderr.startswith("error: model folder not found")
     assert "Traceback" not in result.stderr
+
+
+def test_pretraining_does_not_depend_on_the_callers_thread_count(tmp_path):
+    spec = TinySpec(seed=0, vision_pretrain_steps=3)
+    threads = torch.get_num_threads()
+    built = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            built.append(state(build_tiny_qwen2vl(tmp_path / f"threads-{n}", spec)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(built[0][k], built[1][k]) for k in built[0])

@@ -68,6 +68,7 @@ def learner_run(ray_cluster, tiny_text_dir, scenes, tmp_path_factory) -> dict:
     from ray.util.placement_group import remove_placement_group
 
     from alphadrive_ray.actions import format_completion
+    from alphadrive_ray.weight_sync import concat_bucket
     from alphadrive_ray.workers.group import LearnerGroup, Resources
     from alphadrive_ray.workers.learner import LearnerSpec, SFTExample
 
@@ -81,7 +82,8 @@ def learner_run(ray_cluster, tiny_text_dir, scenes, tmp_path_factory) -> dict:
         folder = tmp_path_factory.mktemp("vllm-cpu-run")
         buckets = []
         for i, (metas, ref) in enumerate(bucket_refs):
-            np.save(folder / f"bucket-{i:03d}.npy", ray.get(ref))
+            bucket = ray.get(ref)  # a list of views of the learner's parameters: one array on disk
+            np.save(folder / f"bucket-{i:03d}.npy", concat_bucket(metas, bucket) if isinstance(bucket, list) else bucket)
             buckets.append({"file": f"bucket-{i:03d}.npy", "metas": [m.__dict__ for m in metas]})
     finally:
         for actor in learners.actors:

@@ -224,6 +224,9 @@ def scene_attributes(scene) -> list[int]:
 ATTRIBUTE_CLASSES = (4, 3, 5, 2, 2, 2, 2)  # light, intersection, lead distance, pedestrian, cones, left lane, right lane
 
 
+PRETRAIN_THREADS = 2  # torch threads of the vision pretraining, whatever the machine
+
+
 def pretrain_vision(model, processor, steps: int, seed: int = 0, batch_size: int = 16, lr: float = 1e-3, log=None) -> float:
     """Pretrain the vision tower to recognise scene attributes; returns the final training accuracy.
 
@@ -235,9 +238,16 @@ def pretrain_vision(model, processor, steps: int, seed: int = 0, batch_size: int
     """
     import torch
 
-    with torch.random.fork_rng():
-        torch.manual_seed(10_000 + seed)  # the heads' initialisation: deterministic, global RNG untouched
-        return _pretrain_vision(model, processor, steps, seed, batch_size, lr, log)
+    threads = torch.get_num_threads()
+    # NOTE: float reductions depend on the thread count; a fixed count makes the weights a
+    # function of the seed on a given machine, whatever the caller's thread setting
+    torch.set_num_threads(PRETRAIN_THREADS)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(10_000 + seed)  # the heads' initialisation: deterministic, global RNG untouched
+            return _pretrain_vision(model, processor, steps, seed, batch_size, lr, log)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _pretrain_vision(model, processor, steps: int, seed: int, batch_size: int, lr: float, log) -> float:
