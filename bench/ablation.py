@@ -33,11 +33,15 @@ summary.json, metrics.jsonl). Outputs under --out (default bench/out/ablation):
     data/eval-shifted/    the held-out split
     results.json          every figure, the budget, the commands
     results.md            the tables (also printed), with notes
-    reward_curves.png     reward and rollout accuracy per GRPO step, reward ablation
+    reward_curves.png     reward and rollout accuracy per GRPO step, held-out accuracy at the
+                          start and end (and every N steps with --set eval.every_steps=N)
     strategy_curves.png   the same for RL only and SFT + RL
 
 --docs PATH rewrites the part of PATH between `<!-- ABLATION_TABLE -->` and
-`<!-- /ABLATION_TABLE -->` (appended when the markers are missing) and keeps everything else.
+`<!-- /ABLATION_TABLE -->` (appended when the markers are missing) with the tables of this
+invocation (one with --only) and keeps everything else. --reuse skips the runs already
+finished in --out with the same resolved config, so an interrupted ablation continues and
+`--reuse --docs` only redraws.
 """
 
 from __future__ import annotations
@@ -102,6 +106,7 @@ MANAGED_KEYS = (
     "reward.components",
     "checkpoint.export_sft",
     "data.eval",
+    "eval.baseline",
 )
 
 
@@ -192,7 +197,11 @@ def yaml_value(value: Any) -> str:
 
 def run_overrides(spec: RunSpec, common: list[str], user: list[str], base: Config, out: Path) -> list[str]:
     """The --set list of one run: the shared settings, what the variant changes, then the user's."""
-    own = [f"run.name={spec.key}", f"reward.components={yaml_value(list(spec.components))}", f"eval.baseline={yaml_value(spec.baseline)}"]
+    own = [
+        f"run.name={spec.key}",
+        f"reward.components={yaml_value(list(spec.components))}",
+        f"eval.baseline={yaml_value(spec.baseline)}",
+    ]
     if spec.start == "sft":
         own += [f"model.path={yaml_value(str(out / 'runs' / 'sft' / 'export-sft'))}", "model.init_tiny=false"]
     else:
@@ -273,8 +282,8 @@ def split_counts(synth_json: Path) -> dict | None:
 
 
 def elapsed(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def finished_run(run_dir: Path, resolved: dict) -> dict | None:
@@ -300,11 +309,14 @@ def train(spec: RunSpec, overrides: list[str], base: Path, log_path: Path) -> fl
     # keyed by Python and CUDA version only: another virtual environment on the machine rewrites
     # its build file with its own include paths, and every learner start then rebuilds it (about
     # a CPU-minute per run). A cache per environment builds once.
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / f"torch_extensions-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]}"))
+    venv = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / f"torch_extensions-{venv}"))
     start = time.monotonic()
     with open(log_path, "w", encoding="utf-8", buffering=1) as log:  # line-buffered: `tail -f` works
         log.write(f"$ cd {shlex.quote(str(REPO))} && {shlex.join(command)}\n")
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -336,7 +348,10 @@ def load_result(result: RunResult, spec: RunSpec) -> None:
     result.curve = [r for r in rows if r["stage"] in ("grpo", "eval")]
 
 
-def run_all(specs: list[RunSpec], planned: dict[str, tuple[list[str], dict]], base: Path, out: Path, reuse: bool) -> dict[str, RunResult]:
+def run_all(
+    specs: list[RunSpec], planned: dict[str, tuple[list[str], dict]], base: Path, out: Path, reuse: bool
+) -> dict[str, RunResult]:
+    """Train the runs in order (or reuse finished ones) and read their figures."""
     results: dict[str, RunResult] = {}
     started = time.monotonic()
     rerun: set[str] = set()  # runs done in this invocation: their dependants cannot be reused
@@ -352,9 +367,11 @@ def run_all(specs: list[RunSpec], planned: dict[str, tuple[list[str], dict]], ba
             result.wall_s, result.reused = record["wall_s"], True
             print(f"[{i}/{len(specs)}] {spec.key}: {what}: reusing the finished run in {run_dir}", flush=True)
         else:
-            print(f"[{i}/{len(specs)}] {spec.key}: {what} (log: {out / 'logs' / (spec.key + '.log')}; {elapsed(time.monotonic() - started)} elapsed)", flush=True)
-            result.wall_s = train(spec, overrides, base, out / "logs" / f"{spec.key}.log")
-            (run_dir / "ablation_run.json").write_text(json.dumps({"wall_s": round(result.wall_s, 1), "overrides": overrides}, indent=2) + "\n")
+            log = out / "logs" / f"{spec.key}.log"
+            print(f"[{i}/{len(specs)}] {spec.key}: {what} (log: {log}; {elapsed(time.monotonic() - started)} elapsed)", flush=True)
+            result.wall_s = train(spec, overrides, base, log)
+            marker = {"wall_s": round(result.wall_s, 1), "overrides": overrides}
+            (run_dir / "ablation_run.json").write_text(json.dumps(marker, indent=2) + "\n")
             rerun.add(spec.key)
         load_result(result, spec)
         acc = result.metrics["final"]["planning"]["accuracy"]
@@ -490,6 +507,7 @@ def plot_curves(path: Path, title: str, curves: Sequence[Curve]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = (
         ("reward/total", "GRPO reward (total; scales differ by variant)"),
@@ -505,7 +523,8 @@ def plot_curves(path: Path, title: str, curves: Sequence[Curve]) -> None:
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, color=colour, alpha=0.25, linewidth=0.8)
-                ax.plot(xs, moving_mean(ys, max(1, len(ys) // 15)), color=colour, label=curve.label, linewidth=1.6, marker="o" if len(xs) < 6 else None)
+                smooth = moving_mean(ys, max(1, len(ys) // 15))
+                ax.plot(xs, smooth, color=colour, label=curve.label, linewidth=1.6, marker="o" if len(xs) < 6 else None)
         # eval rows are logged at the weight version, which is the GRPO step in runs without SFT
         held = {r["step"]: r["eval/accuracy"] for r in curve.rows if r["stage"] == "eval" and "eval/accuracy" in r}
         if curve.start_accuracy is not None:
@@ -516,6 +535,7 @@ def plot_curves(path: Path, title: str, curves: Sequence[Curve]) -> None:
     for ax, (_, name) in zip(axes[0], panels):
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("GRPO step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][1].legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=11)
@@ -544,30 +564,49 @@ def update_docs(path: Path, section: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[1:6]))
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:6]),
+    )
     p.add_argument("--base", type=Path, default=DEFAULT_BASE, help="base config of every run (default jobs/quickstart_cpu.yaml)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/out/ablation; bench/out/ablation-smoke with --smoke)")
     p.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps of every RL run (default: the base config's)")
-    p.add_argument("--sft-samples", type=int, default=None, help="samples of the SFT warm-up (default: the base config's sft.samples)")
+    p.add_argument("--sft-samples", type=int, default=None, help="samples of the SFT warm-up (default: the base config's)")
     p.add_argument("--eval-samples", type=int, default=None, help="scenes in the held-out split (default: the base config's data.synth_eval.n, else 300)")
-    p.add_argument("--only", choices=("reward", "strategy"), default=None, help="run one ablation (default both)")
+    p.add_argument("--only", choices=tuple(TABLES), default=None, help="run one ablation (default both)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override passed to every run (repeatable)")
-    p.add_argument("--smoke", action="store_true", help="tiny settings (2 GRPO steps, 10 SFT steps, 20 held-out scenes, one worker each)")
-    p.add_argument("--reuse", action="store_true", help="keep finished runs in --out whose resolved config is unchanged")
-    p.add_argument("--docs", type=Path, default=None, help="also write the tables into this markdown file between the ablation markers")
+    p.add_argument("--smoke", action="store_true", help="tiny settings: 2 GRPO steps, 10 SFT steps, 20 held-out scenes, one worker each")
+    p.add_argument("--reuse", action="store_true", help="keep the finished runs in --out whose resolved config is unchanged")
+    p.add_argument("--docs", type=Path, default=None, help="write this invocation's tables into this markdown file, between the ablation markers")
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    t0 = time.monotonic()
+@dataclass
+class Plan:
+    """Everything decided before the first run starts."""
+
+    base_path: Path
+    out: Path
+    tables: list[str]
+    specs: list[RunSpec]
+    planned: dict[str, tuple[list[str], dict]]  # run -> (its --set list, its resolved config)
+    ref: Config  # the SFT run's resolved config: the budget and the splits
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Resolve and validate the config of every run (a mistake is reported before hours of training)."""
     base_path = args.base.resolve()
     if not base_path.is_file():
         raise UserError(f"base config not found: {args.base} (pass --base, e.g. jobs/quickstart_cpu.yaml)")
     out = (args.out or (DEFAULT_OUT.with_name("ablation-smoke") if args.smoke else DEFAULT_OUT)).resolve()
     check_user_overrides(args.overrides)
     base = load_config(base_path, [*(SMOKE_OVERRIDES if args.smoke else ()), *args.overrides])
-    defaults = SMOKE if args.smoke else {"grpo_steps": base.grpo.steps, "sft_samples": base.sft.samples, "eval_samples": base.data.synth_eval.n or 300}
+    defaults = SMOKE if args.smoke else {
+        "grpo_steps": base.grpo.steps,
+        "sft_samples": base.sft.samples,
+        "eval_samples": base.data.synth_eval.n or 300,
+    }
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -577,28 +616,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     tables = [args.only] if args.only else list(TABLES)
     specs = runs_for(tables)
     common = common_overrides(args, base, out)
-    planned: dict[str, tuple[list[str], dict]] = {}
-    configs: dict[str, Config] = {}
-    for spec in specs:  # resolve and validate every run before the first one starts
+    planned, configs = {}, {}
+    for spec in specs:
         overrides = run_overrides(spec, common, args.overrides, base, out)
         configs[spec.key] = load_config(base_path, overrides)
         planned[spec.key] = (overrides, configs[spec.key].to_dict())
-    ref = configs["sft"]
-    check_eval_split(ref)
+    check_eval_split(configs["sft"])
     budgets = {(c.grpo.steps, c.grpo.prompts_per_step, c.grpo.group_size, c.grpo.lr) for k, c in configs.items() if k != "sft"}
     assert len(budgets) == 1, f"GRPO budgets differ across variants: {budgets}"
+    return Plan(base_path, out, tables, specs, planned, configs["sft"])
 
-    print(f"ablation: {', '.join(tables)}; {len(specs)} runs from {base_path.relative_to(REPO) if base_path.is_relative_to(REPO) else base_path} -> {out}")
-    print(
-        f"budget: SFT {ref.sft.samples} samples x {ref.sft.epochs} epoch(s); GRPO {ref.grpo.steps} steps x {ref.grpo.prompts_per_step} prompts x {ref.grpo.group_size} completions; "
-        f"held-out {ref.data.synth_eval.n} scenes (seed {ref.data.synth_eval.seed}, shifted class mix)",
-        flush=True,
-    )
-    results = run_all(specs, planned, base_path, out, args.reuse)
 
-    train_split = ref.data.synth_train
-    budget = {
-        "base": str(base_path),
+def describe_budget(plan: Plan, args: argparse.Namespace) -> dict:
+    """The shared settings of the runs, for results.json and the notes."""
+    ref, train = plan.ref, plan.ref.data.synth_train
+    generated_train = {
+        "seed": train.seed,
+        "speed_mix": train.speed_mix or DEFAULT_SPEED_MIX,
+        "path_mix": train.path_mix or DEFAULT_PATH_MIX,
+    }
+    return {
+        "base": str(plan.base_path),
         "grpo_steps": ref.grpo.steps,
         "prompts_per_step": ref.grpo.prompts_per_step,
         "group_size": ref.grpo.group_size,
@@ -613,46 +651,72 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seed": ref.data.synth_eval.seed,
             "speed_mix": ref.data.synth_eval.speed_mix,
             "path_mix": ref.data.synth_eval.path_mix,
-            "counts": split_counts(Path(REPO, ref.data.eval).parent / "synth.json"),
+            "counts": split_counts(Path(ref.data.eval).parent / "synth.json"),
         },
-        "train_split": {"path": ref.data.train, **({"seed": train_split.seed, "speed_mix": train_split.speed_mix or DEFAULT_SPEED_MIX, "path_mix": train_split.path_mix or DEFAULT_PATH_MIX} if train_split.n > 0 else {})},
+        "train_split": {"path": ref.data.train, **(generated_train if train.n > 0 else {})},
         "smoke": args.smoke,
         "user_overrides": args.overrides,
     }
-    figures = {name: [row_figures(row, results) for row in TABLES[name][1]] for name in tables}
-    section = "\n\n".join(markdown_table(name, figures[name]) for name in tables) + "\n\n" + notes(budget, tables, results)
+
+
+def write_outputs(plan: Plan, args: argparse.Namespace, results: dict[str, RunResult]) -> tuple[str, list[Path]]:
+    """results.md, results.json, the curves and (with --docs) the docs section; returns the markdown."""
+    budget = describe_budget(plan, args)
+    figures = {name: [row_figures(row, results) for row in TABLES[name][1]] for name in plan.tables}
+    section = "\n\n".join(markdown_table(name, figures[name]) for name in plan.tables)
+    section += "\n\n" + notes(budget, plan.tables, results)
     if args.smoke:
         section = "**Smoke run (--smoke): tiny settings, the figures mean nothing.**\n\n" + section
 
+    out = plan.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(section + "\n", encoding="utf-8")
-    payload = {
-        "budget": budget,
-        "tables": figures,
-        "runs": {
-            k: {"run_dir": str(r.run_dir), "wall_s": round(r.wall_s, 1), "reused": r.reused, "seconds": r.summary.get("seconds", {}), "overrides": r.overrides}
-            for k, r in results.items()
-        },
+    runs = {
+        k: {
+            "run_dir": str(r.run_dir),
+            "wall_s": round(r.wall_s, 1),
+            "reused": r.reused,
+            "seconds": r.summary.get("seconds", {}),
+            "overrides": r.overrides,
+        }
+        for k, r in results.items()
     }
-    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    pictures = []
-    for name in tables:
-        sft_accuracy = results["sft"].metrics["final"]["planning"]["accuracy"]
+    (out / "results.json").write_text(json.dumps({"budget": budget, "tables": figures, "runs": runs}, indent=2) + "\n", encoding="utf-8")
+    written = [out / "results.md", out / "results.json"]
+    sft_accuracy = results["sft"].metrics["final"]["planning"]["accuracy"]
+    for name in plan.tables:
         curves = [
             Curve(row.label, results[row.run].curve, sft_accuracy if RUNS[row.run].start == "sft" else None)
             for row in TABLES[name][1]
             if RUNS[row.run].stage == "grpo" and row.tag == "final"
         ]
-        path = out / f"{name}_curves.png"
-        plot_curves(path, TABLES[name][0], curves)
-        pictures.append(path)
+        plot_curves(out / f"{name}_curves.png", TABLES[name][0], curves)
+        written.append(out / f"{name}_curves.png")
     if args.docs:
         update_docs(args.docs.resolve(), section)
+        written.append(args.docs.resolve())
+    return section, written
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    plan = make_plan(args)
+    ref = plan.ref
+    shown_base = plan.base_path.relative_to(REPO) if plan.base_path.is_relative_to(REPO) else plan.base_path
+    print(f"ablation: {', '.join(plan.tables)}; {len(plan.specs)} runs of {shown_base} -> {plan.out}")
+    print(
+        f"budget: SFT {ref.sft.samples} samples x {ref.sft.epochs} epoch(s); GRPO {ref.grpo.steps} steps x "
+        f"{ref.grpo.prompts_per_step} prompts x {ref.grpo.group_size} completions; held-out {ref.data.synth_eval.n} scenes "
+        f"(seed {ref.data.synth_eval.seed}, shifted class mix)",
+        flush=True,
+    )
+    results = run_all(plan.specs, plan.planned, plan.base_path, plan.out, args.reuse)
+    section, written = write_outputs(plan, args, results)
     print()
     print(section)
     print()
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {', '.join(str(p) for p in pictures)}" + (f" and the table section of {args.docs}" if args.docs else ""))
+    print("wrote " + ", ".join(str(p) for p in written))
     print(f"total {elapsed(time.monotonic() - t0)}")
     return 0
 

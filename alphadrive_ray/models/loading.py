@@ -8,6 +8,8 @@ local folder written by `save_pretrained` (or `alphadrive-ray model init-tiny`).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from alphadrive_ray.errors import UserError
@@ -87,6 +89,16 @@ def ensure_model(path: str | Path, init_tiny: bool, seed: int = 0) -> Path:
             if (folder / "config.json").is_file() and not (folder / "tiny_spec.json").is_file():
                 raise UserError(f"model.init_tiny is set but {folder} holds another model; point model.path elsewhere or set model.init_tiny: false")
             print(f"building the tiny Qwen2-VL at {folder} (seed {seed}; pretraining its vision tower, about a minute)", flush=True)
-            build_tiny_qwen2vl(folder, spec)
+            # built aside and swapped in: a run reading the folder never sees a half-written model
+            staging = folder.with_name(f".{folder.name}.building-{os.getpid()}")
+            shutil.rmtree(staging, ignore_errors=True)
+            build_tiny_qwen2vl(staging, spec)
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+                folder.rename(old)
+                staging.rename(folder)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                staging.rename(folder)
     read_model_type(folder)
     return folder
