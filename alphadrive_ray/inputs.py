@@ -17,6 +17,7 @@ prompt G times (the prompt is most of a row: ~80 of ~145 tokens in the quickstar
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -180,6 +181,19 @@ def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
 
 
+def returned_cache(output):
+    """The KV cache a forward returned: `cache` from transformers 5.20 on, `past_key_values`
+    before (vLLM 0.32 caps transformers below 5.20, so GPU images run the older name)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def cache_argument(model) -> str:
+    """The name under which `model`'s forward takes a KV cache (see `returned_cache`)."""
+    core = getattr(model, "module", model)  # the model under a DeepSpeed engine
+    return "cache" if "cache" in inspect.signature(core.forward).parameters else "past_key_values"
+
+
 def completion_logits(model, batch: dict) -> torch.Tensor:
     """Logits that predict each completion token: [B, C, V]."""
     if "prompt_index" in batch:
@@ -224,9 +238,16 @@ def _shared_prompt_logits(model, batch: dict) -> torch.Tensor:
         positions = None
         completion_positions = (P + steps).unsqueeze(0).expand(B, -1)  # [B, C]
     head = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache = head.cache
+    cache = returned_cache(head)
     for layer in cache.layers:
         layer.batch_select_indices(index)  # [U, ...] -> [B, ...], differentiable
-    tail = model(input_ids=completion_ids, attention_mask=mask, position_ids=completion_positions, cache=cache, use_cache=True, logits_to_keep=C)
+    tail = model(
+        input_ids=completion_ids,
+        attention_mask=mask,
+        position_ids=completion_positions,
+        use_cache=True,
+        logits_to_keep=C,
+        **{cache_argument(model): cache},
+    )
     # the prompt's last position predicts completion token 0; completion position j predicts token j + 1
     return torch.cat([head.logits[index], tail.logits[:, :-1, :]], dim=1)  # [B, C, V]

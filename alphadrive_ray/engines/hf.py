@@ -26,7 +26,7 @@ import torch
 from alphadrive_ray.algo import apply_sampling_transform
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.engines.base import Completion, Group, SamplingParams
-from alphadrive_ray.inputs import PromptEncoder
+from alphadrive_ray.inputs import PromptEncoder, cache_argument, returned_cache
 from alphadrive_ray.models.loading import load_model, load_processor
 
 
@@ -132,7 +132,8 @@ class HFEngine:
             positions = None
             next_position = torch.full((B, 1), P, dtype=torch.long, device=self.device)
         prefill = self.model(**batch, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = _RepeatedKVCache(prefill.cache, G, T)
+        cache = _RepeatedKVCache(returned_cache(prefill), G, T)
+        cache_name = cache_argument(self.model)
         logits = prefill.logits[:, -1].repeat_interleave(G, dim=0)  # [N, V]
         next_position = next_position.repeat_interleave(G, dim=0)  # [N, 1]
         # key mask over prompt + completion columns; column P + t opens when token t is fed
@@ -164,8 +165,8 @@ class HFEngine:
                 input_ids=token.unsqueeze(1),
                 attention_mask={"full_attention": key_mask[..., : P + t + 1]},
                 position_ids=position.unsqueeze(0).expand(3, -1, -1) if self.encoder.vision else position,
-                cache=cache,
                 use_cache=True,
+                **{cache_name: cache},
             )
             cache.advance(1)
             logits = out.logits[:, -1]
