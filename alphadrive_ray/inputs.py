@@ -194,6 +194,26 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(core.forward).parameters else "past_key_values"
 
 
+def prompt_positions(model, prompt: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Position ids of a left-padded prompt batch, and where each row's first completion token sits.
+
+    Qwen2-VL (the prompt has `mm_token_type_ids`): M-RoPE positions from `get_rope_index`
+    [3, B, P], and `n + rope_delta` [B, 1] (n = the row's unpadded length), where the full-row
+    forward puts completion token 0. A text-only model numbers all columns: (None, P).
+    """
+    mask = prompt["attention_mask"]  # [B, P]
+    if "mm_token_type_ids" not in prompt:
+        return None, torch.full((mask.shape[0], 1), mask.shape[1], dtype=torch.long, device=mask.device)
+    core = getattr(model, "module", model).model  # the Qwen2-VL model (also under a DeepSpeed engine)
+    positions, rope_delta = core.get_rope_index(
+        prompt["input_ids"],
+        mm_token_type_ids=prompt["mm_token_type_ids"],
+        image_grid_thw=prompt["image_grid_thw"],
+        attention_mask=mask,
+    )  # [3, B, P], [B, 1]
+    return positions, mask.sum(dim=1, keepdim=True) + rope_delta
+
+
 def completion_logits(model, batch: dict) -> torch.Tensor:
     """Logits that predict each completion token: [B, C, V]."""
     if "prompt_index" in batch:
@@ -208,9 +228,8 @@ def _shared_prompt_logits(model, batch: dict) -> torch.Tensor:
     """`completion_logits` of a `share_prompts` batch: each distinct prompt once, then all
     completions on copies of their prompt's KV cache (gradients flow into the prompt once).
 
-    Positions are those of the full-row forward: M-RoPE positions of the prompt from
-    `get_rope_index`, completion token j at `n + j + rope_delta` (n = the prompt's unpadded
-    length); a text-only model numbers all columns, so completion token j sits at P + j.
+    Positions are those of the full-row forward (`prompt_positions`): completion token j of
+    a row sits at its prompt's start + j.
     """
     completion_ids = batch["completion_ids"]  # [B, C]
     index, rows = batch["prompt_index"], batch["prompt_rows"]  # [B], [U]
@@ -218,25 +237,16 @@ def _shared_prompt_logits(model, batch: dict) -> torch.Tensor:
     mask = batch["attention_mask"]  # [B, P + C]
     P = mask.shape[1] - C
     prompt = {"input_ids": batch["input_ids"][rows, :P], "attention_mask": mask[rows, :P]}
-    steps = torch.arange(C, device=mask.device)
     if "pixel_values" in batch:
         prompt.update(
             pixel_values=batch["pixel_values"],
             image_grid_thw=batch["image_grid_thw"],
             mm_token_type_ids=batch["mm_token_type_ids"][rows, :P],
         )
-        core = getattr(model, "module", model).model  # the Qwen2-VL model under a DeepSpeed engine
-        positions, rope_delta = core.get_rope_index(
-            prompt["input_ids"],
-            mm_token_type_ids=prompt["mm_token_type_ids"],
-            image_grid_thw=prompt["image_grid_thw"],
-            attention_mask=prompt["attention_mask"],
-        )  # [3, U, P], [U, 1]
-        start = prompt["attention_mask"].sum(dim=1, keepdim=True) + rope_delta  # [U, 1]
-        completion_positions = (start[index] + steps).unsqueeze(0).expand(3, -1, -1)  # [3, B, C]
-    else:
-        positions = None
-        completion_positions = (P + steps).unsqueeze(0).expand(B, -1)  # [B, C]
+    positions, start = prompt_positions(model, prompt)  # start: [U, 1]
+    completion_positions = start[index] + torch.arange(C, device=mask.device)  # [B, C]
+    if positions is not None:
+        completion_positions = completion_positions.unsqueeze(0).expand(3, -1, -1)  # M-RoPE: [3, B, C]
     head = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache = returned_cache(head)
     for layer in cache.layers:

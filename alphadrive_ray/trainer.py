@@ -206,11 +206,11 @@ class Trainer:
             if not self._nccl_open:
                 self.learners.open_nccl_sync(self.rollout)
                 self._nccl_open = True
-            self.learners.broadcast_weights(self.rollout, self.version)
-            return time.monotonic() - start
-        bucket_refs = self.learners.export_weights(self.config.sync.bucket_mb)
-        self.rollout.load_weights(bucket_refs, self.version)
-        self.last_sync_bytes = sum(meta.nbytes for metas, _ in bucket_refs for meta in metas)
+            self.last_sync_bytes = self.learners.broadcast_weights(self.rollout, self.version)
+        else:
+            bucket_refs = self.learners.export_weights(self.config.sync.bucket_mb)
+            self.rollout.load_weights(bucket_refs, self.version)
+            self.last_sync_bytes = sum(meta.nbytes for metas, _ in bucket_refs for meta in metas)
         return time.monotonic() - start
 
     def peak_memory_mb(self) -> dict[str, float]:

@@ -159,6 +159,15 @@ _SPEED_VERBS = {
 }
 
 
+# The lead car's distance bands of the planner, nearest first (`lead_band`).
+LEAD_BANDS = ("very close", "close", "at a safe distance", "far")
+
+
+def lead_band(distance: float) -> int:
+    """Index in LEAD_BANDS of a lead car at `distance` metres (the planner's thresholds)."""
+    return 0 if distance < LEAD_HAZARD_M else 1 if distance < LEAD_CAUTION_M else 2 if distance < LEAD_FOLLOW_M else 3
+
+
 def describe_scene(scene: Scene) -> str:
     """What a driver would note first: the planning-relevant things in view, in a fixed order.
 
@@ -170,9 +179,7 @@ def describe_scene(scene: Scene) -> str:
         light = f"a {scene.light} light at " if scene.light else ""
         seen.append(f"{light}an intersection {'close' if scene.intersection == 'near' else 'far'} ahead")
     if scene.lead_distance is not None:
-        d = scene.lead_distance
-        where = "very close" if d < LEAD_HAZARD_M else "close" if d < LEAD_CAUTION_M else "at a safe distance" if d < LEAD_FOLLOW_M else "far"
-        seen.append(f"a car {where} ahead")
+        seen.append(f"a car {LEAD_BANDS[lead_band(scene.lead_distance)]} ahead")
     if scene.pedestrian_distance is not None:
         seen.append("a pedestrian on the road")
     if scene.cones_distance is not None:

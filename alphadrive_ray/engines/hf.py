@@ -26,7 +26,7 @@ import torch
 from alphadrive_ray.algo import apply_sampling_transform
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.engines.base import Completion, Group, SamplingParams
-from alphadrive_ray.inputs import PromptEncoder, cache_argument, returned_cache
+from alphadrive_ray.inputs import PromptEncoder, cache_argument, prompt_positions, returned_cache
 from alphadrive_ray.models.loading import load_model, load_processor
 
 
@@ -54,11 +54,14 @@ class HFEngine:
         image_cache: bool = True,
         attn_implementation: str = "sdpa",
         loop: str = "lean",
+        zero_copy_weights: bool = False,
     ):
         if loop not in ("lean", "generate"):
             raise ValueError(f"unknown HF decoding loop {loop!r}; expected 'lean' or 'generate'")
         self.loop = loop
         self.device = torch.device(device)
+        # CPU only: synced tensors in shared memory can be the parameters themselves
+        self.zero_copy_weights = zero_copy_weights and self.device.type == "cpu"
         self.model = load_model(model_path, dtype, attn_implementation).to(self.device)
         self.model.requires_grad_(False)
         self.encoder = PromptEncoder(load_processor(model_path), prompt_template, cache=image_cache)
@@ -117,20 +120,9 @@ class HFEngine:
         prompt_mask = batch["attention_mask"]  # [B, P]
         B, P = prompt_mask.shape
         N = B * G
-        if self.encoder.vision:
-            # M-RoPE positions of the prompts (image tokens get 2D positions) and, per row, the
-            # offset between a text token's position and its index (the same call as the model's)
-            positions, rope_delta = self.model.model.get_rope_index(
-                batch["input_ids"],
-                mm_token_type_ids=batch["mm_token_type_ids"],
-                image_grid_thw=batch["image_grid_thw"],
-                attention_mask=prompt_mask,
-            )  # [3, B, P], [B, 1]
-            next_position = prompt_mask.sum(dim=1, keepdim=True) + rope_delta  # [B, 1]
-        else:
-            # a text-only model numbers padded columns too (as the learner's forward does)
-            positions = None
-            next_position = torch.full((B, 1), P, dtype=torch.long, device=self.device)
+        # M-RoPE positions of the prompts (a text-only model: None), and where each row's
+        # completion starts (the learner's layout)
+        positions, next_position = prompt_positions(self.model, batch)  # [3, B, P] | None, [B, 1]
         prefill = self.model(**batch, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache = _RepeatedKVCache(returned_cache(prefill), G, T)
         cache_name = cache_argument(self.model)
@@ -205,11 +197,13 @@ class HFEngine:
         return self._groups(records, params.n, new_tokens, logprobs)
 
     @torch.no_grad()
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, zero_copy: bool = False) -> int:
-        """Copy the tensors into the model; with `zero_copy` (CPU), use matching ones as the
-        parameters themselves (read-only object-store buffers; see weight_sync.load_into_parameters)."""
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, zero_copy: bool | None = None) -> int:
+        """Copy the tensors into the model; with zero copy (the engine's `zero_copy_weights`
+        unless `zero_copy` says otherwise), use matching ones as the parameters themselves
+        (read-only object-store buffers; see weight_sync.load_into_parameters)."""
         from alphadrive_ray.weight_sync import load_into_parameters
 
+        zero_copy = self.zero_copy_weights if zero_copy is None else zero_copy
         n = load_into_parameters(self._params, named_tensors, zero_copy=zero_copy, borrowed=self._borrowed)
         self.weight_version = version
         return n

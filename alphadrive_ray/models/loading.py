@@ -73,7 +73,8 @@ def load_model(path: str | Path, dtype: str = "float32", attn_implementation: st
 
 
 def ensure_model(path: str | Path, init_tiny: bool, seed: int = 0) -> Path:
-    """Build the tiny model at `path` when asked and missing; then check the folder."""
+    """With `init_tiny`, build the tiny model at `path` when it is missing or was built from
+    another `TinySpec` (tiny_spec.json differs); then check the folder."""
     folder = Path(path)
     if init_tiny:
         from dataclasses import asdict

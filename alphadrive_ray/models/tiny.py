@@ -206,10 +206,9 @@ def build_config(tokenizer, spec: TinySpec):
 
 def scene_attributes(scene) -> list[int]:
     """Classes of what a driver must see in a synthetic scene (targets of vision pretraining)."""
-    from alphadrive_ray.data.synth import LEAD_CAUTION_M, LEAD_FOLLOW_M, LEAD_HAZARD_M
+    from alphadrive_ray.data.synth import lead_band
 
-    d = scene.lead_distance
-    lead = 0 if d is None else 1 if d < LEAD_HAZARD_M else 2 if d < LEAD_CAUTION_M else 3 if d < LEAD_FOLLOW_M else 4
+    lead = 0 if scene.lead_distance is None else 1 + lead_band(scene.lead_distance)  # 0: no lead car
     return [
         (None, "red", "yellow", "green").index(scene.light),
         (None, "near", "far").index(scene.intersection),

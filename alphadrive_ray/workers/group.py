@@ -9,6 +9,8 @@ with a timeout) and `LearnerGroup` (equal shards to each rank).
 
 from __future__ import annotations
 
+import math
+
 import time
 import uuid
 from dataclasses import dataclass
@@ -370,12 +372,14 @@ class LearnerGroup(_ActorGroup):
         self._get(refs, "open_weight_sync_group")
 
     def broadcast_weights(self, rollout: "RolloutGroup", version: int) -> int:
-        """GPU: stream the weights over NCCL; engines receive concurrently."""
+        """GPU: stream the weights over NCCL; engines receive concurrently. Returns the bytes sent."""
+        from alphadrive_ray.weight_sync import to_dtype
+
         metas = ray.get(self.actors[0].weight_metas.remote())
         refs = [a.receive_weights_nccl.remote(metas, version) for a in rollout.actors]
         self._all("broadcast_weights")
         ray.get(refs)
-        return len(metas)
+        return sum(math.prod(shape) * to_dtype(dtype).itemsize for _, dtype, shape in metas)
 
     def save_hf(self, out_dir: str) -> str:
         return self._all("save_hf", out_dir)[0]

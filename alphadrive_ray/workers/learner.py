@@ -24,6 +24,7 @@ from alphadrive_ray import algo
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.inputs import PromptEncoder, completion_logits
 from alphadrive_ray.models.loading import load_model, load_processor
+from alphadrive_ray.workers.process import ProcessInfo
 
 
 @dataclass
@@ -79,7 +80,7 @@ def _shards(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-class LearnerWorker:
+class LearnerWorker(ProcessInfo):
     def __init__(self, spec: LearnerSpec, rank: int, world_size: int, master_addr: str, master_port: int):
         import deepspeed
 
@@ -406,13 +407,3 @@ class LearnerWorker:
 
     def ping(self) -> int:
         return self.rank
-
-    def peak_rss_mb(self) -> float:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()

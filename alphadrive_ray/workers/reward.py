@@ -8,6 +8,7 @@ from typing import Sequence
 from alphadrive_ray.actions import format_answer
 from alphadrive_ray.config import REWARD_COMPONENTS
 from alphadrive_ray.engines.base import Group
+from alphadrive_ray.workers.process import ProcessInfo
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def score_groups(groups: Sequence[Group], spec: RewardSpec) -> list[list[dict[st
     ]
 
 
-class RewardWorker:
+class RewardWorker(ProcessInfo):
     def __init__(self, spec: RewardSpec, index: int = 0):
         self.spec = spec
         self.index = index
@@ -49,13 +50,3 @@ class RewardWorker:
 
     def ping(self) -> int:
         return self.index
-
-    def peak_rss_mb(self) -> float:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()

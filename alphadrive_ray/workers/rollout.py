@@ -8,6 +8,7 @@ from typing import Sequence
 
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.engines.base import Group, SamplingParams
+from alphadrive_ray.workers.process import ProcessInfo
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ def make_engine(spec: RolloutSpec):
             image_cache=spec.image_cache,
             attn_implementation=spec.attn_implementation,
             loop=spec.hf_loop,
+            zero_copy_weights=spec.zero_copy_weights,
         )
     if spec.engine == "vllm":
         from alphadrive_ray.engines.vllm_engine import VLLMEngine
@@ -57,7 +59,7 @@ def make_engine(spec: RolloutSpec):
     raise ValueError(f"unknown rollout engine {spec.engine!r}")
 
 
-class RolloutWorker:
+class RolloutWorker(ProcessInfo):
     def __init__(self, spec: RolloutSpec, index: int = 0):
         import torch
 
@@ -73,9 +75,6 @@ class RolloutWorker:
         """Receive published buckets (see alphadrive_ray.weight_sync) and load them."""
         from alphadrive_ray import weight_sync
 
-        if self.spec.engine == "hf":
-            zero_copy = self.spec.zero_copy_weights and self.spec.device == "cpu"
-            return self.engine.load_weights(weight_sync.receive(bucket_refs), version, zero_copy=zero_copy)
         return self.engine.load_weights(weight_sync.receive(bucket_refs), version)
 
     def init_weight_sync_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
@@ -102,13 +101,3 @@ class RolloutWorker:
         import ray
 
         return ray.get_runtime_context().get_node_id()
-
-    def peak_rss_mb(self) -> float:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
