@@ -398,7 +398,13 @@ class Trainer:
             current = pending
             groups, scores = self.rollout.collect(current["jobs"], self.rewards)
             t_gen, t_reward = self.rollout.last_wait["rollout"], self.rollout.last_wait["reward"]
-            groups, scores, dropped = self._dynamic_sampling(groups, scores, step) if c.dynamic_sampling else (groups, scores, 0)
+            t_resample, rounds = time.monotonic(), 0
+            if c.dynamic_sampling:
+                groups, scores, dropped, rounds = self._dynamic_sampling(groups, scores, step)
+            else:
+                dropped = 0
+            # the refill rounds generate and score too: their time counts as rollout
+            t_gen += time.monotonic() - t_resample
             next_sampler_state = sampler.state_dict()
             if c.off_policy_steps and step + 1 < c.steps:
                 next_sampler_state = None  # taken by the prefetch below
@@ -450,6 +456,7 @@ class Trainer:
                     "perf/samples_per_s": len(samples) / step_s,
                     "perf/tokens_per_s": metrics.get("perf/tokens", 0.0) / step_s,
                     "rollout/dropped_groups": dropped,
+                    "rollout/resample_rounds": rounds,
                     "rollout/worker_restarts": self.rollout.restarts,
                     "reward/rescored": self.rewards.restarts,
                     "rollout/weight_version_lag": self.version - 1 - min(cc.weight_version for g in groups for cc in g.completions),
@@ -487,7 +494,10 @@ class Trainer:
         return out
 
     def _dynamic_sampling(self, groups, scores, step):
-        """DAPO: keep groups whose rewards differ; top up with fresh groups; whole groups only."""
+        """DAPO: keep groups whose rewards differ; top up with fresh groups; whole groups only.
+
+        Returns the groups, their scores, how many groups were dropped and the refill rounds.
+        """
         c = self.config.grpo
         keep = [(g, s) for g, s in zip(groups, scores) if len({round(x["total"], 9) for x in s}) > 1]
         dropped = len(groups) - len(keep)
@@ -516,7 +526,7 @@ class Trainer:
             keep.pop()
         if not keep:
             keep = list(zip(groups, scores))[: max(1, len(groups))]
-        return [g for g, _ in keep], [s for _, s in keep], dropped
+        return [g for g, _ in keep], [s for _, s in keep], dropped, rounds
 
 
 def stage_labels(config: Config) -> dict[str, str]:

@@ -459,7 +459,8 @@ def notes(budget: dict, tables: Sequence[str], results: dict[str, RunResult]) ->
         "- acc = planning accuracy (SPEED and PATH both right), ± its binomial standard error; the class columns are per-class F1; "
         "format = share of outputs in the `<think>…</think><answer>…</answer>` format; all in %, greedy decoding, one seed.",
         f"- Budget of every GRPO run: {budget['grpo_steps']} steps x {budget['prompts_per_step']} prompts x {budget['group_size']} completions, "
-        f"lr {budget['grpo_lr']:g}, beta {budget['grpo_beta']:g}, `{budget['reward_variant']}` rewards. "
+        f"lr {budget['grpo_lr']:g}, beta {budget['grpo_beta']:g}, "
+        f"dynamic sampling {'on' if budget.get('dynamic_sampling') else 'off'}, `{budget['reward_variant']}` rewards. "
         f"SFT warm-up (one run, shared): {sft.summary.get('sft_steps', 0)} steps on {budget['sft_samples']} samples x {budget['sft_epochs']} epoch(s), "
         f"{sft.summary.get('seconds', {}).get('sft', 0):.0f}s.",
         "- train s = seconds in the training stages (SFT + GRPO), wall s = whole runs with start-up and evaluation. "
@@ -642,6 +643,7 @@ def describe_budget(plan: Plan, args: argparse.Namespace) -> dict:
         "group_size": ref.grpo.group_size,
         "grpo_lr": ref.grpo.lr,
         "grpo_beta": ref.grpo.beta,
+        "dynamic_sampling": ref.grpo.dynamic_sampling,
         "reward_variant": ref.reward.variant,
         "sft_samples": ref.sft.samples,
         "sft_epochs": ref.sft.epochs,

@@ -252,6 +252,7 @@ def run_ours(args, workdir: Path) -> dict:
         f"grpo.micro_batch_size={args.micro_batch}",
         f"grpo.lr={args.lr}",
         "grpo.beta=0.0",
+        "grpo.dynamic_sampling=false",  # TRL has no such filter: every generated completion is trained on
         "grpo.warmup_steps=0",
         f"rollout.max_new_tokens={args.max_new_tokens}",
         f"rollout.temperature={args.temperature}",

@@ -41,7 +41,7 @@ def tiny_text(tiny_text_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def scene_image():
-    """A rendered 96 px scene (the processor resizes it to 112 x 112)."""
+    """A rendered 96 px scene (the processor resizes it to 224 x 224)."""
     from alphadrive_ray.data.synth import Scene, render_scene
 
     scene = Scene(speed=8.4, navigation="turn left", num_lanes=2, ego_lane=1, intersection="near", light="red",
@@ -77,11 +77,11 @@ def test_chat_template_renders_the_image_pads(tiny_vl, scene_image):
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                            "<|vision_start|><|image_pad|><|vision_end|>You are an expert driving assistant.")
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
-    # the processor expands the one pad into one token per 2x2 merged patch: 112 px / 14 = 8 -> 8 x 8 / 4 = 16
+    # the processor expands the one pad into one token per 2x2 merged patch: 224 px / 14 = 16 -> 16 x 16 / 4 = 64
     pad_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     grid = inputs["image_grid_thw"][0]
-    assert grid.tolist() == [1, 8, 8]
-    assert int((inputs["input_ids"][0] == pad_id).sum()) == int(grid.prod()) // 4 == 16
+    assert grid.tolist() == [1, 16, 16]
+    assert int((inputs["input_ids"][0] == pad_id).sum()) == int(grid.prod()) // 4 == 64
 
 
 def test_special_tokens_are_single_tokens(tiny_vl):

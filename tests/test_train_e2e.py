@@ -83,6 +83,14 @@ def test_run_directory_holds_config_metrics_report_and_export(run):
         assert key in grpo[-1], key
     # the learner recomputes the engine's log-probs of the same weights (on-policy)
     assert grpo[0]["rollout/logp_diff"] < 1e-3
+    # the quickstart's dynamic sampling: refill rounds are counted, and their generation is
+    # rollout time (the step's parts are disjoint intervals of it)
+    assert config["grpo"]["dynamic_sampling"] is True
+    for line in grpo:
+        assert line["rollout/resample_rounds"] in range(config["grpo"]["max_resample_rounds"] + 1)
+        parts = sum(line[f"perf/{k}_s"] for k in ("rollout", "reward", "learner", "sync"))
+        assert parts <= line["perf/step_s"] + 1e-6
+    assert any(line["rollout/resample_rounds"] > 0 for line in grpo) or all(line["rollout/dropped_groups"] == 0 for line in grpo)
     assert any((run_dir / "tensorboard").iterdir())
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     assert 0.0 <= metrics["planning"]["accuracy"] <= 1.0 and metrics["n"] == 12

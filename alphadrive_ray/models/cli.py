@@ -32,7 +32,7 @@ def run_init_tiny(args: argparse.Namespace) -> int:
 
         out = build_tiny_qwen2(args.out_dir, TinySpec(seed=args.seed))
     else:
-        out = build_tiny_qwen2vl(args.out_dir, TinySpec(seed=args.seed))
+        out = build_tiny_qwen2vl(args.out_dir, TinySpec(seed=args.seed), log=lambda line: print(line, flush=True))
     return run_info(argparse.Namespace(path=str(out)))
 
 

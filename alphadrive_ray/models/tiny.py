@@ -14,7 +14,7 @@ import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from alphadrive_ray.actions import NAVIGATION_COMMANDS, PATH_ACTIONS, SPEED_ACTIONS, format_answer
 from alphadrive_ray.prompts import planning_prompt
@@ -82,10 +82,12 @@ class TinySpec:
     vision_depth: int = 2
     vision_heads: int = 2
     patch_size: int = 14
-    # Images are resized to this many pixels (112 x 112 -> 8 x 8 patches -> 16 tokens).
-    image_pixels: int = 112 * 112
+    # Images are resized to this many pixels (224 x 224 -> 16 x 16 patches -> 64 tokens).
+    # At 112 x 112 (16 tokens) a car 30 m ahead and one 50 m ahead differ by a pixel or two,
+    # and the planner's distance bands were the tiny model's main error (docs/results.md).
+    image_pixels: int = 224 * 224
     # Steps of vision pretraining on synthetic scenes (0: a random vision tower too).
-    vision_pretrain_steps: int = 300
+    vision_pretrain_steps: int = 1000
     seed: int = 0
 
     @property
@@ -286,8 +288,13 @@ def _pretrain_vision(model, processor, steps: int, seed: int, batch_size: int, l
     return accuracy
 
 
-def build_tiny_qwen2vl(out_dir: str | Path, spec: TinySpec = TinySpec(), corpus: Iterable[str] | None = None) -> Path:
-    """Train the tokenizer, initialise the model from `spec.seed` and save both to `out_dir`."""
+def build_tiny_qwen2vl(
+    out_dir: str | Path, spec: TinySpec = TinySpec(), corpus: Iterable[str] | None = None, log: Callable[[str], None] | None = None
+) -> Path:
+    """Train the tokenizer, initialise the model from `spec.seed` and save both to `out_dir`.
+
+    `log` receives the vision pretraining's progress (every 100 steps).
+    """
     import torch
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 
@@ -299,7 +306,7 @@ def build_tiny_qwen2vl(out_dir: str | Path, spec: TinySpec = TinySpec(), corpus:
     torch.manual_seed(spec.seed)
     model = Qwen2VLForConditionalGeneration(config)
     if spec.vision_pretrain_steps:
-        pretrain_vision(model, processor, spec.vision_pretrain_steps, seed=spec.seed)
+        pretrain_vision(model, processor, spec.vision_pretrain_steps, seed=spec.seed, log=log)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
