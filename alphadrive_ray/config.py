@@ -94,6 +94,8 @@ class DataConfig:
     """Skip (and count) bad records instead of stopping at load time."""
     image_cache: bool = True
     """Preprocess each image once per worker and reuse the pixel tensors."""
+    image_cache_mb: int = 1024
+    """Memory bound of that cache per worker (least recently used images are dropped first)."""
 
 
 @dataclass(frozen=True)
@@ -495,6 +497,7 @@ def validate(c: Config, source: str = "config") -> None:
         ("rollout.max_new_tokens", c.rollout.max_new_tokens),
         ("rollout.batch_size", c.rollout.batch_size),
         ("sync.bucket_mb", c.sync.bucket_mb),
+        ("data.image_cache_mb", c.data.image_cache_mb),
     ):
         check(value >= 1, f"{key} must be at least 1; got {value}")
     check(c.grpo.group_size >= 2, f"grpo.group_size must be at least 2 (GRPO compares completions of a prompt); got {c.grpo.group_size}")

@@ -17,6 +17,8 @@ prompt G times (the prompt is most of a row: ~80 of ~145 tokens in the quickstar
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import inspect
 from dataclasses import dataclass
 from typing import Sequence
@@ -32,6 +34,11 @@ class EncodedPrompt:
     input_ids: tuple[int, ...]
     pixel_values: torch.Tensor | None  # [patches, C * T * p * p]
     image_grid_thw: torch.Tensor | None  # [1, 3]
+
+    @property
+    def nbytes(self) -> int:
+        pixels = 0 if self.pixel_values is None else self.pixel_values.numel() * self.pixel_values.element_size()
+        return pixels + 8 * len(self.input_ids)
 
 
 VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
@@ -55,17 +62,20 @@ class PromptEncoder:
     """Encodes records for one policy (vision or text-only), caching by record id.
 
     The processor expands each image into its pad tokens and preprocesses the pixels;
-    both cost more than a small model's forward pass, so each record is encoded once per
-    process (`cache=True`).
+    both cost more than a small model's forward pass, so encoded records are kept per
+    process, least recently used first out, up to `cache_mb` megabytes of pixels and ids
+    (0: no cache). A dataset's preprocessed pixels can be many times its JPEGs (a 224 px
+    image is 1.2 MB of float32 patches), so the cache is bounded.
     """
 
-    def __init__(self, processor, prompt_template: str = "", cache: bool = True):
+    def __init__(self, processor, prompt_template: str = "", cache_mb: float = 1024):
         self.processor = processor
         self.template = prompt_template or PLANNING_PROMPT
         self.vision = hasattr(processor, "image_processor")
         self.tokenizer = processor.tokenizer if self.vision else processor
-        self.cache_enabled = cache
-        self._cache: dict[str, EncodedPrompt] = {}
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._cache: OrderedDict[str, EncodedPrompt] = OrderedDict()
+        self._cached_bytes = 0
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         if self.eos_id is None or self.eos_id == self.tokenizer.unk_token_id:
@@ -83,6 +93,7 @@ class PromptEncoder:
     def encode(self, record: Record) -> EncodedPrompt:
         hit = self._cache.get(record.id)
         if hit is not None:
+            self._cache.move_to_end(record.id)
             return hit
         text = self.prompt_text(record)
         if self.vision:
@@ -90,9 +101,23 @@ class PromptEncoder:
             encoded = EncodedPrompt(tuple(out["input_ids"][0].tolist()), out["pixel_values"], out["image_grid_thw"])
         else:
             encoded = EncodedPrompt(tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"]), None, None)
-        if self.cache_enabled:
-            self._cache[record.id] = encoded
+        self._remember(record.id, encoded)
         return encoded
+
+    def _remember(self, key: str, encoded: EncodedPrompt) -> None:
+        size = encoded.nbytes
+        if size > self.cache_bytes:
+            return
+        self._cache[key] = encoded
+        self._cached_bytes += size
+        while self._cached_bytes > self.cache_bytes:
+            _, evicted = self._cache.popitem(last=False)
+            self._cached_bytes -= evicted.nbytes
+
+    @property
+    def cached_mb(self) -> float:
+        """Megabytes held by the cache now."""
+        return self._cached_bytes / 2**20
 
     def encode_completion(self, text: str) -> list[int]:
         """Token ids of a target completion for SFT, ending with the end-of-turn token."""

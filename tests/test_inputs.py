@@ -90,3 +90,26 @@ def test_shared_prompt_forward_equals_full_rows(policy, scenes):
         # float sums in another order: equal up to rounding (a wrong gradient is off by O(1))
         assert (shared_grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-9, name
     model.eval()
+
+
+def test_image_cache_keeps_recent_records_within_its_memory_bound(tiny_vl_dir, scenes):
+    from alphadrive_ray.inputs import PromptEncoder
+    from alphadrive_ray.models.loading import load_processor
+
+    processor = load_processor(tiny_vl_dir)
+    records = list(scenes)[:4]
+    size_mb = PromptEncoder(processor, TEST_PROMPT, cache_mb=0).encode(records[0]).nbytes / 2**20
+    encoder = PromptEncoder(processor, TEST_PROMPT, cache_mb=2.5 * size_mb)  # room for two records
+    first = encoder.encode(records[0])
+    assert encoder.encode(records[0]) is first  # a hit is the cached object
+    encoder.encode(records[1])
+    encoder.encode(records[0])  # now the most recently used
+    encoder.encode(records[2])  # over the bound: records[1], the least recently used, goes
+    assert encoder.cached_mb <= 2.5 * size_mb
+    assert encoder.encode(records[0]) is first
+    assert set(encoder._cache) == {records[0].id, records[2].id}
+    again = encoder.encode(records[1])  # encoded anew, equal to before
+    assert again.input_ids == PromptEncoder(processor, TEST_PROMPT, cache_mb=0).encode(records[1]).input_ids
+    # no cache: every call encodes
+    off = PromptEncoder(processor, TEST_PROMPT, cache_mb=0)
+    assert off.encode(records[0]) is not off.encode(records[0]) and off.cached_mb == 0

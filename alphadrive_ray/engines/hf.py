@@ -51,7 +51,7 @@ class HFEngine:
         dtype: str = "float32",
         device: str = "cpu",
         batch_size: int = 64,
-        image_cache: bool = True,
+        image_cache_mb: float = 1024,
         attn_implementation: str = "sdpa",
         loop: str = "lean",
         zero_copy_weights: bool = False,
@@ -64,7 +64,7 @@ class HFEngine:
         self.zero_copy_weights = zero_copy_weights and self.device.type == "cpu"
         self.model = load_model(model_path, dtype, attn_implementation).to(self.device)
         self.model.requires_grad_(False)
-        self.encoder = PromptEncoder(load_processor(model_path), prompt_template, cache=image_cache)
+        self.encoder = PromptEncoder(load_processor(model_path), prompt_template, cache_mb=image_cache_mb)
         self.batch_size = batch_size
         self.weight_version = 0
         self._params = dict(self.model.named_parameters())

@@ -326,7 +326,7 @@ class VLLMEngine:
         from alphadrive_ray.inputs import PromptEncoder
         from alphadrive_ray.models.loading import load_processor
 
-        self.encoder = PromptEncoder(load_processor(model_path), prompt_template, cache=False)
+        self.encoder = PromptEncoder(load_processor(model_path), prompt_template, cache_mb=0)
         if self.encoder.vision:
             llm_kwargs.setdefault("limit_mm_per_prompt", {"image": 1, "video": 0})
         self.llm = _vllm_llm(

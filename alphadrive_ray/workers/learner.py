@@ -52,7 +52,7 @@ class LearnerSpec:
     share_prompts: bool = True  # GRPO: each prompt's forward once per micro-batch (inputs.completion_logits)
     freeze_vision: bool = False
     prompt_template: str = ""
-    image_cache: bool = True
+    image_cache_mb: float = 1024  # 0: no image cache
     zero_stage: int = 2
     backend: str = "gloo"
     grad_clip: float = 1.0
@@ -103,7 +103,7 @@ class LearnerWorker(ProcessInfo):
             self.model.model.visual.requires_grad_(False)
         if spec.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        self.encoder = PromptEncoder(load_processor(spec.model_path), spec.prompt_template, cache=spec.image_cache)
+        self.encoder = PromptEncoder(load_processor(spec.model_path), spec.prompt_template, cache_mb=spec.image_cache_mb)
         # NOTE: the shared-prompt forward passes a KV cache between two forwards, which
         # gradient checkpointing's recomputation does not support
         self.share_prompts = spec.share_prompts and not spec.gradient_checkpointing

@@ -18,7 +18,7 @@ class RolloutSpec:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     prompt_template: str = ""
-    image_cache: bool = True
+    image_cache_mb: float = 1024  # 0: no image cache
     batch_size: int = 64
     hf_loop: str = "lean"  # HFEngine decoding loop: "lean" | "generate"
     zero_copy_weights: bool = True  # HF engine on CPU: parameters become views of the synced buffers
@@ -40,7 +40,7 @@ def make_engine(spec: RolloutSpec):
             dtype=spec.dtype,
             device=spec.device,
             batch_size=spec.batch_size,
-            image_cache=spec.image_cache,
+            image_cache_mb=spec.image_cache_mb,
             attn_implementation=spec.attn_implementation,
             loop=spec.hf_loop,
             zero_copy_weights=spec.zero_copy_weights,
