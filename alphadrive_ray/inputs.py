@@ -12,14 +12,13 @@ attention mask, so padding never shifts them.
 GRPO batches hold G completions of each prompt. With `collate(..., share_prompts=True)`
 `completion_logits` runs each distinct prompt (and its image) once and the completions on
 copies of its KV cache: the same logits and gradients as G full rows, without computing the
-prompt G times (the prompt is most of a row: ~80 of ~145 tokens in the quickstart).
+prompt G times (the prompt is most of a row: ~130 of ~195 tokens in the quickstart).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
