@@ -94,7 +94,7 @@ class DataConfig:
     """Skip (and count) bad records instead of stopping at load time."""
     image_cache: bool = True
     """Preprocess each image once per worker and reuse the pixel tensors."""
-    image_cache_mb: int = 1024
+    image_cache_mb: int = 1024  # inputs.IMAGE_CACHE_MB (not imported: config stays free of torch)
     """Memory bound of that cache per worker (least recently used images are dropped first)."""
 
 

@@ -40,6 +40,8 @@ class EncodedPrompt:
         return pixels + 8 * len(self.input_ids)
 
 
+IMAGE_CACHE_MB = 1024  # default bound of a PromptEncoder's cache (data.image_cache_mb)
+
 VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
 
 
@@ -67,7 +69,7 @@ class PromptEncoder:
     image is 1.2 MB of float32 patches), so the cache is bounded.
     """
 
-    def __init__(self, processor, prompt_template: str = "", cache_mb: float = 1024):
+    def __init__(self, processor, prompt_template: str = "", cache_mb: float = IMAGE_CACHE_MB):
         self.processor = processor
         self.template = prompt_template or PLANNING_PROMPT
         self.vision = hasattr(processor, "image_processor")

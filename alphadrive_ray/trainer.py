@@ -382,13 +382,7 @@ class Trainer:
             """Start generation + scoring of a step's prompts; remembers where the data stood."""
             before = sampler.state_dict()
             tagged = sampler.take_tagged(c.prompts_per_step)
-            params = SamplingParams(
-                n=c.group_size,
-                temperature=self.config.rollout.temperature,
-                top_p=self.config.rollout.top_p,
-                max_new_tokens=self.config.rollout.max_new_tokens,
-                seed=self.config.run.seed * 100_003 + step,
-            )
+            params = self._sampling_params(seed=self.config.run.seed * 100_003 + step)
             jobs = self.rollout.submit([r for _, r in tagged], params, self.rewards)
             return {"jobs": jobs, "tagged": tagged, "sampler_before": before}
 
@@ -398,13 +392,11 @@ class Trainer:
             current = pending
             groups, scores = self.rollout.collect(current["jobs"], self.rewards)
             t_gen, t_reward = self.rollout.last_wait["rollout"], self.rollout.last_wait["reward"]
-            t_resample, rounds = time.monotonic(), 0
-            if c.dynamic_sampling:
-                groups, scores, dropped, rounds = self._dynamic_sampling(groups, scores, step)
-            else:
-                dropped = 0
-            # the refill rounds generate and score too: their time counts as rollout
-            t_gen += time.monotonic() - t_resample
+            t_refill = time.monotonic()
+            groups, scores, dropped, rounds = self._dynamic_sampling(groups, scores, step) if c.dynamic_sampling else (groups, scores, 0, 0)
+            # the refill rounds generate (and score) too: their time counts as rollout
+            t_refill = time.monotonic() - t_refill
+            t_gen += t_refill
             next_sampler_state = sampler.state_dict()
             if c.off_policy_steps and step + 1 < c.steps:
                 next_sampler_state = None  # taken by the prefetch below
@@ -457,6 +449,7 @@ class Trainer:
                     "perf/tokens_per_s": metrics.get("perf/tokens", 0.0) / step_s,
                     "rollout/dropped_groups": dropped,
                     "rollout/resample_rounds": rounds,
+                    "perf/resample_s": t_refill,
                     "rollout/worker_restarts": self.rollout.restarts,
                     "reward/rescored": self.rewards.restarts,
                     "rollout/weight_version_lag": self.version - 1 - min(cc.weight_version for g in groups for cc in g.completions),
@@ -487,11 +480,16 @@ class Trainer:
                 stops += completion.finish_reason == "stop"
         n = sum(len(g.completions) for g in groups)
         # groups whose rewards all agree teach nothing (zero advantage); DAPO drops them
-        out["rollout/uniform_groups"] = sum(len({round(s["total"], 9) for s in group}) == 1 for group in scores) / len(scores)
+        out["rollout/uniform_groups"] = sum(map(uniform_group, scores)) / len(scores)
         out["rollout/accuracy"] = right / n
         out["rollout/response_len"] = lengths / n
         out["rollout/stop_rate"] = stops / n
         return out
+
+    def _sampling_params(self, seed: int) -> SamplingParams:
+        """How GRPO samples a group: G completions per prompt at the rollout's settings."""
+        r = self.config.rollout
+        return SamplingParams(n=self.config.grpo.group_size, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed)
 
     def _dynamic_sampling(self, groups, scores, step):
         """DAPO: keep groups whose rewards differ; top up with fresh groups; whole groups only.
@@ -499,23 +497,17 @@ class Trainer:
         Returns the groups, their scores, how many groups were dropped and the refill rounds.
         """
         c = self.config.grpo
-        keep = [(g, s) for g, s in zip(groups, scores) if len({round(x["total"], 9) for x in s}) > 1]
+        keep = [(g, s) for g, s in zip(groups, scores) if not uniform_group(s)]
         dropped = len(groups) - len(keep)
         rounds = 0
         sampler = EpochSampler(self.train_records, self.config.run.seed * 7 + step)
         while len(keep) < c.prompts_per_step and rounds < c.max_resample_rounds:
             rounds += 1
-            params = SamplingParams(
-                n=c.group_size,
-                temperature=self.config.rollout.temperature,
-                top_p=self.config.rollout.top_p,
-                max_new_tokens=self.config.rollout.max_new_tokens,
-                seed=self.config.run.seed * 100_003 + step + 1_000_000 * rounds,
-            )
+            params = self._sampling_params(seed=self.config.run.seed * 100_003 + step + 1_000_000 * rounds)
             more = self.rollout.generate(sampler.take(c.prompts_per_step - len(keep) + self.config.rollout.num_workers - 1), params)
             more_scores = self.rewards.score(more)
             for g, s in zip(more, more_scores):
-                if len({round(x["total"], 9) for x in s}) > 1:
+                if not uniform_group(s):
                     keep.append((g, s))
                 else:
                     dropped += 1
@@ -527,6 +519,11 @@ class Trainer:
         if not keep:
             keep = list(zip(groups, scores))[: max(1, len(groups))]
         return [g for g, _ in keep], [s for _, s in keep], dropped, rounds
+
+
+def uniform_group(scores: Sequence[dict]) -> bool:
+    """Every completion of the group has the same total reward: zero advantage, nothing to learn."""
+    return len({round(s["total"], 9) for s in scores}) == 1
 
 
 def stage_labels(config: Config) -> dict[str, str]:

@@ -88,6 +88,10 @@ def test_run_directory_holds_config_metrics_report_and_export(run):
     assert config["grpo"]["dynamic_sampling"] is True
     for line in grpo:
         assert line["rollout/resample_rounds"] in range(config["grpo"]["max_resample_rounds"] + 1)
+        # a refill round generates: it takes time, and that time is part of the rollout's
+        assert line["perf/resample_s"] <= line["perf/rollout_s"]
+        if line["rollout/resample_rounds"]:
+            assert line["perf/resample_s"] > 0.01  # at least one generate + score through the actors
         parts = sum(line[f"perf/{k}_s"] for k in ("rollout", "reward", "learner", "sync"))
         assert parts <= line["perf/step_s"] + 1e-6
     assert any(line["rollout/resample_rounds"] > 0 for line in grpo) or all(line["rollout/dropped_groups"] == 0 for line in grpo)

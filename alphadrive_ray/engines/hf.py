@@ -26,7 +26,7 @@ import torch
 from alphadrive_ray.algo import apply_sampling_transform
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.engines.base import Completion, Group, SamplingParams
-from alphadrive_ray.inputs import PromptEncoder, cache_argument, prompt_positions, returned_cache
+from alphadrive_ray.inputs import IMAGE_CACHE_MB, PromptEncoder, cache_argument, prompt_positions, returned_cache
 from alphadrive_ray.models.loading import load_model, load_processor
 
 
@@ -51,7 +51,7 @@ class HFEngine:
         dtype: str = "float32",
         device: str = "cpu",
         batch_size: int = 64,
-        image_cache_mb: float = 1024,
+        image_cache_mb: float = IMAGE_CACHE_MB,
         attn_implementation: str = "sdpa",
         loop: str = "lean",
         zero_copy_weights: bool = False,

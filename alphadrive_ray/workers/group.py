@@ -10,7 +10,6 @@ with a timeout) and `LearnerGroup` (equal shards to each rank).
 from __future__ import annotations
 
 import math
-
 import time
 import uuid
 from dataclasses import dataclass

@@ -22,7 +22,7 @@ import torch
 
 from alphadrive_ray import algo
 from alphadrive_ray.data.records import Record
-from alphadrive_ray.inputs import PromptEncoder, completion_logits
+from alphadrive_ray.inputs import IMAGE_CACHE_MB, PromptEncoder, completion_logits
 from alphadrive_ray.models.loading import load_model, load_processor
 from alphadrive_ray.workers.process import ProcessInfo
 
@@ -52,7 +52,7 @@ class LearnerSpec:
     share_prompts: bool = True  # GRPO: each prompt's forward once per micro-batch (inputs.completion_logits)
     freeze_vision: bool = False
     prompt_template: str = ""
-    image_cache_mb: float = 1024  # 0: no image cache
+    image_cache_mb: float = IMAGE_CACHE_MB  # 0: no image cache
     zero_stage: int = 2
     backend: str = "gloo"
     grad_clip: float = 1.0

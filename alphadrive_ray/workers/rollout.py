@@ -8,6 +8,7 @@ from typing import Sequence
 
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.engines.base import Group, SamplingParams
+from alphadrive_ray.inputs import IMAGE_CACHE_MB
 from alphadrive_ray.workers.process import ProcessInfo
 
 
@@ -18,7 +19,7 @@ class RolloutSpec:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     prompt_template: str = ""
-    image_cache_mb: float = 1024  # 0: no image cache
+    image_cache_mb: float = IMAGE_CACHE_MB  # 0: no image cache
     batch_size: int = 64
     hf_loop: str = "lean"  # HFEngine decoding loop: "lean" | "generate"
     zero_copy_weights: bool = True  # HF engine on CPU: parameters become views of the synced buffers
