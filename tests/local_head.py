@@ -56,11 +56,15 @@ class LocalHead:
     def __init__(self, num_cpus: int = 6, env: dict[str, str] | None = None):
         self.num_cpus = num_cpus
         self.extra_env = dict(env or {})
+        self.proc: subprocess.Popen | None = None
+        self._new_place()
+
+    def _new_place(self) -> None:
+        """Fresh ports and a fresh temp dir (a failed start leaves neither usable)."""
         # short: Ray's unix socket paths live under it (108 bytes at most)
         self.temp_dir = tempfile.mkdtemp(prefix="adr-head-", dir="/tmp")
         (self.gcs_port, self.dashboard_port, self.agent_port, self.agent_grpc_port, self.client_port,
          self.metrics_port, self.runtime_env_port) = free_ports(7)
-        self.proc: subprocess.Popen | None = None
         self.log_path = Path(self.temp_dir) / "head.log"
 
     @property
@@ -79,7 +83,7 @@ class LocalHead:
             # on fresh ports and a fresh temp dir, and fail on anything else
             if "timed out during startup" not in str(exc):
                 raise
-            self.__init__(self.num_cpus, self.extra_env)
+            self._new_place()
             return self._start(timeout_s)
 
     def _start(self, timeout_s: float) -> "LocalHead":

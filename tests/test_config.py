@@ -40,6 +40,13 @@ def test_defaults_load_and_validate():
     assert set(config.to_dict()) == {f.name for f in dataclasses.fields(Config)}
 
 
+def test_image_cache_default_is_the_encoders():
+    # config.py keeps a literal (it does not import torch); it must not drift from the encoder's
+    from alphadrive_ray.inputs import IMAGE_CACHE_MB
+
+    assert Config().data.image_cache_mb == IMAGE_CACHE_MB
+
+
 def test_empty_file_is_the_defaults(tmp_path):
     assert load_text(tmp_path, "# nothing set\n") == Config()
 
