@@ -194,3 +194,62 @@ def test_zero_copy_load_through_the_object_store_and_a_later_sync_replaces_it(ra
         assert torch.equal(state1[name][0], t1) and torch.equal(state2[name][0], t2)
         assert state1[name][1] != state2[name][1]
     ray.kill(receiver)
+
+
+# --- staged buckets (a GPU learner's way; the same code runs on CPU tensors here) -----------
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 100, 10**9])
+def test_staged_buckets_have_the_packed_layout_and_bytes(bucket_bytes):
+    """Separate tensors: staged buckets describe the same bytes as packed ones, in one part each."""
+    tensors = named()
+    staging = weight_sync.HostStaging(pin=False)
+    packed = list(weight_sync.pack_buckets(tensors, bucket_bytes))
+    received = []
+    staged = 0
+    for (metas, parts), (packed_metas, array) in zip(weight_sync.staged_buckets(tensors, bucket_bytes, staging), packed):
+        staged += 1
+        assert metas == packed_metas and len(parts) == 1
+        assert parts[0].tobytes() == array.tobytes()
+        received += [(name, t.clone()) for name, t in weight_sync.unpack_bucket(metas, parts)]  # copy before the next bucket
+    assert staged == len(packed)
+    assert [n for n, _ in received] == [n for n, _ in tensors]
+    for (_, a), (_, b) in zip(tensors, received):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_the_staging_buffer_is_reused_and_grows_to_the_largest_bucket():
+    tensors = [("small", torch.ones(4)), ("big", torch.full((64,), 2.0)), ("small2", torch.full((4,), 3.0))]
+    staging = weight_sync.HostStaging(pin=False)
+    first = None
+    seen = []
+    for metas, (part,) in weight_sync.staged_buckets(tensors, 16, staging):
+        seen.append(([m.name for m in metas], part.nbytes))
+        if first is None:
+            first = part
+    assert seen == [(["small"], 16), (["big"], 256), (["small2"], 16)]  # the 256-byte tensor gets its own bucket
+    assert staging.buffer.numel() == 256
+    # the first bucket's view was of the first buffer; the buffer grew, so it was replaced once
+    assert first.view("float32").tolist() == [1.0] * 4
+    staging2 = weight_sync.HostStaging(pin=False)
+    views = [part for _, (part,) in weight_sync.staged_buckets(tensors[::2], 16, staging2)]
+    # same-size buckets share the buffer: a bucket is valid only until the next one is made
+    assert views[0].ctypes.data == views[1].ctypes.data
+    assert views[0].view("float32").tolist() == [3.0] * 4
+
+
+def test_staged_buckets_through_the_object_store(ray_cluster):
+    """publish copies each staged bucket before the next overwrites the buffer."""
+    import ray
+
+    tensors = named()
+    refs = weight_sync.publish(weight_sync.staged_buckets(tensors, 1, weight_sync.HostStaging(pin=False)))
+    assert len(refs) == len(tensors)
+
+    @ray.remote
+    def read(bucket_refs):
+        return {n: t.clone() for n, t in weight_sync.receive(bucket_refs)}
+
+    got = ray.get(read.remote(refs))
+    for name, t in tensors:
+        assert torch.equal(got[name], t)
