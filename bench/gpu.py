@@ -21,8 +21,9 @@ completion runs to `--max-new-tokens` and each engine does the same work.
    learner-like copy of the parameters on the GPU is grouped into host-memory buckets as
    a GPU learner does (`weight_sync.staged_buckets`: one reused pinned buffer, asynchronous
    copies), and for comparison with a pageable `.cpu()` per tensor (`group_buckets`, what
-   the learner did before); the HF engine loads each bucket (`HFEngine.load_weights`, a
-   host-to-device copy per tensor).
+   the learner did before); the HF engine loads each bucket (`HFEngine.load_weights`). Then
+   the engine's load from pageable buckets, as `ray.get` returns them: its way (through a
+   pinned buffer on a GPU) against a direct copy and against pinning the pages in place.
    Between the two, `ray.put` copies the buckets once more on the host; bench/weight_sync.py
    measures that part. Loaded bits are checked against the sender's.
 4. NCCL broadcast of the same state dict from GPU 0 to GPU 1 (the `sync.backend: nccl`
@@ -219,6 +220,53 @@ def sync_legs(engine, bucket_mb: int, device: torch.device, rounds: int) -> dict
     return out
 
 
+def engine_load_ways(engine, bucket_mb: int, device: torch.device, rounds: int) -> dict:
+    """GB/s of the engine's load from pageable host buckets (as `ray.get` returns them): its own
+    way (on a GPU through a pinned staging buffer) and, for comparison, a direct copy from
+    the pageable buffer and a copy from the bucket's pages pinned in place (`cudaHostRegister`)."""
+    import numpy as np
+
+    from alphadrive_ray import weight_sync
+
+    params = dict(engine.model.named_parameters())
+    sender = {name: torch.randn_like(p) if p.is_floating_point() else p.clone() for name, p in params.items()}
+    nbytes = sum(t.numel() * t.element_size() for t in sender.values())
+    # pageable copies of the buckets, as a receiver holds them
+    buckets = [(m, np.array(parts[0], copy=True)) for m, parts in weight_sync.staged_buckets(sender.items(), bucket_mb * 2**20, weight_sync.HostStaging())]
+
+    def engine_way():
+        for metas, array in buckets:
+            engine.load_weights(weight_sync.unpack_bucket(metas, array), version=1)
+
+    def direct():
+        for metas, array in buckets:
+            weight_sync.load_into_parameters(params, weight_sync.unpack_bucket(metas, array))
+
+    def registered():
+        cudart = torch.cuda.cudart()
+        for metas, array in buckets:
+            ptr = array.ctypes.data
+            if int(cudart.cudaHostRegister(ptr, array.nbytes, 0)) != 0:
+                raise RuntimeError("cudaHostRegister failed")
+            try:
+                weight_sync.load_into_parameters(params, weight_sync.unpack_bucket(metas, array))
+            finally:
+                cudart.cudaHostUnregister(ptr)
+
+    ways = {"the engine's": engine_way, "direct from pageable": direct}
+    if device.type == "cuda":
+        ways["pages pinned in place"] = registered
+    out = {}
+    for name, fn in ways.items():
+        for p in params.values():
+            p.zero_()
+        out[name] = nbytes / timed(fn, device, repeats=rounds) / GB
+        wrong = [n for n, t in sender.items() if not torch.equal(params[n], t)]
+        if wrong:
+            raise RuntimeError(f"engine load ({name}): {len(wrong)} tensors differ, e.g. {wrong[0]}")
+    return out
+
+
 def _broadcast_worker(rank: int, world: int, backend: str, port: int, shapes: list, dtype: str, queue) -> None:
     import torch.distributed as dist
 
@@ -334,6 +382,9 @@ def main() -> None:
                 w = report["sync"][way]
                 log(f"sync legs ({way}) of {report['sync']['state_dict_gb']:.2f} GB: bucketing {w['bucket_s']:.2f} s "
                     f"({w['bucket_gb_per_s']:.1f} GB/s), engine load {w['load_s']:.2f} s ({w['load_gb_per_s']:.1f} GB/s)")
+            report["engine_load_gb_per_s"] = engine_load_ways(engine, args.bucket_mb, device, args.rounds)
+            for way, v in report["engine_load_gb_per_s"].items():
+                log(f"engine load from host buckets, {way}: {v:.1f} GB/s")
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -377,8 +428,8 @@ def main() -> None:
         print(f"  sync legs, {s['state_dict_gb']:.2f} GB in {s['bucket_mb']} MB buckets, GB/s:")
         for way, what in (("staged", "learner buckets, one pinned buffer (the learner's way)"), ("views", "learner buckets, .cpu() per tensor (before)")):
             print(f"    {what:55s} {s[way]['bucket_gb_per_s']:6.1f}{share(s[way]['bucket_gb_per_s'], 'device to host, pinned')}")
-        # the engine loads from object-store buffers, pageable memory: the `views` buckets' case
-        print(f"    {'engine load from pageable host memory':55s} {s['views']['load_gb_per_s']:6.1f}{share(s['views']['load_gb_per_s'], 'host to device, pageable')}")
+        for way, v in report["engine_load_gb_per_s"].items():
+            print(f"    {'engine load from pageable buckets, ' + way:55s} {v:6.1f}{share(v, 'host to device, pageable')}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

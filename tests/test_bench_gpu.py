@@ -29,6 +29,7 @@ def test_bench_gpu_runs_on_cpu_and_reports_every_figure(tmp_path):
     assert report["broadcast"]["received_right"] is True and report["broadcast"]["gb_per_s"] > 0
     assert "vLLM is not installed" in proc.stdout
     assert "sync legs" in proc.stdout
+    assert set(report["engine_load_gb_per_s"]) == {"the engine's", "direct from pageable"}  # "pages pinned in place": CUDA only
     for name in ("hf lean", "hf generate"):
         a = report["logprob_agreement"][name]
         # float32 on CPU: the decoding loop and the full forward agree to rounding

@@ -28,6 +28,7 @@ from alphadrive_ray.data.records import Record
 from alphadrive_ray.engines.base import Completion, Group, SamplingParams
 from alphadrive_ray.inputs import IMAGE_CACHE_MB, PromptEncoder, cache_argument, prompt_positions, returned_cache
 from alphadrive_ray.models.loading import load_model, load_processor
+from alphadrive_ray.weight_sync import HostStaging
 
 
 class SamplingTransform:
@@ -69,6 +70,9 @@ class HFEngine:
         self.weight_version = 0
         self._params = dict(self.model.named_parameters())
         self._borrowed: set[str] = set()  # parameters that are views of received buffers (zero-copy sync)
+        # GPU: received tensors (pageable object-store memory) go to the GPU through a pinned
+        # buffer as large as the largest tensor
+        self._staging = HostStaging() if self.device.type == "cuda" else None
 
     def parameter_names(self) -> list[str]:
         return list(self._params)
@@ -204,7 +208,7 @@ class HFEngine:
         from alphadrive_ray.weight_sync import load_into_parameters
 
         zero_copy = self.zero_copy_weights if zero_copy is None else zero_copy
-        n = load_into_parameters(self._params, named_tensors, zero_copy=zero_copy, borrowed=self._borrowed)
+        n = load_into_parameters(self._params, named_tensors, zero_copy=zero_copy, borrowed=self._borrowed, staging=self._staging)
         self.weight_version = version
         return n
 
