@@ -1,6 +1,6 @@
 """GPU figures: rollout-engine tokens/s and the GPU legs of the weight sync on a Qwen2-VL-2B-sized model.
 
-    python bench/gpu.py                             # one CUDA GPU: about 4 min on an H100 or H200
+    python bench/gpu.py                             # one CUDA GPU: about 2 min on an H200
     python bench/gpu.py --json gpu.json             # also every figure as JSON
     python bench/gpu.py --size tiny --device cpu    # the same code on the tiny model (tests/test_bench_gpu.py)
 
