@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from alphadrive_ray import __version__
+from alphadrive_ray import __version__, interrupts
 from alphadrive_ray.errors import UserError
 
 # Command modules, imported when the parser is built; they keep heavy imports
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        result = args.func(args)
+        with interrupts.caught():
+            result = args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

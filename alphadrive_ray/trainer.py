@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from alphadrive_ray import interrupts
 from alphadrive_ray.actions import format_completion
 from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
 from alphadrive_ray.config import Config
@@ -339,6 +340,7 @@ class Trainer:
         started = time.monotonic()
         every = self.config.checkpoint.every_steps
         for step in range(first_step, steps):
+            interrupts.check()
             tagged = sampler.take_tagged(c.batch_size)
             examples = [SFTExample(r, format_completion(r.reasoning, r.speed_action, r.path_action)) for _, r in tagged]
             lr = cosine_lr(step, steps, c.lr, c.warmup_ratio)
@@ -388,6 +390,7 @@ class Trainer:
 
         pending = launch(first_step)
         for step in range(first_step, c.steps):
+            interrupts.check()
             t0 = time.monotonic()
             current = pending
             groups, scores = self.rollout.collect(current["jobs"], self.rewards)

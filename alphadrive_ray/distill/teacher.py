@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
+from alphadrive_ray import interrupts
 from alphadrive_ray.distill.cache import TeacherResponse
 from alphadrive_ray.errors import UserError
 
@@ -274,6 +275,7 @@ async def run_jobs(
 
     async def worker() -> None:
         while not fatal:
+            interrupts.check()  # a Ctrl-C lost elsewhere still stops the run, between requests
             try:
                 job = queue.get_nowait()
             except asyncio.QueueEmpty:
