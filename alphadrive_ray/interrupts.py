@@ -2,8 +2,9 @@
 
 Python raises KeyboardInterrupt wherever the main thread happens to be when SIGINT arrives.
 Raised inside a `__del__` method or a garbage-collector callback, it is printed as
-"Exception ignored in ..." and dropped, and the program runs on: CI saw a training run and a
-distillation run each ignore one Ctrl-C, once, under load. While a command runs
+"Exception ignored in ..." and dropped, and the program runs on. In one CI run, a training
+run and a distillation run each ignored a Ctrl-C (both passed when rerun); a dropped
+KeyboardInterrupt is the likely cause, not a proven one. While a command runs
 (`alphadrive_ray.cli.main`), `caught()` keeps the usual behaviour and also records the
 signal. Long loops call `check()` between steps, and it raises KeyboardInterrupt again if
 the first one was lost.
