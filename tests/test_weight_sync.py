@@ -49,18 +49,21 @@ def test_unknown_dtype_is_reported():
         weight_sync.to_dtype("float7")
 
 
-def test_through_the_object_store(ray_cluster):
-    """Published buckets are read back by another process through Ray."""
+def read_in_another_process(bucket_refs) -> dict:
+    """What a Ray task receives from published buckets: {name: tensor}."""
     import ray
 
-    tensors = named()
-    refs = weight_sync.publish(weight_sync.pack_buckets(tensors, 64))
-
     @ray.remote
-    def read(bucket_refs):
-        return {n: t.clone() for n, t in weight_sync.receive(bucket_refs)}
+    def read(refs):
+        return {n: t.clone() for n, t in weight_sync.receive(refs)}
 
-    got = ray.get(read.remote(refs))
+    return ray.get(read.remote(bucket_refs))
+
+
+def test_through_the_object_store(ray_cluster):
+    """Published buckets are read back by another process through Ray."""
+    tensors = named()
+    got = read_in_another_process(weight_sync.publish(weight_sync.pack_buckets(tensors, 64)))
     for name, t in tensors:
         assert torch.equal(got[name], t)
 
@@ -240,16 +243,9 @@ def test_the_staging_buffer_is_reused_and_grows_to_the_largest_bucket():
 
 def test_staged_buckets_through_the_object_store(ray_cluster):
     """publish copies each staged bucket before the next overwrites the buffer."""
-    import ray
-
     tensors = named()
     refs = weight_sync.publish(weight_sync.staged_buckets(tensors, 1, weight_sync.HostStaging(pin=False)))
     assert len(refs) == len(tensors)
-
-    @ray.remote
-    def read(bucket_refs):
-        return {n: t.clone() for n, t in weight_sync.receive(bucket_refs)}
-
-    got = ray.get(read.remote(refs))
+    got = read_in_another_process(refs)
     for name, t in tensors:
         assert torch.equal(got[name], t)
