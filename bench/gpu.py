@@ -360,7 +360,10 @@ def main() -> None:
     data = work / "scenes" / "data.jsonl"
     generate_dataset(data.parent, need, seed=1, size=224, id_prefix="bench")
     records = load_records(data)
-    template = "Speed {speed}m/s, navigation '{navigation}'. Plan the next three seconds: reasoning in <think> </think>, then <answer> SPEED, PATH </answer>."
+    import yaml
+
+    # the quickstart's prompt template, as bench/hf_engine.py uses it
+    template = yaml.safe_load((Path(__file__).resolve().parent.parent / "jobs" / "quickstart_cpu.yaml").read_text())["data"]["prompt_template"]
 
     runs = [("hf lean", "lean", n) for n in args.prompts]
     if args.generate_prompts:
