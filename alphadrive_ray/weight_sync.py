@@ -32,9 +32,6 @@ from alphadrive_ray.engines.base import TensorMeta
 # Tensors start at multiples of this many bytes, so each can be viewed in its own dtype.
 ALIGN = 16
 
-# torch dtypes without a numpy twin travel as same-width integers.
-_CARRIER = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
@@ -52,13 +49,14 @@ def tensor_bytes(t: torch.Tensor) -> np.ndarray:
     return _flat_bytes(t).numpy()
 
 
+def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 tensor on its own device (contiguous tensors: a view)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor as a flat uint8 view of its own memory (contiguous CPU tensors: no copy)."""
-    t = t.detach().contiguous().cpu()
-    carrier = _CARRIER.get(t.dtype)
-    if carrier is not None:
-        t = t.view(carrier)
-    return t.reshape(-1).view(torch.uint8)
+    """The tensor's bytes as a flat uint8 CPU tensor (contiguous CPU tensors: a view, no copy)."""
+    return _raw_bytes(t).cpu()
 
 
 def _part_starts(parts: list[np.ndarray]) -> list[int]:
@@ -148,8 +146,7 @@ def staged_buckets(
         end = 0
         for meta, tensor in pending:
             buffer[end : meta.offset].zero_()  # alignment padding, zero as in concat_bucket
-            raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-            buffer[meta.offset : meta.offset + meta.nbytes].copy_(raw, non_blocking=True)
+            buffer[meta.offset : meta.offset + meta.nbytes].copy_(_raw_bytes(tensor), non_blocking=True)
             end = meta.offset + meta.nbytes
         for device in {t.device for _, t in pending if t.is_cuda}:
             torch.cuda.current_stream(device).synchronize()
@@ -203,10 +200,7 @@ def unpack_bucket(metas: list[TensorMeta], bucket: np.ndarray | list[np.ndarray]
         if local + meta.nbytes > flats[k].numel():
             raise ValueError(f"weight sync: {meta.name} ({meta.nbytes} bytes at {meta.offset}) is outside the bucket's bytes")
         raw = flats[k][local : local + meta.nbytes]
-        dtype = to_dtype(meta.dtype)
-        carrier = _CARRIER.get(dtype)
-        tensor = raw.view(carrier).view(dtype) if carrier is not None else raw.view(dtype)
-        yield meta.name, tensor.view(meta.shape)
+        yield meta.name, raw.view(to_dtype(meta.dtype)).view(meta.shape)
 
 
 def publish(buckets: Iterable[tuple[list[TensorMeta], np.ndarray | list[np.ndarray]]]) -> list[tuple[list[TensorMeta], "object"]]:
@@ -265,7 +259,7 @@ def load_into_parameters(
         elif staging is not None and param.device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
             nbytes = tensor.numel() * tensor.element_size()
             pinned = staging.reserve(nbytes)[:nbytes]
-            pinned.copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+            pinned.copy_(_raw_bytes(tensor))
             # a blocking copy: the buffer is free again for the next tensor
             param.copy_(pinned.view(tensor.dtype).view(tensor.shape).to(device=param.device, dtype=param.dtype))
         else:

@@ -28,7 +28,7 @@ from alphadrive_ray.data.records import Record
 from alphadrive_ray.engines.base import Completion, Group, SamplingParams
 from alphadrive_ray.inputs import IMAGE_CACHE_MB, PromptEncoder, cache_argument, prompt_positions, returned_cache
 from alphadrive_ray.models.loading import load_model, load_processor
-from alphadrive_ray.weight_sync import HostStaging
+from alphadrive_ray.weight_sync import HostStaging, load_into_parameters
 
 
 class SamplingTransform:
@@ -205,8 +205,6 @@ class HFEngine:
         """Copy the tensors into the model; with zero copy (the engine's `zero_copy_weights`
         unless `zero_copy` says otherwise), use matching ones as the parameters themselves
         (read-only object-store buffers; see weight_sync.load_into_parameters)."""
-        from alphadrive_ray.weight_sync import load_into_parameters
-
         zero_copy = self.zero_copy_weights if zero_copy is None else zero_copy
         n = load_into_parameters(self._params, named_tensors, zero_copy=zero_copy, borrowed=self._borrowed, staging=self._staging)
         self.weight_version = version

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from alphadrive_ray import algo
+from alphadrive_ray import algo, weight_sync
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.inputs import IMAGE_CACHE_MB, PromptEncoder, completion_logits
 from alphadrive_ray.models.loading import load_model, load_processor
@@ -108,7 +108,9 @@ class LearnerWorker(ProcessInfo):
         # gradient checkpointing's recomputation does not support
         self.share_prompts = spec.share_prompts and not spec.gradient_checkpointing
         self.engine = None
-        self._host_staging = None  # GPU learners: the pinned buffer weights are published from
+        # GPU learners publish weights through one reused pinned buffer (a pageable .cpu() per
+        # tensor was 12x slower on an H200); nothing is allocated before the first sync
+        self._host_staging = weight_sync.HostStaging() if self.device.type == "cuda" else None
         self.ref_model = None
         self.stage = None
         self.global_step = 0
@@ -348,17 +350,12 @@ class LearnerWorker(ProcessInfo):
 
     def export_weights(self, bucket_mb: int) -> list:
         """Rank 0: the published buckets [(metadata, object ref)]; other ranks join the gather and return []."""
-        from alphadrive_ray import weight_sync
-
         tensors = self.iter_full_parameters()
         if self.rank != 0:
             for _ in tensors:  # drive the ZeRO-3 gathers in lockstep with rank 0
                 pass
             return []
-        if self.device.type == "cuda":
-            # through one reused pinned buffer (a pageable .cpu() per tensor was 12x slower on an H200)
-            if self._host_staging is None:
-                self._host_staging = weight_sync.HostStaging()
+        if self._host_staging is not None:
             buckets = weight_sync.staged_buckets(tensors, bucket_mb * 2**20, self._host_staging)
         else:
             # per-tensor views, no concatenation: ray.put's copy into shared memory is the only one
@@ -369,13 +366,11 @@ class LearnerWorker(ProcessInfo):
 
     def weight_metas(self) -> list[tuple[str, str, list[int]]]:
         """(name, dtype, shape) of each synced parameter, in the broadcast order."""
-        from alphadrive_ray.weight_sync import dtype_name
-
         out = []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 shape = list(param.ds_shape) if hasattr(param, "ds_shape") else list(param.shape)
-                out.append((name, dtype_name(param.dtype), shape))
+                out.append((name, weight_sync.dtype_name(param.dtype), shape))
         return out
 
     def open_weight_sync_group(self, master_address: str, master_port: int, world_size: int) -> None:
