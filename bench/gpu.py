@@ -46,11 +46,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-QWEN2_VL_2B_VOCAB = 151936
+from qwen2vl_2b import TEXT, VISION  # noqa: E402 (bench/, the script's folder, is on sys.path)
 
 SIZES = {
-    # Qwen2-VL-2B-Instruct's config.json
-    "2b": dict(text_hidden=1536, text_layers=28, text_heads=12, text_kv_heads=2, text_intermediate=8960, vision_dim=1280, vision_depth=32, vision_heads=16),
+    # TinySpec's names for Qwen2-VL-2B's sizes (the vocabulary and tied embeddings: build_model)
+    "2b": dict(
+        text_hidden=TEXT["hidden_size"],
+        text_layers=TEXT["num_hidden_layers"],
+        text_heads=TEXT["num_attention_heads"],
+        text_kv_heads=TEXT["num_key_value_heads"],
+        text_intermediate=TEXT["intermediate_size"],
+        vision_dim=VISION["embed_dim"],
+        vision_depth=VISION["depth"],
+        vision_heads=VISION["num_heads"],
+    ),
     "tiny": {},
 }
 
@@ -107,9 +116,9 @@ def build_model(out: Path, size: str, device: torch.device, dtype: torch.dtype, 
     if size == "2b":
         # the release's vocabulary and tied embeddings: the lm_head is a sixth of the weights;
         # ids past the tokenizer's decode to nothing
-        config.text_config.vocab_size = QWEN2_VL_2B_VOCAB
-        config.text_config.tie_word_embeddings = True
-        config.tie_word_embeddings = True
+        config.text_config.vocab_size = TEXT["vocab_size"]
+        config.text_config.tie_word_embeddings = TEXT["tie_word_embeddings"]
+        config.tie_word_embeddings = TEXT["tie_word_embeddings"]
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):
@@ -170,14 +179,17 @@ def logprob_agreement(engine, records, group: int, max_new_tokens: int, device: 
     return {"mean_abs": d.mean().item(), "p99_abs": d.quantile(0.99).item(), "max_abs": d.max().item(), "tokens": d.numel()}
 
 
-def sync_legs(engine, bucket_mb: int, device: torch.device, rounds: int) -> dict:
+def learner_like(engine) -> dict[str, torch.Tensor]:
+    """A learner's parameters on the engine's device: the same names, other values."""
+    return {name: torch.randn_like(p) if p.is_floating_point() else p.clone() for name, p in engine.model.named_parameters()}
+
+
+def sync_legs(engine, sender: dict[str, torch.Tensor], bucket_mb: int, device: torch.device, rounds: int) -> dict:
     """Seconds and GB/s of the learner's bucketing (device to host) and the engine's load
     (host to device), for each way of bucketing: `staged` (the learner's, one pinned
     buffer) and `views` (`group_buckets`: a pageable `.cpu()` per device tensor)."""
     from alphadrive_ray import weight_sync
 
-    # a learner's parameters on the same device, other values than the engine's
-    sender = {name: torch.randn_like(p) if p.is_floating_point() else p.clone() for name, p in engine.model.named_parameters()}
     nbytes = sum(t.numel() * t.element_size() for t in sender.values())
     staging = weight_sync.HostStaging()
     ways = {
@@ -216,11 +228,11 @@ def sync_legs(engine, bucket_mb: int, device: torch.device, rounds: int) -> dict
         }
         out[way]["bucket_gb_per_s"] = nbytes / out[way]["bucket_s"] / GB
         out[way]["load_gb_per_s"] = nbytes / out[way]["load_s"] / GB
-    del sender, staging
+    del staging
     return out
 
 
-def engine_load_ways(engine, bucket_mb: int, device: torch.device, rounds: int) -> dict:
+def engine_load_ways(engine, sender: dict[str, torch.Tensor], bucket_mb: int, device: torch.device, rounds: int) -> dict:
     """GB/s of the engine's load from pageable host buckets (as `ray.get` returns them): its own
     way (on a GPU through a pinned staging buffer) and, for comparison, a direct copy from
     the pageable buffer and a copy from the bucket's pages pinned in place (`cudaHostRegister`)."""
@@ -229,7 +241,6 @@ def engine_load_ways(engine, bucket_mb: int, device: torch.device, rounds: int) 
     from alphadrive_ray import weight_sync
 
     params = dict(engine.model.named_parameters())
-    sender = {name: torch.randn_like(p) if p.is_floating_point() else p.clone() for name, p in params.items()}
     nbytes = sum(t.numel() * t.element_size() for t in sender.values())
     # pageable copies of the buckets, as a receiver holds them
     buckets = [(m, np.array(parts[0], copy=True)) for m, parts in weight_sync.staged_buckets(sender.items(), bucket_mb * 2**20, weight_sync.HostStaging())]
@@ -380,14 +391,16 @@ def main() -> None:
             report.setdefault("logprob_agreement", {})[name] = a
             log(f"{name:12s} |engine - learner| log-prob over {a['tokens']} tokens: mean {a['mean_abs']:.2e}, p99 {a['p99_abs']:.2e}, max {a['max_abs']:.2e}")
         if loop == "lean" and prompts == args.prompts[0]:
-            report["sync"] = sync_legs(engine, args.bucket_mb, device, args.rounds)
+            sender = learner_like(engine)
+            report["sync"] = sync_legs(engine, sender, args.bucket_mb, device, args.rounds)
             for way in ("staged", "views"):
                 w = report["sync"][way]
                 log(f"sync legs ({way}) of {report['sync']['state_dict_gb']:.2f} GB: bucketing {w['bucket_s']:.2f} s "
                     f"({w['bucket_gb_per_s']:.1f} GB/s), engine load {w['load_s']:.2f} s ({w['load_gb_per_s']:.1f} GB/s)")
-            report["engine_load_gb_per_s"] = engine_load_ways(engine, args.bucket_mb, device, args.rounds)
+            report["engine_load_gb_per_s"] = engine_load_ways(engine, sender, args.bucket_mb, device, args.rounds)
             for way, v in report["engine_load_gb_per_s"].items():
                 log(f"engine load from host buckets, {way}: {v:.1f} GB/s")
+            del sender
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -48,18 +48,11 @@ def qwen2vl_2b_shapes() -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every parameter of Qwen2-VL-2B-Instruct (config values of the release)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+    from qwen2vl_2b import TEXT, VISION
+
     config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=151936,
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_hidden_layers=28,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-        ),
-        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        text_config=dict(**TEXT, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+        vision_config=VISION,
         tie_word_embeddings=True,
     )
     with torch.device("meta"):
