@@ -46,7 +46,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qwen2vl_2b import TEXT, VISION  # noqa: E402 (bench/, the script's folder, is on sys.path)
+from quickstart import prompt_template  # noqa: E402 (bench/, the script's folder, is on sys.path)
+from qwen2vl_2b import TEXT, VISION  # noqa: E402
 
 SIZES = {
     # TinySpec's names for Qwen2-VL-2B's sizes (the vocabulary and tied embeddings: build_model)
@@ -371,10 +372,7 @@ def main() -> None:
     data = work / "scenes" / "data.jsonl"
     generate_dataset(data.parent, need, seed=1, size=224, id_prefix="bench")
     records = load_records(data)
-    import yaml
-
-    # the quickstart's prompt template, as bench/hf_engine.py uses it
-    template = yaml.safe_load((Path(__file__).resolve().parent.parent / "jobs" / "quickstart_cpu.yaml").read_text())["data"]["prompt_template"]
+    template = prompt_template()  # the quickstart's, as in bench/hf_engine.py
 
     runs = [("hf lean", "lean", n) for n in args.prompts]
     if args.generate_prompts:

@@ -31,14 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-QUICKSTART = REPO / "jobs" / "quickstart_cpu.yaml"
-
-
-def quickstart() -> dict:
-    import yaml
-
-    return yaml.safe_load(QUICKSTART.read_text())
+from quickstart import PATH as QUICKSTART, prompt_template, settings as quickstart  # bench/, the script's folder, is on sys.path
 
 
 def parse_args(argv=None):
@@ -74,10 +67,6 @@ def parse_args(argv=None):
     p.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)  # internal: run one side
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def prompt_template() -> str:
-    return quickstart()["data"]["prompt_template"]
 
 
 def prepare(workdir: Path, args) -> tuple[Path, Path, Path]:

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from quickstart import prompt_template  # bench/, the script's folder, is on sys.path
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,7 +35,6 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    import yaml
 
     from alphadrive_ray.data.records import load_records
     from alphadrive_ray.data.synth import generate_dataset
@@ -51,7 +52,7 @@ def main() -> None:
     if not data.exists():
         generate_dataset(data.parent, n, seed=1, size=224, id_prefix="train")
     records = load_records(data)
-    template = yaml.safe_load((Path(__file__).resolve().parent.parent / "jobs" / "quickstart_cpu.yaml").read_text())["data"]["prompt_template"]
+    template = prompt_template()
     loops = ("generate", "lean")
     engines = {loop: HFEngine(str(model), prompt_template=template, batch_size=args.prompts * args.group, loop=loop) for loop in loops}
     params = SamplingParams(n=args.group, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=1)
