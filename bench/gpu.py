@@ -47,22 +47,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quickstart import prompt_template  # noqa: E402 (bench/, the script's folder, is on sys.path)
-from qwen2vl_2b import TEXT, VISION  # noqa: E402
+from qwen2vl_2b import SIZES as QWEN2VL_2B, VOCABULARY  # noqa: E402
 
-SIZES = {
-    # TinySpec's names for Qwen2-VL-2B's sizes (the vocabulary and tied embeddings: build_model)
-    "2b": dict(
-        text_hidden=TEXT["hidden_size"],
-        text_layers=TEXT["num_hidden_layers"],
-        text_heads=TEXT["num_attention_heads"],
-        text_kv_heads=TEXT["num_key_value_heads"],
-        text_intermediate=TEXT["intermediate_size"],
-        vision_dim=VISION["embed_dim"],
-        vision_depth=VISION["depth"],
-        vision_heads=VISION["num_heads"],
-    ),
-    "tiny": {},
-}
+SIZES = {"2b": QWEN2VL_2B, "tiny": {}}  # TinySpec's sizes
 
 GB = 1e9
 
@@ -117,9 +104,8 @@ def build_model(out: Path, size: str, device: torch.device, dtype: torch.dtype, 
     if size == "2b":
         # the release's vocabulary and tied embeddings: the lm_head is a sixth of the weights;
         # ids past the tokenizer's decode to nothing
-        config.text_config.vocab_size = TEXT["vocab_size"]
-        config.text_config.tie_word_embeddings = TEXT["tie_word_embeddings"]
-        config.tie_word_embeddings = TEXT["tie_word_embeddings"]
+        config.text_config.update(VOCABULARY)
+        config.tie_word_embeddings = VOCABULARY["tie_word_embeddings"]
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):

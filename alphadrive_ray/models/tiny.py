@@ -160,28 +160,20 @@ def build_processor(tokenizer, spec: TinySpec):
     )
 
 
-def build_config(tokenizer, spec: TinySpec):
-    from transformers import Qwen2VLConfig
-
+def size_configs(spec: TinySpec) -> tuple[dict, dict]:
+    """The text and vision configs' sizes (Qwen2VLConfig's names) of a model of `spec`'s sizes."""
     half = spec.head_dim // 2
     # Qwen2-VL splits the rotary half-dimensions into (temporal, height, width) sections.
     mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text_config = dict(
-        vocab_size=len(tokenizer),
+    text = dict(
         hidden_size=spec.text_hidden,
         intermediate_size=spec.text_intermediate,
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.text_heads,
         num_key_value_heads=spec.text_kv_heads,
-        max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
     )
-    vision_config = dict(
+    vision = dict(
         depth=spec.vision_depth,
         embed_dim=spec.vision_dim,
         hidden_size=spec.text_hidden,
@@ -191,6 +183,23 @@ def build_config(tokenizer, spec: TinySpec):
         spatial_merge_size=2,
         temporal_patch_size=2,
         in_channels=3,
+    )
+    return text, vision
+
+
+def build_config(tokenizer, spec: TinySpec):
+    from transformers import Qwen2VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text_sizes, vision_config = size_configs(spec)
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        **text_sizes,
+        max_position_embeddings=4096,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
     )
     return Qwen2VLConfig(
         text_config=text_config,
