@@ -30,5 +30,6 @@ def format_answer(speed_action: str, path_action: str) -> str:
 
 
 def format_completion(reasoning: str, speed_action: str, path_action: str) -> str:
-    """A well-formed model completion: reasoning, then the plan."""
-    return f"<think> {reasoning.strip()} </think>\n{format_answer(speed_action, path_action)}"
+    """A well-formed model completion: reasoning (may be empty), then the plan."""
+    text = reasoning.strip()
+    return f"<think> {text + ' ' if text else ''}</think>\n{format_answer(speed_action, path_action)}"

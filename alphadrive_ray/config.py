@@ -43,7 +43,7 @@ class RunConfig:
     output_dir: str = "runs"
     """Folder that holds run directories (resolved config, metrics, checkpoints, report)."""
     seed: int = 0
-    """Seed of every random choice: data order, sampling, initialisation of the tiny model."""
+    """Seed of the run's random choices: data order, sampling. The tiny base model (model.init_tiny) is built once with seed 0, as a pretrained base is the same for every run."""
     overwrite: bool = True
     """Reuse an existing run directory (files of the earlier run are replaced)."""
 
@@ -53,7 +53,7 @@ class ModelConfig:
     path: str = "artifacts/tiny-qwen2vl"
     """Local folder of a Hugging Face Qwen2-VL (or text-only Qwen2) checkpoint. Nothing is downloaded."""
     init_tiny: bool = False
-    """Build the tiny random Qwen2-VL at `path` first when the folder has no model (the embedded default)."""
+    """Build the tiny Qwen2-VL base at `path` first when the folder has no model (the embedded default: vision and language pretrained on synthetic scenes, never on driving decisions; alphadrive_ray/models/grounding.py)."""
     dtype: str = "float32"
     """Parameter dtype of learners and engines: float32 or bfloat16 (GPU)."""
     freeze_vision: bool = False
@@ -76,6 +76,14 @@ class SynthSplitConfig:
     """Relative weights of PATH classes (empty: the generator's default)."""
     size: int = 224
     """Rendered image side in pixels."""
+    labels: str = "driver"
+    """`driver`: what one driver of the stochastic driver model did, read off its 3 s trajectory (the same scene can carry different labels; alphadrive_ray/data/driver.py); `rule`: the deterministic rule-based planner (alphadrive_ray/data/synth.py)."""
+    driver_noise: float = 1.0
+    """Spread of the drivers around the typical one (1: the documented priors; 0: the typical driver every time)."""
+    label_draws: int = 64
+    """Drivers drawn per scene to estimate its label distribution and most likely pair (the split's ceiling)."""
+    reasoning_share: float = 0.25
+    """Share of the scenes that carry reasoning (MetaAD: about 30k of 110k); the others have labels only. The held-out split's default is 1 (its reasoning is the reference for BLEU/CIDEr/METEOR)."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,7 @@ class DataConfig:
     """Held-out dataset for periodic and final evaluation."""
     synth_train: SynthSplitConfig = field(default_factory=SynthSplitConfig)
     """Generate `train` with the synthetic scene generator when the file does not exist."""
-    synth_eval: SynthSplitConfig = field(default_factory=SynthSplitConfig)
+    synth_eval: SynthSplitConfig = field(default_factory=lambda: SynthSplitConfig(reasoning_share=1.0))
     """Generate `eval` with the synthetic scene generator when the file does not exist."""
     prompt_template: str = ""
     """Planning prompt with {speed} and {navigation} slots; empty means the AlphaDrive release prompt."""
@@ -102,8 +110,10 @@ class DataConfig:
 class SFTConfig:
     enabled: bool = True
     """Run stage 1, the SFT warm-up on samples that carry reasoning."""
+    target: str = "reasoning"
+    """`reasoning`: train on the samples that carry reasoning, target = reasoning + answer (the paper's warm-up); `answer`: train on every labelled sample, target = an empty <think> and the answer (the paper's "without reasoning" rows)."""
     samples: int = 2000
-    """How many training samples with reasoning the warm-up uses (the paper: ~30k of 110k)."""
+    """How many training samples the warm-up uses at most (the paper: ~30k of 110k with reasoning)."""
     epochs: int = 1
     """Passes over the warm-up samples."""
     lr: float = 2e-5
@@ -467,6 +477,7 @@ def validate(c: Config, source: str = "config") -> None:
     choice(c.grpo.advantage, "grpo.advantage", ("std", "mean"))
     choice(c.grpo.loss_agg, "grpo.loss_agg", ("token_mean", "seq_mean"))
     choice(c.rollout.engine, "rollout.engine", ("hf", "vllm"))
+    choice(c.sft.target, "sft.target", ("reasoning", "answer"))
     choice(c.rollout.hf_loop, "rollout.hf_loop", ("lean", "generate"))
     choice(c.reward.variant, "reward.variant", ("paper", "release"))
     choice(c.learner.backend, "learner.backend", ("auto", "gloo", "nccl"))
@@ -517,6 +528,10 @@ def validate(c: Config, source: str = "config") -> None:
         key = f"data.{split}"
         check(synth.n >= 0, f"{key}.n must be >= 0 (0: do not generate); got {synth.n}")
         check(56 <= synth.size <= 4096, f"{key}.size must be between 56 and 4096 pixels; got {synth.size}")
+        choice(synth.labels, f"{key}.labels", ("driver", "rule"))
+        check(synth.driver_noise >= 0, f"{key}.driver_noise must be >= 0 (0: the typical driver); got {synth.driver_noise}")
+        check(synth.label_draws >= 1, f"{key}.label_draws must be at least 1; got {synth.label_draws}")
+        check(0 <= synth.reasoning_share <= 1, f"{key}.reasoning_share must be in [0, 1]; got {synth.reasoning_share}")
         for mix_name, vocab in (("speed_mix", SPEED_ACTIONS), ("path_mix", PATH_ACTIONS)):
             mix: dict[str, float] = getattr(synth, mix_name)
             unknown = [name for name in mix if name not in vocab]

@@ -41,6 +41,10 @@ class RunSummary:
     sft_steps: int = 0
     export_dir: str | None = None
     peak_memory_mb: dict[str, float] = field(default_factory=dict)  # per role, largest process
+    ceiling: float | None = None  # held-out accuracy of always answering the most likely plan (noisy labels)
+    # per-scene comparisons of stages on the held-out split, e.g. "final_vs_sft": fixed, broken,
+    # delta and the one-sided exact McNemar p-value (evaluation.metrics.compare_paired)
+    comparisons: dict[str, dict] = field(default_factory=dict)
 
 
 def prepare_run_dir(config: Config, resume: bool = False) -> Path:
@@ -66,7 +70,7 @@ def prepare_run_dir(config: Config, resume: bool = False) -> Path:
 
 def prepare_data(config: Config, say=print) -> tuple[list[Record], list[Record]]:
     """Generate the synthetic splits when configured and missing, then load both splits."""
-    from alphadrive_ray.data.synth import DEFAULT_PATH_MIX, DEFAULT_SPEED_MIX, generate_dataset, generation_key, is_current
+    from alphadrive_ray.data.synth import DEFAULT_PATH_MIX, DEFAULT_SPEED_MIX, Labelling, generate_dataset, generation_key, is_current
 
     for path, synth, prefix in (
         (config.data.train, config.data.synth_train, "train"),
@@ -77,13 +81,18 @@ def prepare_data(config: Config, say=print) -> tuple[list[Record], list[Record]]
         if Path(path).name != "data.jsonl":
             raise UserError(f"data.{prefix}: a generated split is written as <folder>/data.jsonl; got {path}")
         speed_mix, path_mix = synth.speed_mix or DEFAULT_SPEED_MIX, synth.path_mix or DEFAULT_PATH_MIX
-        key = generation_key(synth.n, synth.seed, synth.size, speed_mix, path_mix)
+        labelling = Labelling(synth.labels, synth.driver_noise, synth.label_draws, synth.reasoning_share)
+        key = generation_key(synth.n, synth.seed, synth.size, speed_mix, path_mix, labelling)
         if is_current(Path(path).parent, key):
             continue
         if Path(path).exists() and not (Path(path).parent / "synth.json").exists():
             raise UserError(f"data.{prefix}: {path} exists but was not made by the scene generator; set data.synth_{prefix}.n: 0 to use it as it is")
-        say(f"generating {synth.n} synthetic scenes for the {prefix} split (seed {synth.seed}) -> {path}")
-        generate_dataset(Path(path).parent, synth.n, synth.seed, size=synth.size, speed_mix=speed_mix, path_mix=path_mix, id_prefix=prefix)
+        say(f"generating {synth.n} synthetic scenes for the {prefix} split (seed {synth.seed}, {synth.labels} labels) -> {path}")
+        _, stats = generate_dataset(
+            Path(path).parent, synth.n, synth.seed, size=synth.size, speed_mix=speed_mix, path_mix=path_mix,
+            labelling=labelling, id_prefix=prefix,
+        )
+        say(f"  {stats.n} scenes in {stats.seconds:.0f}s, {stats.with_reasoning} with reasoning; ceiling (most likely plan) {stats.ceiling:.3f}")
     train = load_records(config.data.train, skip_bad=config.data.skip_bad, log=say)
     held_out = load_records(config.data.eval, skip_bad=config.data.skip_bad, log=say)
     overlap = {r.id for r in train} & {r.id for r in held_out}
@@ -139,6 +148,8 @@ class Trainer:
         self.last_sync_bytes = 0
         self._nccl_open = False
         self.accuracy: dict[str, float] = {}  # held-out planning accuracy by stage
+        self.correct: dict[str, list[bool]] = {}  # per held-out scene, by stage: plan right
+        self.ceiling: float | None = None
         self.ckpt = CheckpointManager(run_dir, c.checkpoint.keep)
         gpu = c.learner.gpus_per_worker > 0
         backend = c.learner.backend if c.learner.backend != "auto" else ("nccl" if gpu else "gloo")
@@ -240,7 +251,7 @@ class Trainer:
 
         start = time.monotonic()
         predictions = self.predict() if predictions is None else predictions
-        out_dir = self.run_dir / ("report" if tag == "final" else f"eval/{tag}")
+        out_dir = self.run_dir / "eval" / tag
         metrics = evaluate(
             predictions,
             self.eval_records,
@@ -253,6 +264,10 @@ class Trainer:
         with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
             for rid, text in predictions.items():
                 fh.write(json.dumps({"id": rid, "output": text}) + "\n")
+        from alphadrive_ray.rewards import parse_plan
+
+        self.correct[tag] = [parse_plan(predictions[r.id]) == (r.speed_action, r.path_action) for r in self.eval_records]
+        self.ceiling = metrics["planning"].get("ceiling", self.ceiling)
         flat = {
             "eval/accuracy": metrics["planning"]["accuracy"],
             "eval/speed_macro_f1": metrics["planning"]["speed"]["macro_f1"],
@@ -260,13 +275,17 @@ class Trainer:
             "eval/format_ok_rate": metrics["parse"]["format_ok_rate"],
             "perf/eval_s": time.monotonic() - start,
         }
+        for key in ("ceiling", "ceiling_expected", "bayes_agreement"):
+            if key in metrics["planning"]:
+                flat[f"eval/{key}"] = metrics["planning"][key]
         for key in ("bleu4", "cider", "meteor"):
             value = metrics["reasoning"].get(key)
             if value is not None:
                 flat[f"eval/{key}"] = value
         self.tracker.log("eval", self.version, {**flat, "eval/weight_version": self.version})
+        ceiling = f" (ceiling {flat['eval/ceiling']:.3f})" if "eval/ceiling" in flat else ""
         self.tracker.say(
-            f"eval [{tag}] accuracy {flat['eval/accuracy']:.3f}  speed F1 {flat['eval/speed_macro_f1']:.3f}  "
+            f"eval [{tag}] accuracy {flat['eval/accuracy']:.3f}{ceiling}  speed F1 {flat['eval/speed_macro_f1']:.3f}  "
             f"path F1 {flat['eval/path_macro_f1']:.3f}  format {flat['eval/format_ok_rate']:.3f}  ({flat['perf/eval_s']:.1f}s)"
         )
         return metrics
@@ -274,11 +293,19 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------------
 
     def sft_subset(self) -> list[Record]:
+        """The warm-up's samples: those with reasoning (sft.target reasoning), or every labelled one."""
         c = self.config.sft
+        if c.target == "answer":
+            return EpochSampler(self.train_records, self.config.run.seed).take(min(c.samples, len(self.train_records)))
         with_reasoning = [r for r in self.train_records if r.reasoning and r.reasoning.strip()]
         if not with_reasoning:
-            raise UserError(f"sft.enabled is true but no record of {self.config.data.train} has a `reasoning`; run `alphadrive-ray distill` or disable SFT")
+            raise UserError(f"sft.enabled is true but no record of {self.config.data.train} has a `reasoning`; run `alphadrive-ray distill`, set sft.target: answer, or disable SFT")
         return EpochSampler(with_reasoning, self.config.run.seed).take(min(c.samples, len(with_reasoning)))
+
+    def sft_target(self, record: Record) -> str:
+        """What the warm-up teaches for a record: reasoning and answer, or the answer alone."""
+        reasoning = record.reasoning if self.config.sft.target == "reasoning" else ""
+        return format_completion(reasoning or "", record.speed_action, record.path_action)
 
     def save_checkpoint(self, stage: str, step: int, sampler_state: dict) -> None:
         import random
@@ -335,14 +362,14 @@ class Trainer:
         from alphadrive_ray.workers.learner import SFTExample
 
         if first_step == 0:
-            self.tracker.say(f"stage 1: SFT warm-up, {steps} steps on {len(subset)} samples with reasoning")
+            self.tracker.say(f"stage 1: SFT warm-up, {steps} steps on {len(subset)} samples ({'with reasoning' if c.target == 'reasoning' else 'answers only'})")
             self.learners.begin_stage("sft")
         started = time.monotonic()
         every = self.config.checkpoint.every_steps
         for step in range(first_step, steps):
             interrupts.check()
             tagged = sampler.take_tagged(c.batch_size)
-            examples = [SFTExample(r, format_completion(r.reasoning, r.speed_action, r.path_action)) for _, r in tagged]
+            examples = [SFTExample(r, self.sft_target(r)) for _, r in tagged]
             lr = cosine_lr(step, steps, c.lr, c.warmup_ratio)
             t0 = time.monotonic()
             metrics = self.learners.sft_step(examples, c.micro_batch_size, lr)
@@ -524,6 +551,15 @@ class Trainer:
         return [g for g, _ in keep], [s for _, s in keep], dropped, rounds
 
 
+def compare_stages(correct: dict[str, list[bool]]) -> dict[str, dict]:
+    """Paired comparisons of consecutive stages on the held-out scenes (untrained -> sft -> final):
+    `later_vs_earlier` -> fixed, broken, delta and the one-sided exact McNemar p-value."""
+    from alphadrive_ray.evaluation.metrics import compare_paired
+
+    order = [tag for tag in ("untrained", "sft", "final") if tag in correct]
+    return {f"{b}_vs_{a}": compare_paired(correct[a], correct[b]) for a, b in zip(order, order[1:])}
+
+
 def uniform_group(scores: Sequence[dict]) -> bool:
     """Every completion of the group has the same total reward: zero advantage, nothing to learn."""
     return len({round(s["total"], 9) for s in scores}) == 1
@@ -547,7 +583,7 @@ def train(config: Config, resume: bool = False) -> RunSummary:
     try:
         from alphadrive_ray.models.loading import ensure_model
 
-        ensure_model(config.model.path, config.model.init_tiny, config.run.seed)
+        ensure_model(config.model.path, config.model.init_tiny)
         train_records, eval_records = prepare_data(config, tracker.say)
         tracker.say(f"data: {len(train_records)} train / {len(eval_records)} held-out records; run directory {run_dir}")
         connect_ray(config, tracker.say)
@@ -586,6 +622,10 @@ def train(config: Config, resume: bool = False) -> RunSummary:
             ]
         }
         trainer.evaluate("final", predictions, extra)
+        summary.ceiling = trainer.ceiling
+        summary.comparisons = compare_stages(trainer.correct)
+        if summary.comparisons:
+            (run_dir / "eval" / "comparisons.json").write_text(json.dumps(summary.comparisons, indent=2) + "\n")
         if config.checkpoint.export_hf:
             summary.export_dir = trainer.learners.save_hf(str(run_dir / "export"))
             tracker.say(f"exported the policy in Hugging Face format to {summary.export_dir}")

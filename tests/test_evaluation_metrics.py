@@ -14,10 +14,13 @@ from alphadrive_ray.errors import UserError
 from alphadrive_ray.evaluation.metrics import (
     MISS_LABEL,
     ParsedOutput,
+    compare_paired,
     compute_accuracy,
+    compute_ceiling,
     compute_class_metrics,
     compute_confusion,
     compute_macro_f1,
+    mcnemar_exact,
     compute_planning_metrics,
     flatten_metrics,
     parse_output,
@@ -267,3 +270,50 @@ def test_build_samples_puts_wrong_first_and_fills_up():
     assert samples[0]["scores"] == {"bleu4": 0.5} and samples[0]["pred_path"] is None
     assert len(build_samples(records, outputs, parsed, {}, n=100)) == 10
     json.dumps(samples)  # plain data
+
+
+# --- noisy labels: the ceiling and McNemar's test ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fixed, broken, expected",
+    [
+        (0, 0, 1.0),  # nothing changed: no evidence
+        (5, 0, 1 / 32),  # five fixed, none broken: 0.5^5
+        (0, 5, 1.0),  # only broken: P(X >= 0) = 1
+        (3, 3, 42 / 64),  # a tie: P(X >= 3 | n = 6) = (20 + 15 + 6 + 1) / 64
+        (10, 2, 79 / 4096),  # (C(12,10) + C(12,11) + C(12,12)) / 2^12 = (66 + 12 + 1) / 4096
+    ],
+)
+def test_mcnemar_exact(fixed, broken, expected):
+    assert mcnemar_exact(fixed, broken) == pytest.approx(expected)
+
+
+def test_mcnemar_rejects_negative_counts():
+    with pytest.raises(ValueError):
+        mcnemar_exact(-1, 2)
+
+
+def test_compare_paired_counts_fixed_and_broken():
+    a = [True, False, False, True, False, True]
+    b = [True, True, True, False, False, True]
+    out = compare_paired(a, b)
+    # scene 1 and 2 fixed, scene 3 broken, the rest unchanged
+    assert out == {"n": 6, "fixed": 2, "broken": 1, "delta": pytest.approx(1 / 6), "p_value": pytest.approx(0.5)}
+    with pytest.raises(ValueError, match="same samples"):
+        compare_paired(a, b[:-1])
+
+
+def test_compute_ceiling():
+    truth = [("KEEP", "STRAIGHT"), ("STOP", "STRAIGHT"), ("ACCELERATE", "LEFT_CHANGE"), ("KEEP", "STRAIGHT")]
+    most_likely = [("KEEP", "STRAIGHT"), ("DECELERATE", "STRAIGHT"), ("ACCELERATE", "LEFT_CHANGE"), ("KEEP", "STRAIGHT")]
+    p = [0.9, 0.6, 0.7, 0.9]
+    predictions = [("KEEP", "STRAIGHT"), ("STOP", "STRAIGHT"), ("ACCELERATE", None), ("KEEP", "STRAIGHT")]
+    out = compute_ceiling(truth, most_likely, p, predictions)
+    assert out["ceiling"] == pytest.approx(3 / 4)  # scene 2's driver did the unlikely thing
+    assert out["ceiling_expected"] == pytest.approx(0.775)
+    # the planner that stopped in scene 2 matched the label, not the most likely plan
+    assert out["bayes_agreement"] == pytest.approx(2 / 4)
+    assert compute_ceiling([], [], [], [])["n"] == 0
+    with pytest.raises(ValueError):
+        compute_ceiling(truth, most_likely, p[:2], predictions)

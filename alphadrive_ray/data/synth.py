@@ -73,6 +73,7 @@ class Scene:
     cones_distance: float | None  # metres to cones closing the ego lane
     others: tuple[tuple[int, float], ...] = ()  # (lane, distance) of vehicles in other lanes
     style: int = 0  # sky / road palette
+    intersection_distance: float | None = None  # metres to the near edge of the crossing road
 
     @property
     def lane_on_left(self) -> bool:
@@ -204,10 +205,92 @@ def reasoning_for(scene: Scene, plan: Plan) -> str:
     return f"{first} {second}"
 
 
+# --- the teacher: reasoning that explains a logged action -------------------------------
+
+# What a teacher writes for each SPEED action, first cue the scene supports. The paper's teacher
+# (GPT-4o) was given the logged action and asked to explain it; so is this one, and an unusual
+# action gets an explanation of that action, not of the typical one.
+_SPEED_CUES: dict[str, tuple[tuple[str, Callable[[Scene], bool]], ...]] = {
+    "STOP": (
+        ("pedestrian", lambda s: s.pedestrian_distance is not None),
+        ("red", lambda s: s.intersection == "near" and s.light == "red"),
+        ("lead_hazard", lambda s: s.lead_distance is not None and s.lead_distance < LEAD_HAZARD_M),
+        ("yellow", lambda s: s.intersection == "near" and s.light == "yellow"),
+        ("standstill", lambda s: True),
+    ),
+    "DECELERATE": (
+        ("pedestrian", lambda s: s.pedestrian_distance is not None),
+        ("red", lambda s: s.intersection == "near" and s.light == "red"),
+        ("lead_hazard", lambda s: s.lead_distance is not None and s.lead_distance < LEAD_HAZARD_M),
+        ("yellow", lambda s: s.intersection == "near" and s.light == "yellow"),
+        ("lead_close", lambda s: s.lead_distance is not None and s.lead_distance < LEAD_CAUTION_M),
+        ("cones", lambda s: s.cones_distance is not None),
+        ("turn_fast", lambda s: s.intersection == "near" and s.navigation != "go straight"),
+        ("free_fast", lambda s: s.speed > CRUISE_MAX_SPEED - 2),
+        ("lead_gap", lambda s: s.lead_distance is not None),
+        ("margin", lambda s: True),
+    ),
+    "KEEP": (
+        ("yellow_go", lambda s: s.intersection == "near" and s.light == "yellow"),
+        ("slow_already", lambda s: s.pedestrian_distance is not None or (s.intersection == "near" and s.light == "red")),
+        ("follow", lambda s: s.lead_distance is not None and s.lead_distance < LEAD_FOLLOW_M),
+        ("free", lambda s: True),
+    ),
+    "ACCELERATE": (
+        ("green", lambda s: s.intersection == "near" and s.light == "green"),
+        ("lead_away", lambda s: s.lead_distance is not None and s.lead_distance < LEAD_FOLLOW_M),
+        ("free_slow", lambda s: s.speed < CRUISE_MIN_SPEED + 2),
+        ("room", lambda s: True),
+    ),
+}
+_TEACHER_REASONS = {
+    **_SPEED_REASONS,
+    "standstill": "I am almost at a standstill and wait",
+    "lead_gap": "I want a larger gap to the vehicle ahead",
+    "margin": "I want more margin for what is ahead",
+    "yellow_go": "the light ahead is yellow but I can clear the intersection",
+    "slow_already": "I am already slow enough for what is ahead",
+    "green": "the light at the intersection ahead is green",
+    "lead_away": "the vehicle ahead is pulling away",
+    "room": "there is room ahead to speed up",
+}
+
+
+def explain(scene: Scene, speed_action: str, path_action: str) -> str:
+    """The teacher's reasoning for a logged (SPEED, PATH): the scene, then why this action.
+
+    Written like `reasoning_for`, but for any action a driver took, not only the rule's.
+    """
+    cue = next(name for name, applies in _SPEED_CUES[speed_action] if applies(scene))
+    first = f"{describe_scene(scene)} At {scene.speed:.1f} m/s, {_TEACHER_REASONS[cue]}, so I {_SPEED_VERBS[speed_action]}."
+    nav = scene.navigation.split()[-1]
+    if path_action == "STRAIGHT":
+        held = speed_action == "STOP" or scene.pedestrian_distance is not None or (scene.intersection == "near" and scene.light == "red")
+        second = "I stay in my lane." if held else "I keep straight."
+    elif path_action.endswith("_TURN"):
+        side = path_action.split("_")[0].lower()
+        second = (
+            f"The navigation says turn {side} at this intersection, so I turn {side}."
+            if scene.intersection == "near" and nav == side
+            else f"I turn {side}."
+        )
+    else:
+        side = path_action.split("_")[0].lower()
+        if scene.cones_distance is not None:
+            second = f"I change to the {side} lane to pass them."
+        elif nav == side:
+            second = f"The navigation says turn {side} ahead, so I move to the {side} lane."
+        elif scene.lead_distance is not None:
+            second = f"I change to the {side} lane to pass the vehicle ahead."
+        else:
+            second = f"I change to the {side} lane."
+    return f"{first} {second}"
+
+
 def reasoning_corpus() -> list[str]:
     """Every reasoning phrase the generator can write (for training the tiny tokenizer)."""
     out = []
-    for reason in _SPEED_REASONS.values():
+    for reason in _TEACHER_REASONS.values():
         for verb in _SPEED_VERBS.values():
             out.append(f"At 12.5 m/s, {reason}, so I {verb}.")
     for side in ("left", "right"):
@@ -215,6 +298,9 @@ def reasoning_corpus() -> list[str]:
             f"The navigation says turn {side} at this intersection, so I turn {side}.",
             f"I change to the {side} lane to pass them.",
             f"The navigation says turn {side} ahead, so I move to the {side} lane.",
+            f"I change to the {side} lane to pass the vehicle ahead.",
+            f"I change to the {side} lane.",
+            f"I turn {side}.",
         ]
     out += ["I stay in my lane.", "I keep straight."]
     for light in ("red", "yellow", "green"):
@@ -275,6 +361,9 @@ def random_scene(rng: random.Random) -> Scene:
     else:
         speed = rng.uniform(0.0, 20.0)
     others = tuple((lane, round(rng.uniform(6, 60), 1)) for lane in range(num_lanes) if lane != ego_lane and maybe(0.5))
+    crossing = None
+    if intersection:
+        crossing = round(rng.uniform(*(NEAR_INTERSECTION_M if intersection == "near" else FAR_INTERSECTION_M)), 1)
     return Scene(
         speed=round(speed, 1),
         navigation=navigation,
@@ -287,6 +376,7 @@ def random_scene(rng: random.Random) -> Scene:
         cones_distance=None if cones is None else round(cones, 1),
         others=others,
         style=rng.randrange(4),
+        intersection_distance=crossing,
     )
 
 
@@ -300,19 +390,25 @@ def _normalise(mix: Mapping[str, float], vocab: tuple[str, ...], what: str) -> l
     return weights
 
 
+def _targets(rng: random.Random, speed_mix: Mapping[str, float], path_mix: Mapping[str, float]) -> tuple[str, str]:
+    speed_target = rng.choices(SPEED_ACTIONS, weights=_normalise(speed_mix, SPEED_ACTIONS, "speed"))[0]
+    path_target = rng.choices(PATH_ACTIONS, weights=_normalise(path_mix, PATH_ACTIONS, "path"))[0]
+    return speed_target, path_target
+
+
 def sample_scene(
     rng: random.Random,
     speed_mix: Mapping[str, float] = DEFAULT_SPEED_MIX,
     path_mix: Mapping[str, float] = DEFAULT_PATH_MIX,
     max_tries: int = 400,
 ) -> tuple[Scene, Plan]:
-    """Draw target classes from the mixes, then propose random scenes until one matches.
+    """Draw target classes from the mixes, then propose random scenes until the rule-based
+    planner's plan matches.
 
     Some (SPEED, PATH) pairs cannot occur (STOP with a turn); when no proposal matches
     both targets, the first proposal matching the SPEED target is taken, then any.
     """
-    speed_target = rng.choices(SPEED_ACTIONS, weights=_normalise(speed_mix, SPEED_ACTIONS, "speed"))[0]
-    path_target = rng.choices(PATH_ACTIONS, weights=_normalise(path_mix, PATH_ACTIONS, "path"))[0]
+    speed_target, path_target = _targets(rng, speed_mix, path_mix)
     fallback = None
     for _ in range(max_tries):
         scene = random_scene(rng)
@@ -327,6 +423,50 @@ def sample_scene(
     return scene, plan_scene(scene)
 
 
+def sample_driven_scenes(
+    rng: random.Random,
+    n: int,
+    speed_mix: Mapping[str, float] = DEFAULT_SPEED_MIX,
+    path_mix: Mapping[str, float] = DEFAULT_PATH_MIX,
+    pool: int = 2048,
+    tries_per_scene: int = 20,
+    patience: int = 2,
+) -> list[Scene]:
+    """`sample_scene` for driver labels, n scenes at once: target classes are drawn from the
+    mixes, and random proposals, labelled by the typical driver (`driver.typical_labels`,
+    which the most likely pair mostly is) `pool` at a time, fill the targets in order. A target
+    no proposal matched within n x `tries_per_scene` proposals takes one matching its SPEED
+    target, then any (some pairs never occur, e.g. STOP with a turn): the search also ends
+    after `patience` pools in a row that filled no target."""
+    from alphadrive_ray.data.driver import typical_labels
+
+    targets = [_targets(rng, speed_mix, path_mix) for _ in range(n)]
+    chosen: list[Scene | None] = [None] * n
+    waiting: dict[tuple[str, str], list[int]] = {}
+    for i, target in enumerate(targets):
+        waiting.setdefault(target, []).append(i)
+    by_speed: dict[str, list[Scene]] = {}
+    spare: list[Scene] = []
+    proposed = idle = 0
+    while any(waiting.values()) and proposed < n * tries_per_scene and idle < patience:
+        scenes = [random_scene(rng) for _ in range(pool)]
+        proposed += pool
+        idle += 1
+        for scene, label in zip(scenes, typical_labels(scenes)):
+            if waiting.get(label):
+                chosen[waiting[label].pop(0)] = scene
+                idle = 0
+            elif len(by_speed.setdefault(label[0], [])) < n:
+                by_speed[label[0]].append(scene)
+            elif len(spare) < n:
+                spare.append(scene)
+    for target, left in waiting.items():
+        for i in left:
+            fallback = by_speed.get(target[0]) or spare
+            chosen[i] = fallback.pop() if fallback else random_scene(rng)
+    return chosen  # type: ignore[return-value]
+
+
 # --- rendering -------------------------------------------------------------------------
 
 _SKIES = ((135, 190, 235), (170, 200, 225), (240, 170, 120), (110, 130, 170))
@@ -337,7 +477,7 @@ _PEDESTRIAN_COLOURS = ((255, 0, 200), (0, 230, 255), (255, 255, 0))
 _LIGHT_COLOURS = {"red": (255, 30, 30), "yellow": (255, 210, 0), "green": (40, 230, 60)}
 _LANE_M = 3.5  # lane width, metres
 _NEAR_M = 6.0  # distance seen at the bottom row of the image (a mild telephoto view)
-NEAR_INTERSECTION_M = (12.0, 20.0)
+NEAR_INTERSECTION_M = (6.0, 12.0)
 FAR_INTERSECTION_M = (40.0, 60.0)
 
 
@@ -406,8 +546,9 @@ def render_scene(scene: Scene, size: int = 224, seed: int = 0):
     )
     cross = None
     if scene.intersection:
-        lo, hi = NEAR_INTERSECTION_M if scene.intersection == "near" else FAR_INTERSECTION_M
-        d0 = rng.uniform(lo, hi)
+        d0 = scene.intersection_distance
+        if d0 is None:  # a scene written before the distance was part of it
+            d0 = rng.uniform(*(NEAR_INTERSECTION_M if scene.intersection == "near" else FAR_INTERSECTION_M))
         cross = (d0, d0 + 12.0)
         draw.rectangle([0, cam.y(cross[1]), size, cam.y(cross[0])], fill=_ROADS[scene.style])
 
@@ -483,6 +624,45 @@ class SynthStats:
     seconds: float = 0.0
     speed_counts: dict[str, int] = field(default_factory=lambda: {c: 0 for c in SPEED_ACTIONS})
     path_counts: dict[str, int] = field(default_factory=lambda: {c: 0 for c in PATH_ACTIONS})
+    with_reasoning: int = 0
+    ceiling: float = 0.0  # share of scenes whose logged label is their most likely pair
+    expected_ceiling: float = 0.0  # mean probability of the most likely pair
+
+
+LABELS = ("driver", "rule")
+
+
+@dataclass(frozen=True)
+class Labelling:
+    """How a generated split is labelled (the config keys data.synth_*.<name>)."""
+
+    labels: str = "driver"
+    """`driver`: one draw of the stochastic driver model (alphadrive_ray/data/driver.py), read off
+    its trajectory; `rule`: the deterministic rule-based planner of this module."""
+    driver_noise: float = 1.0
+    """Spread of the drivers around the typical one (0: the typical driver, deterministic labels)."""
+    label_draws: int = 64
+    """Drivers drawn per scene to estimate its label distribution and most likely pair."""
+    reasoning_share: float = 1.0
+    """Share of the scenes that carry reasoning (MetaAD: about a quarter); the rest have labels only."""
+
+    def check(self) -> None:
+        if self.labels not in LABELS:
+            raise ValueError(f"labels must be one of {', '.join(LABELS)}, got {self.labels!r}")
+        if not (self.driver_noise >= 0 and math.isfinite(self.driver_noise)):
+            raise ValueError(f"driver_noise must be a finite number >= 0, got {self.driver_noise}")
+        if self.label_draws < 1:
+            raise ValueError(f"label_draws must be at least 1, got {self.label_draws}")
+        if not 0 <= self.reasoning_share <= 1:
+            raise ValueError(f"reasoning_share must be in [0, 1], got {self.reasoning_share}")
+
+
+def pair_key(speed: str, path: str) -> str:
+    """How a (SPEED, PATH) pair is written in a record's label_distribution."""
+    return f"{speed}, {path}"
+
+
+LABEL_CHUNK = 256  # scenes simulated together by the driver model
 
 
 def generate_dataset(
@@ -493,40 +673,90 @@ def generate_dataset(
     size: int = 224,
     speed_mix: Mapping[str, float] = DEFAULT_SPEED_MIX,
     path_mix: Mapping[str, float] = DEFAULT_PATH_MIX,
+    labelling: Labelling = Labelling(),
     id_prefix: str = "scene",
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Path, SynthStats]:
     """Render `n` scenes into `out_dir/images/` and write `out_dir/data.jsonl`.
 
-    Deterministic in (`n`, `seed`, `size`, the mixes): the same call writes the same files.
+    Each record carries its logged label (`speed_action`, `path_action`), the scene, and its
+    label distribution (`label_distribution`: "SPEED, PATH" -> share of drivers) with the most
+    likely pair (`most_likely`); with driver labels also the logged trajectory. A share
+    `labelling.reasoning_share` of the records carries the teacher's reasoning of the logged
+    label (`explain`; `reasoning_for` with rule labels).
+
+    Deterministic in (`n`, `seed`, `size`, the mixes, `labelling`): the same call writes the same files.
     """
+    import numpy as np
+
+    labelling.check()
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     stats = SynthStats()
     start = time.perf_counter()
-    records = []
+    driven = labelling.labels == "driver"
+    scenes, plans, label_seeds, reasoning = [], [], [], []
+    proposals = sample_driven_scenes(rng, n, speed_mix, path_mix) if driven else []
     for i in range(n):
-        scene, plan = sample_scene(rng, speed_mix, path_mix)
-        sample_id = f"{id_prefix}-{seed}-{i:06d}"
-        image_path = out / "images" / f"{sample_id}.png"
-        render_scene(scene, size=size, seed=rng.randrange(2**31)).save(image_path, compress_level=1)
-        records.append(
-            Record(
-                id=sample_id,
-                image=str(image_path.resolve()),
-                speed=scene.speed,
-                navigation=scene.navigation,
-                speed_action=plan.speed_action,
-                path_action=plan.path_action,
-                reasoning=reasoning_for(scene, plan),
-                extra={"scene": asdict(scene)},
-            )
-        )
-        stats.speed_counts[plan.speed_action] += 1
-        stats.path_counts[plan.path_action] += 1
+        if driven:
+            scene, plan = proposals[i], None
+        else:
+            scene, plan = sample_scene(rng, speed_mix, path_mix)
+        render_scene(scene, size=size, seed=rng.randrange(2**31)).save(out / "images" / f"{id_prefix}-{seed}-{i:06d}.png", compress_level=1)
+        scenes.append(scene)
+        plans.append(plan)
+        label_seeds.append(rng.randrange(2**63))
+        reasoning.append(rng.random() < labelling.reasoning_share)
         if progress is not None:
             progress(i + 1, n)
+
+    records = []
+    for lo in range(0, n, LABEL_CHUNK):
+        chunk = range(lo, min(n, lo + LABEL_CHUNK))
+        if driven:
+            from alphadrive_ray.data.driver import distribution_of, label_scenes, most_likely
+
+            # draw 0 is the logged drive; the others estimate the scene's label distribution
+            drawn, paths = label_scenes(
+                [scenes[i] for i in chunk], 1 + labelling.label_draws,
+                [np.random.default_rng(label_seeds[i]) for i in chunk], labelling.driver_noise,
+            )
+        for j, i in enumerate(chunk):
+            scene = scenes[i]
+            if driven:
+                logged, dist = drawn[j][0], distribution_of(drawn[j][1:])
+                mode = most_likely(dist)
+                extra = {"trajectory": np.round(paths[j][0], 2).tolist()}
+            else:
+                logged = mode = (plans[i].speed_action, plans[i].path_action)
+                dist, extra = {mode: 1.0}, {}
+            text = None
+            if reasoning[i]:
+                text = explain(scene, *logged) if driven else reasoning_for(scene, plans[i])
+            sample_id = f"{id_prefix}-{seed}-{i:06d}"
+            records.append(
+                Record(
+                    id=sample_id,
+                    image=str((out / "images" / f"{sample_id}.png").resolve()),
+                    speed=scene.speed,
+                    navigation=scene.navigation,
+                    speed_action=logged[0],
+                    path_action=logged[1],
+                    reasoning=text,
+                    extra={
+                        "scene": asdict(scene),
+                        **extra,
+                        "label_distribution": {pair_key(*pair): round(p, 4) for pair, p in dist.items()},
+                        "most_likely": list(mode),
+                    },
+                )
+            )
+            stats.speed_counts[logged[0]] += 1
+            stats.path_counts[logged[1]] += 1
+            stats.with_reasoning += text is not None
+            stats.ceiling += (logged == mode) / n
+            stats.expected_ceiling += dist[mode] / n
     path = out / "data.jsonl"
     write_records(path, records)
     stats.n = n
@@ -534,9 +764,12 @@ def generate_dataset(
     (out / "synth.json").write_text(
         json.dumps(
             {
-                **generation_key(n, seed, size, speed_mix, path_mix),
+                **generation_key(n, seed, size, speed_mix, path_mix, labelling),
                 "speed_counts": stats.speed_counts,
                 "path_counts": stats.path_counts,
+                "with_reasoning": stats.with_reasoning,
+                "ceiling": round(stats.ceiling, 4),
+                "expected_ceiling": round(stats.expected_ceiling, 4),
             },
             indent=2,
         )
@@ -546,10 +779,12 @@ def generate_dataset(
 
 
 # Bumped whenever rendering or labelling changes, so that stale generated splits are redone.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 
-def generation_key(n: int, seed: int, size: int, speed_mix: Mapping[str, float], path_mix: Mapping[str, float]) -> dict:
+def generation_key(
+    n: int, seed: int, size: int, speed_mix: Mapping[str, float], path_mix: Mapping[str, float], labelling: Labelling = Labelling()
+) -> dict:
     """What determines a generated split (written to synth.json next to data.jsonl)."""
     return {
         "generator_version": GENERATOR_VERSION,
@@ -558,6 +793,7 @@ def generation_key(n: int, seed: int, size: int, speed_mix: Mapping[str, float],
         "size": size,
         "speed_mix": {k: float(v) for k, v in speed_mix.items()},
         "path_mix": {k: float(v) for k, v in path_mix.items()},
+        **asdict(labelling),
     }
 
 

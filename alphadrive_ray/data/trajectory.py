@@ -145,6 +145,41 @@ def label_trajectory(
     )
 
 
+def label_trajectories(
+    points,
+    dt: float = DT,
+    stop_speed: float = STOP_SPEED,
+    accel_delta: float = ACCEL_DELTA,
+    lateral_threshold: float = LATERAL_THRESHOLD,
+    angle_threshold_deg: float = ANGLE_THRESHOLD_DEG,
+) -> list[tuple[str, str]]:
+    """`label_trajectory` of many trajectories at once: `points` is an array [K, n, 2] of finite
+    waypoints. The same rules, in numpy (the synthetic driver model labels thousands a second)."""
+    import numpy as np
+
+    pts = np.asarray(points, dtype=float)
+    if pts.ndim != 3 or pts.shape[2] != 2 or pts.shape[1] < MIN_POINTS:
+        raise ValueError(f"expected trajectories of shape [K, n >= {MIN_POINTS}, 2], got {list(pts.shape)}")
+    if not np.isfinite(pts).all():
+        raise ValueError("trajectories must hold finite numbers")
+    if not dt > 0:
+        raise ValueError(f"dt must be > 0, got {dt}")
+    full = np.concatenate([np.zeros((len(pts), 1, 2)), pts], axis=1)
+    speeds = np.hypot(*np.moveaxis(np.diff(full, axis=1), 2, 0)) / dt  # [K, n]
+    change = speeds[:, -1] - speeds[:, 0]
+    speed = np.where(
+        speeds.max(axis=1) < stop_speed, "STOP",
+        np.where(change >= accel_delta, "ACCELERATE", np.where(change <= -accel_delta, "DECELERATE", "KEEP")),
+    )
+    x_end, y_end = pts[:, -1, 0], pts[:, -1, 1]
+    angle = np.degrees(np.arctan2(y_end, x_end)) - 90.0
+    angle = np.where(angle <= -180.0, angle + 360.0, angle)
+    side = np.where(x_end > 0, "RIGHT", "LEFT")
+    kind = np.where(np.abs(angle) >= angle_threshold_deg, "_TURN", "_CHANGE")
+    path = np.where(np.abs(x_end) < lateral_threshold, "STRAIGHT", np.char.add(side, kind))
+    return list(zip(speed.tolist(), path.tolist()))
+
+
 # --- the converter -------------------------------------------------------------------------
 
 SAMPLE_FIELDS: tuple[str, ...] = ("id", "image", "speed", "navigation", "trajectory", "reasoning")

@@ -181,3 +181,67 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "eval/") -> dict[str,
 
     walk(metrics, "")
     return out
+
+
+# --- noisy labels: the ceiling and significance ---------------------------------------------
+
+
+def compute_ceiling(
+    truth: Sequence[tuple[str, str]],
+    most_likely: Sequence[tuple[str, str]],
+    p_most_likely: Sequence[float],
+    predictions: Sequence[tuple[str | None, str | None]],
+) -> dict[str, float | int]:
+    """What a planner can reach when labels are one draw of what drivers do.
+
+    truth: the logged (SPEED, PATH) of each sample; most_likely: its most likely pair (the
+    Bayes-optimal plan); p_most_likely: that pair's probability; predictions: the planner's.
+      ceiling            share of samples whose logged pair is the most likely one: the
+                         planning accuracy of always answering the most likely pair
+      ceiling_expected   mean probability of the most likely pair (the ceiling's expectation)
+      bayes_agreement    share of predictions equal to the most likely pair (free of label noise)
+    """
+    n = len(truth)
+    if not (n == len(most_likely) == len(p_most_likely) == len(predictions)):
+        raise ValueError("truth, most_likely, p_most_likely and predictions must have the same length")
+    if n == 0:
+        return {"n": 0, "ceiling": 0.0, "ceiling_expected": 0.0, "bayes_agreement": 0.0}
+    return {
+        "n": n,
+        "ceiling": sum(t == m for t, m in zip(truth, most_likely)) / n,
+        "ceiling_expected": sum(p_most_likely) / n,
+        "bayes_agreement": sum(tuple(p) == m for p, m in zip(predictions, most_likely)) / n,
+    }
+
+
+def mcnemar_exact(fixed: int, broken: int) -> float:
+    """One-sided exact McNemar p-value that B beats A on paired samples.
+
+    `fixed`: samples A got wrong and B right; `broken`: A right, B wrong. Under the null the
+    fixed ones are Binomial(fixed + broken, 1/2); p = P(X >= fixed). 1.0 when nothing changed.
+    """
+    if fixed < 0 or broken < 0:
+        raise ValueError("counts must be >= 0")
+    n = fixed + broken
+    if n == 0:
+        return 1.0
+    from math import comb
+
+    return sum(comb(n, k) for k in range(fixed, n + 1)) / 2**n
+
+
+def compare_paired(right_a: Sequence[bool], right_b: Sequence[bool]) -> dict[str, float | int]:
+    """Per-sample correctness of two planners on the same samples: fixed, broken, the change in
+    accuracy and the one-sided exact McNemar p-value that B is better than A."""
+    if len(right_a) != len(right_b):
+        raise ValueError(f"{len(right_a)} and {len(right_b)} samples: the two planners must be scored on the same samples")
+    fixed = sum(1 for a, b in zip(right_a, right_b) if not a and b)
+    broken = sum(1 for a, b in zip(right_a, right_b) if a and not b)
+    n = len(right_a)
+    return {
+        "n": n,
+        "fixed": fixed,
+        "broken": broken,
+        "delta": (fixed - broken) / n if n else 0.0,
+        "p_value": mcnemar_exact(fixed, broken),
+    }

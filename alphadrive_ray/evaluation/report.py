@@ -250,6 +250,11 @@ def _cards(metrics: Mapping[str, Any]) -> str:
     planning, parse, reasoning = metrics["planning"], metrics["parse"], metrics.get("reasoning") or {}
     cards = [
         ("planning accuracy", planning["accuracy"], "SPEED and PATH both right"),
+        *(
+            [("ceiling", planning["ceiling"], "accuracy of always answering the most likely plan")]
+            if "ceiling" in planning
+            else []
+        ),
         ("SPEED macro F1", planning["speed"]["macro_f1"], f"accuracy {planning['speed']['accuracy']:.3f}"),
         ("PATH macro F1", planning["path"]["macro_f1"], f"accuracy {planning['path']['accuracy']:.3f}"),
         ("format ok", parse["format_ok_rate"], "<think>…</think><answer>…</answer>"),

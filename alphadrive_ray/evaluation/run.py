@@ -44,6 +44,9 @@ def evaluate(
     Returns the metrics dict written to `out_dir/metrics.json`:
       n                     samples evaluated
       planning.accuracy     SPEED and PATH both right
+      planning.ceiling      (records with `most_likely`/`label_distribution` only) the accuracy of
+                            always answering each sample's most likely pair; ceiling_expected,
+                            bayes_agreement (see metrics.compute_ceiling)
       planning.<family>     per class {precision, recall, f1, support}; accuracy, macro_f1
                             (over the classes present in truth or predictions),
                             macro_f1_labels, miss_rate  (family: speed, path)
@@ -94,6 +97,9 @@ def evaluate(
             parsed, [r.speed_action for r in alignment.records], [r.path_action for r in alignment.records]
         )
         metrics["planning"] = planning["planning"]
+        ceiling = ceiling_of(alignment.records, parsed)
+        if ceiling is not None:
+            metrics["planning"].update({k: ceiling[k] for k in ("ceiling", "ceiling_expected", "bayes_agreement")})
         metrics["parse"] = planning["parse"]
         stage("planning")
         metrics["reasoning"], per_sample = compute_reasoning_metrics(
@@ -116,6 +122,26 @@ def evaluate(
     finally:
         bar.close()
     return metrics
+
+
+def ceiling_of(records: Sequence[Record], parsed: Sequence[ParsedOutput]) -> dict[str, Any] | None:
+    """`metrics.compute_ceiling` of records that carry their most likely pair and label
+    distribution (`most_likely`, `label_distribution`: the synthetic generator writes them);
+    None when any record lacks them (real data: the label distribution is unknown)."""
+    from alphadrive_ray.data.synth import pair_key
+    from alphadrive_ray.evaluation.metrics import compute_ceiling
+
+    modes, probs = [], []
+    for record in records:
+        mode, dist = record.extra.get("most_likely"), record.extra.get("label_distribution")
+        if not (isinstance(mode, (list, tuple)) and len(mode) == 2 and isinstance(dist, dict)):
+            return None
+        modes.append((str(mode[0]), str(mode[1])))
+        probs.append(float(dist.get(pair_key(*modes[-1]), 0.0)))
+    if not records:
+        return None
+    truth = [(r.speed_action, r.path_action) for r in records]
+    return compute_ceiling(truth, modes, probs, [(p.speed, p.path) for p in parsed])
 
 
 def compute_reasoning_metrics(

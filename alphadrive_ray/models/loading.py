@@ -89,7 +89,11 @@ def ensure_model(path: str | Path, init_tiny: bool, seed: int = 0) -> Path:
         if not current:
             if (folder / "config.json").is_file() and not (folder / "tiny_spec.json").is_file():
                 raise UserError(f"model.init_tiny is set but {folder} holds another model; point model.path elsewhere or set model.init_tiny: false")
-            print(f"building the tiny Qwen2-VL at {folder} (seed {seed}; pretraining its vision tower, about two minutes on 2 cores)", flush=True)
+            print(
+                f"building the tiny Qwen2-VL base at {folder} (seed {seed}; pretraining its vision tower, then its language "
+                "half on scene descriptions; once per machine, a few minutes on 2 cores)",
+                flush=True,
+            )
             # built aside and swapped in: a run reading the folder never sees a half-written model
             staging = folder.with_name(f".{folder.name}.building-{os.getpid()}")
             shutil.rmtree(staging, ignore_errors=True)

@@ -88,6 +88,9 @@ class TinySpec:
     image_pixels: int = 224 * 224
     # Steps of vision pretraining on synthetic scenes (0: a random vision tower too).
     vision_pretrain_steps: int = 1000
+    # Steps of language pretraining on image-grounded text without driving decisions, after
+    # the vision pretraining (models/grounding.py; 0: a random language half).
+    language_pretrain_steps: int = 400
     seed: int = 0
 
     @property
@@ -98,6 +101,7 @@ class TinySpec:
 def default_corpus() -> Iterable[str]:
     """Text the tokenizer is trained on: prompts, answers and the synthetic reasoning."""
     from alphadrive_ray.data.synth import reasoning_corpus
+    from alphadrive_ray.models.grounding import corpus as grounding_corpus
 
     for nav in NAVIGATION_COMMANDS:
         for tenth in range(0, 301, 7):
@@ -106,6 +110,7 @@ def default_corpus() -> Iterable[str]:
         yield format_answer(speed, path)
         yield f"<think> </think>\n{format_answer(speed, path)}"
     yield from reasoning_corpus()
+    yield from grounding_corpus()
     # the chat template's own text, so that the wrapper costs a few tokens, not dozens
     for _ in range(20):
         yield "system\nYou are a helpful assistant.\nuser\nassistant\n"
@@ -316,6 +321,10 @@ def build_tiny_qwen2vl(
     model = Qwen2VLForConditionalGeneration(config)
     if spec.vision_pretrain_steps:
         pretrain_vision(model, processor, spec.vision_pretrain_steps, seed=spec.seed, log=log)
+    if spec.language_pretrain_steps:
+        from alphadrive_ray.models.grounding import pretrain_language
+
+        pretrain_language(model, processor, spec.language_pretrain_steps, seed=spec.seed, log=log)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
