@@ -53,11 +53,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {label:20s} {acc[stage]:.3f}")
     if summary.ceiling is not None:
         print(f"  {'ceiling':20s} {summary.ceiling:.3f}  (always the most likely plan: the best any planner can expect on these noisy labels)")
+    labels = stage_labels(config)
     for name, c in summary.comparisons.items():
         later, earlier = name.split("_vs_")
         print(
-            f"  {later} vs {earlier}: {c['delta']:+.3f} ({c['fixed']} scenes fixed, {c['broken']} broken of {c['n']}; "
-            f"one-sided exact McNemar p = {c['p_value']:.3g})"
+            f"  {labels[later]} vs {labels[earlier]}: {c['delta']:+.3f} ({c['fixed']} scenes fixed, {c['broken']} broken "
+            f"of {c['n']}; one-sided exact McNemar p = {c['p_value']:.3g})"
         )
     print(f"report: {summary.run_dir}/eval/final/report.html")
     if summary.export_dir:

@@ -226,3 +226,23 @@ def test_rule_labels_remain_a_setting(tmp_path):
 def test_bad_labelling_is_refused(tmp_path, labelling, match):
     with pytest.raises(ValueError, match=match):
         generate_dataset(tmp_path, 2, labelling=labelling)
+
+
+def test_cli_synth_driver_labels(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli"
+    ok = subprocess.run(
+        [sys.executable, "-m", "alphadrive_ray", "data", "synth", str(out), "--n", "30", "--size", "64", "--reasoning-share", "0.5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "with reasoning; ceiling (always the most likely plan)" in ok.stdout
+    assert json.loads((out / "synth.json").read_text())["reasoning_share"] == 0.5
+    bad = subprocess.run(
+        [sys.executable, "-m", "alphadrive_ray", "data", "synth", str(tmp_path / "bad"), "--n", "3", "--reasoning-share", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode != 0 and "reasoning_share must be in [0, 1]" in bad.stderr
+    assert "Traceback" not in bad.stderr

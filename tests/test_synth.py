@@ -17,6 +17,7 @@ from alphadrive_ray.data.records import load_records
 from alphadrive_ray.data.synth import (
     DEFAULT_PATH_MIX,
     DEFAULT_SPEED_MIX,
+    Labelling,
     Scene,
     generate_dataset,
     parse_mix,
@@ -38,8 +39,8 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """400 scenes at 64 px with the default mix (about a second)."""
-    path, stats = generate_dataset(tmp_path_factory.mktemp("synth400"), 400, seed=0, size=64)
+    """400 scenes at 64 px with the default mix and the rule-based planner's labels (about a second)."""
+    path, stats = generate_dataset(tmp_path_factory.mktemp("synth400"), 400, seed=0, size=64, labelling=Labelling(labels="rule"))
     assert stats.n == 400
     return path
 

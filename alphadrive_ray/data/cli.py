@@ -16,13 +16,18 @@ def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="generate, validate and convert datasets")
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
-    synth = sub.add_parser("synth", help="render synthetic driving scenes with rule-based labels")
+    synth = sub.add_parser("synth", help="render synthetic driving scenes labelled by a stochastic driver model (or a rule-based planner)")
     synth.add_argument("out_dir", help="folder for data.jsonl and images/")
     synth.add_argument("--n", type=int, default=1000, help="number of scenes (default 1000)")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     synth.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
     synth.add_argument("--speed-mix", default="", help="SPEED class weights, e.g. KEEP=1,ACCELERATE=1,DECELERATE=2,STOP=1")
     synth.add_argument("--path-mix", default="", help="PATH class weights, e.g. STRAIGHT=4,LEFT_TURN=1,...")
+    synth.add_argument("--labels", choices=("driver", "rule"), default="driver",
+                       help="driver: what one of many drivers did, read off its trajectory (default); rule: the rule-based planner")
+    synth.add_argument("--driver-noise", type=float, default=1.0, help="spread of the drivers around the typical one (default 1; 0: deterministic)")
+    synth.add_argument("--label-draws", type=int, default=64, help="drivers per scene for its label distribution (default 64)")
+    synth.add_argument("--reasoning-share", type=float, default=1.0, help="share of the scenes that carry reasoning (default 1)")
     synth.set_defaults(func=run_synth)
 
     validate = sub.add_parser("validate", help="check a dataset file; one line per bad record, exit 1 if any")
@@ -40,7 +45,7 @@ def register(subparsers) -> None:
 
 def run_synth(args: argparse.Namespace) -> int:
     from alphadrive_ray.actions import PATH_ACTIONS, SPEED_ACTIONS
-    from alphadrive_ray.data.synth import DEFAULT_PATH_MIX, DEFAULT_SPEED_MIX, generate_dataset, parse_mix
+    from alphadrive_ray.data.synth import DEFAULT_PATH_MIX, DEFAULT_SPEED_MIX, Labelling, generate_dataset, parse_mix
     from alphadrive_ray.errors import UserError
 
     if args.n < 1:
@@ -52,17 +57,23 @@ def run_synth(args: argparse.Namespace) -> int:
         path_mix = parse_mix(args.path_mix, PATH_ACTIONS) if args.path_mix else DEFAULT_PATH_MIX
     except ValueError as exc:
         raise UserError(f"bad class mix: {exc}") from None
+    labelling = Labelling(args.labels, args.driver_noise, args.label_draws, args.reasoning_share)
+    try:
+        labelling.check()
+    except ValueError as exc:
+        raise UserError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
     from tqdm import tqdm
 
     bar = tqdm(total=args.n, unit="scene", disable=not sys.stderr.isatty(), desc="rendering")
     path, stats = generate_dataset(
         args.out_dir, args.n, args.seed, size=args.size, speed_mix=speed_mix, path_mix=path_mix,
-        progress=lambda done, total: bar.update(1),
+        labelling=labelling, progress=lambda done, total: bar.update(1),
     )
     bar.close()
     print(f"wrote {stats.n} scenes to {path} in {stats.seconds:.1f}s ({stats.n / max(stats.seconds, 1e-9) * 60:.0f} scenes/min)")
     print("SPEED: " + ", ".join(f"{k} {v}" for k, v in stats.speed_counts.items()))
     print("PATH:  " + ", ".join(f"{k} {v}" for k, v in stats.path_counts.items()))
+    print(f"{stats.with_reasoning} with reasoning; ceiling (always the most likely plan) {stats.ceiling:.3f}")
     return 0
 
 

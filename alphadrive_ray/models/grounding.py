@@ -12,7 +12,7 @@ template, none of which pairs a scene with what to do in it:
             (the light's colour, the lead car's distance, pedestrians, cones, lanes, the
             intersection; the reasoning is the caption)
   speed     "Speed 12.3m/s. How fast are you going?" -> "<think> At 12.3 m/s. </think>\n<answer> 12.3 </answer>"
-  wording   "... Write the plan 'slow down and move to the left lane' as <answer> SPEED, PATH </answer>."
+  wording   "Speed 12.3m/s, ... Plan the next three seconds: slow down and move to the left lane. ..."
             -> "<think> I see ... At 12.3 m/s, I slow down. I move to the left lane. </think>
                 <answer> DECELERATE, LEFT_CHANGE </answer>"
             The plan is drawn at random and spelled out by the user: the base learns the
@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 from alphadrive_ray.actions import NAVIGATION_COMMANDS, PATH_ACTIONS, SPEED_ACTIONS, format_answer
 
 TASKS = ("caption", "question", "speed", "wording")
-TASK_WEIGHTS = (0.25, 0.3, 0.1, 0.35)
+TASK_WEIGHTS = (0.3, 0.35, 0.05, 0.3)
 
 _SPEED_WORDS = {"KEEP": "keep my speed", "ACCELERATE": "speed up", "DECELERATE": "slow down", "STOP": "stop"}
 _PATH_WORDS = {
@@ -43,6 +43,12 @@ _PATH_WORDS = {
     "RIGHT_CHANGE": "move to the right lane",
 }
 _ANSWER_FORMAT = "Think in <think> </think>, then answer in <answer> </answer>."
+# The wording task's prompt: the embedded planning prompt (jobs/quickstart_cpu.yaml) with the
+# plan spelled out by the user.
+WORDING_PROMPT = (
+    "Speed {speed}m/s, navigation '{navigation}'. Plan the next three seconds: {plan}. "
+    "Reasoning in <think> </think>, then <answer> SPEED, PATH </answer>."
+)
 
 
 @dataclass(frozen=True)
@@ -79,12 +85,14 @@ def make_example(scene, rng: random.Random, task: str | None = None) -> Example:
         return Example(task, "Describe the scene.", caption)
     if task == "question":
         question, answer = rng.choice(_questions(scene))
+        if rng.random() < 0.5:  # a short answer: the most direct signal of what the image shows
+            return Example(task, f"{question} Answer in one word.", answer)
         return Example(task, f"{question} {_ANSWER_FORMAT}", f"<think> {caption} </think>\n<answer> {answer} </answer>")
     if task == "speed":
         return Example(task, f"Speed {speed}m/s. How fast are you going? {_ANSWER_FORMAT}", f"<think> At {speed} m/s. </think>\n<answer> {speed} </answer>")
     speed_action, path_action = rng.choice(SPEED_ACTIONS), rng.choice(PATH_ACTIONS)
     plan = f"{_SPEED_WORDS[speed_action]} and {_PATH_WORDS[path_action]}"
-    prompt = f"Speed {speed}m/s, navigation '{scene.navigation}'. Write the plan '{plan}' as <answer> SPEED, PATH </answer>, with reasoning in <think> </think>."
+    prompt = WORDING_PROMPT.format(speed=speed, navigation=scene.navigation, plan=plan)
     reasoning = f"{caption} At {speed} m/s, I {_SPEED_WORDS[speed_action]}. I {_PATH_WORDS[path_action]}."
     return Example(task, prompt, f"<think> {reasoning} </think>\n{format_answer(speed_action, path_action)}")
 
@@ -92,13 +100,14 @@ def make_example(scene, rng: random.Random, task: str | None = None) -> Example:
 def corpus() -> Iterator[str]:
     """The tasks' fixed text, for the tokenizer."""
     yield "Describe the scene."
+    yield "Answer in one word."
     for question in ("What colour is the traffic light?", "How far ahead is the car in my lane?", "Is there a pedestrian on the road?",
                      "Are there cones in my lane?", "On which side is there another lane?", "Is there an intersection ahead?"):
         yield f"{question} {_ANSWER_FORMAT}"
     for answer in ("RED", "YELLOW", "GREEN", "NONE", "VERY_CLOSE", "CLOSE", "AT_A_SAFE_DISTANCE", "FAR", "YES", "NO", "BOTH", "LEFT", "RIGHT"):
         yield f"<answer> {answer} </answer>"
     for nav in NAVIGATION_COMMANDS:
-        yield f"Speed 12.3m/s, navigation '{nav}'. Write the plan 'slow down and keep straight' as <answer> SPEED, PATH </answer>, with reasoning in <think> </think>."
+        yield WORDING_PROMPT.format(speed="12.3", navigation=nav, plan="slow down and keep straight")
     for words in list(_SPEED_WORDS.values()) + list(_PATH_WORDS.values()):
         yield f"At 12.3 m/s, I {words}. I {words}."
     yield f"Speed 12.3m/s. How fast are you going? {_ANSWER_FORMAT}"
@@ -124,79 +133,34 @@ def pretrain_language(
         torch.set_num_threads(threads)
 
 
-def conversation(scene, rng: random.Random, turns: int = 4) -> list[Example]:
-    """`turns` examples about one scene, as the turns of one chat: a caption, a wording, and
-    questions or the speed, in random order (one image serves them all)."""
-    tasks = ["caption", "wording"] + rng.choices(("question", "question", "speed"), k=max(0, turns - 2))
-    rng.shuffle(tasks)
-    return [make_example(scene, rng, task) for task in tasks[:turns]]
-
-
-def encode_conversation(processor, image, examples: list[Example]) -> tuple[list[int], list[int], dict]:
-    """Token ids of a chat (the image in the first user turn), a 0/1 loss mask over them (the
-    assistant turns and their end token) and the image inputs."""
-    from alphadrive_ray.prompts import chat_messages
-
-    tokenizer = processor.tokenizer
-    first = processor.apply_chat_template(chat_messages(examples[0].prompt, image={}), add_generation_prompt=True, tokenize=False)
-    out = processor(text=[first], images=[image], return_tensors="pt")
-    ids = out["input_ids"][0].tolist()
-    mask = [0] * len(ids)
-    for k, example in enumerate(examples):
-        answer = tokenizer(example.target + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        ids += answer
-        mask += [1] * len(answer)
-        if k + 1 < len(examples):
-            turn = f"\n<|im_start|>user\n{examples[k + 1].prompt}<|im_end|>\n<|im_start|>assistant\n"
-            asked = tokenizer(turn, add_special_tokens=False)["input_ids"]
-            ids += asked
-            mask += [0] * len(asked)
-    return ids, mask, {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-
-
 def _pretrain_language(model, processor, steps: int, seed: int, batch_size: int, lr: float, log) -> float:
     import torch
 
+    from alphadrive_ray import algo
     from alphadrive_ray.data.synth import random_scene, render_scene
+    from alphadrive_ray.inputs import EncodedPrompt, PromptEncoder, completion_logits
+    from alphadrive_ray.prompts import chat_messages
     from alphadrive_ray.schedule import cosine_lr
 
     rng = random.Random(20_000 + seed)  # scenes unlike any dataset split's
-    tokenizer = processor.tokenizer
-    pad_id = tokenizer.pad_token_id
-    image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    visual = model.model.visual
-    for p in visual.parameters():
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
+    encoder = PromptEncoder(processor, cache_mb=0)
+    params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     running = 0.0
     try:
         for step in range(steps):
-            rows = []
+            prompts, targets = [], []
             for _ in range(batch_size):
                 scene = random_scene(rng)
-                image = render_scene(scene, size=224, seed=rng.randrange(2**31))
-                rows.append(encode_conversation(processor, image, conversation(scene, rng)))
-            T = max(len(ids) for ids, _, _ in rows)
-            input_ids = torch.full((batch_size, T), pad_id, dtype=torch.long)
-            attention = torch.zeros((batch_size, T), dtype=torch.long)
-            loss_mask = torch.zeros((batch_size, T), dtype=torch.float32)
-            for b, (ids, mask, _) in enumerate(rows):
-                input_ids[b, : len(ids)] = torch.tensor(ids)
-                attention[b, : len(ids)] = 1
-                loss_mask[b, : len(ids)] = torch.tensor(mask, dtype=torch.float32)
-            logits = model(
-                input_ids=input_ids,
-                attention_mask=attention,
-                pixel_values=torch.cat([r[2]["pixel_values"] for r in rows]),
-                image_grid_thw=torch.cat([r[2]["image_grid_thw"] for r in rows]),
-                mm_token_type_ids=(input_ids == image_token_id).long(),
-                use_cache=False,
-            ).logits  # [B, T, V]
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
-            target_mask = loss_mask[:, 1:]  # position t predicts token t + 1
-            loss = (nll * target_mask).sum() / target_mask.sum()
+                example = make_example(scene, rng)
+                text = processor.apply_chat_template(chat_messages(example.prompt, image={}), add_generation_prompt=True, tokenize=False)
+                out = processor(text=[text], images=[render_scene(scene, size=224, seed=rng.randrange(2**31))], return_tensors="pt")
+                prompts.append(EncodedPrompt(tuple(out["input_ids"][0].tolist()), out["pixel_values"], out["image_grid_thw"]))
+                targets.append(encoder.encode_completion(example.target))
+            batch = encoder.collate(prompts, targets)
+            logits = completion_logits(model, batch)  # [B, C, V]
+            loss = algo.compute_sft_loss(logits, batch["completion_ids"], batch["response_mask"])
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, steps, lr, 0.05)
             loss.backward()
@@ -207,7 +171,5 @@ def _pretrain_language(model, processor, steps: int, seed: int, batch_size: int,
             if log is not None and (step + 1) % 50 == 0:
                 log(f"language pretraining {step + 1}/{steps}: loss {running:.3f} per token")
     finally:
-        for p in visual.parameters():
-            p.requires_grad_(True)
         model.eval()
     return running
