@@ -101,6 +101,23 @@ def prepare_data(config: Config, say=print) -> tuple[list[Record], list[Record]]
     return train, held_out
 
 
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed's JIT-built ops go: TORCH_EXTENSIONS_DIR, else a folder per Python environment.
+
+    NOTE: DeepSpeed JIT-builds an op (deepspeed_shm_comm) into torch's extension cache, which is
+    keyed by Python and CUDA version only: another virtual environment on the machine rewrites
+    its build file with its own include paths, and every learner start then rebuilds it (about a
+    CPU-minute each). A cache per environment builds once.
+    """
+    import hashlib
+    import sys
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    venv = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    return str(Path.home() / ".cache" / f"torch_extensions-{venv}")
+
+
 def connect_ray(config: Config, say=print):
     """Join the cluster named by ray.address or RAY_ADDRESS, else start a local one."""
     import ray
@@ -114,7 +131,7 @@ def connect_ray(config: Config, say=print):
         say(f"joining Ray cluster at {address}")
         ray.init(address=address, log_to_driver=True)
         return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "TORCH_EXTENSIONS_DIR": torch_extensions_dir()}}
     if config.ray.omp_wait_policy:
         # NOTE: CPU workers share cores; spinning OpenMP threads of one starve the others
         env["env_vars"]["OMP_WAIT_POLICY"] = config.ray.omp_wait_policy

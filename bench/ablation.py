@@ -26,7 +26,7 @@ config's files) with another seed AND another class mix than the training split
 cannot score by matching the training prior.
 
 Each run is the real pipeline, `alphadrive-ray train <base> --set ...` in a subprocess (its own
-local Ray cluster); figures are read from the run directories (report/metrics.json,
+local Ray cluster); figures are read from the run directories (eval/final/metrics.json,
 summary.json, metrics.jsonl). Outputs under --out (default bench/out/ablation):
 
     runs/<run>/           the run directories; logs/<run>.log their console output
@@ -47,7 +47,6 @@ finished in --out with the same resolved config, so an interrupted ablation cont
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -68,6 +67,7 @@ from alphadrive_ray.config import Config, load_config, parse_override  # noqa: E
 from alphadrive_ray.data.synth import DEFAULT_PATH_MIX, DEFAULT_SPEED_MIX  # noqa: E402
 from alphadrive_ray.errors import UserError  # noqa: E402
 from alphadrive_ray.rewards import ABLATION_COMPONENTS  # noqa: E402
+from alphadrive_ray.trainer import torch_extensions_dir  # noqa: E402
 
 DEFAULT_BASE = REPO / "jobs" / "quickstart_cpu.yaml"
 DEFAULT_OUT = REPO / "bench" / "out" / "ablation"
@@ -107,6 +107,7 @@ MANAGED_KEYS = (
     "checkpoint.export_sft",
     "data.eval",
     "eval.baseline",
+    "sft.target",
 )
 
 
@@ -122,6 +123,7 @@ class RunSpec:
     start: str  # "untrained" (the base config's model) or "sft" (the SFT run's export)
     components: tuple[str, ...] = ABLATION_COMPONENTS
     baseline: bool = False  # also evaluate the model before training (eval/untrained)
+    sft_target: str = "reasoning"  # stage "sft": `sft.target` (answer: every labelled scene, no reasoning)
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ RUNS: dict[str, RunSpec] = {
     spec.key: spec
     for spec in (
         RunSpec("sft", "sft", "untrained"),
+        RunSpec("sft-answers", "sft", "untrained", sft_target="answer"),
         RunSpec("rl-only", "grpo", "untrained", baseline=True),
         RunSpec("reward-base-acc", "grpo", "sft", ()),
         RunSpec("reward-base-acc-format", "grpo", "sft", ("format",)),
@@ -164,11 +167,12 @@ TABLES: dict[str, tuple[str, tuple[Row, ...]]] = {
         ),
     ),
     "strategy": (
-        "Strategy ablation (training with reasoning)",
+        "Strategy ablation (SFT on the reasoning share; RL on every scene, labels only)",
         (
-            Row("untrained model (reference)", "rl-only", None, tag="untrained"),
-            Row("SFT only", "sft", 65.40),
-            Row("RL only", "rl-only", 72.41),
+            Row("base model, zero-shot", "rl-only", 13.69, tag="untrained"),
+            Row("SFT on the reasoning share", "sft", 65.40),
+            Row("SFT without reasoning, every label", "sft-answers", 56.97),
+            Row("RL only, from the base", "rl-only", 72.41),
             Row("SFT + RL", "reward-all", 77.12, with_sft_run=True),
         ),
     ),
@@ -201,7 +205,11 @@ def run_overrides(spec: RunSpec, common: list[str], user: list[str], base: Confi
         f"run.name={spec.key}",
         f"reward.components={yaml_value(list(spec.components))}",
         f"eval.baseline={yaml_value(spec.baseline)}",
+        f"sft.target={spec.sft_target}",
     ]
+    if spec.sft_target == "answer":
+        # every labelled scene of the training split, for as many epochs as the reasoning run
+        own.append(f"sft.samples={max(base.sft.samples, base.data.synth_train.n)}")
     if spec.start == "sft":
         own += [f"model.path={yaml_value(str(out / 'runs' / 'sft' / 'export-sft'))}", "model.init_tiny=false"]
     else:
@@ -305,12 +313,7 @@ def train(spec: RunSpec, overrides: list[str], base: Path, log_path: Path) -> fl
         command += ["--set", text]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # NOTE: DeepSpeed JIT-builds an op (deepspeed_shm_comm) into torch's extension cache, which is
-    # keyed by Python and CUDA version only: another virtual environment on the machine rewrites
-    # its build file with its own include paths, and every learner start then rebuilds it (about
-    # a CPU-minute per run). A cache per environment builds once.
-    venv = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / f"torch_extensions-{venv}"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())  # one DeepSpeed op build per environment
     start = time.monotonic()
     with open(log_path, "w", encoding="utf-8", buffering=1) as log:  # line-buffered: `tail -f` works
         log.write(f"$ cd {shlex.quote(str(REPO))} && {shlex.join(command)}\n")
@@ -341,7 +344,7 @@ def load_result(result: RunResult, spec: RunSpec) -> None:
     """Read a finished run's figures from its directory."""
     d = result.run_dir
     result.summary = json.loads((d / "summary.json").read_text())
-    result.metrics["final"] = json.loads((d / "report" / "metrics.json").read_text())
+    result.metrics["final"] = json.loads((d / "eval" / "final" / "metrics.json").read_text())
     if spec.baseline and (d / "eval" / "untrained" / "metrics.json").is_file():
         result.metrics["untrained"] = json.loads((d / "eval" / "untrained" / "metrics.json").read_text())
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -400,6 +403,7 @@ def row_figures(row: Row, results: dict[str, RunResult]) -> dict:
         raise UserError(f"run {row.run} has no `{row.tag}` evaluation in {result.run_dir}")
     planning, n = m["planning"], m["n"]
     acc = planning["accuracy"]
+    ceiling = planning.get("ceiling")
     seconds = result.summary.get("seconds", {})
     train_s = sum(seconds.get(k, 0.0) for k in ("sft", "grpo")) if row.tag == "final" else 0.0
     wall_s = result.wall_s
@@ -415,6 +419,10 @@ def row_figures(row: Row, results: dict[str, RunResult]) -> dict:
         "n": n,
         "accuracy": acc,
         "accuracy_se": math.sqrt(acc * (1 - acc) / n) if n else None,
+        "accuracy_ci95": wilson_interval(acc, n),
+        "ceiling": ceiling,
+        "share_of_ceiling": acc / ceiling if ceiling else None,
+        "bayes_agreement": planning.get("bayes_agreement"),
         "speed_f1": {c: class_f1(planning["speed"], c) for c in SPEED_ACTIONS},
         "path_f1": {c: class_f1(planning["path"], c) for c in PATH_ACTIONS},
         "format_ok_rate": m["parse"]["format_ok_rate"],
@@ -425,15 +433,89 @@ def row_figures(row: Row, results: dict[str, RunResult]) -> dict:
     }
 
 
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """95% Wilson score interval of a binomial proportion p over n samples."""
+    if not n:
+        return None
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def per_scene_right(run_dir: Path, tag: str, records: dict) -> dict[str, bool]:
+    """Scene id -> the plan of `tag`'s evaluation was right (from its predictions.jsonl)."""
+    from alphadrive_ray.rewards import parse_plan
+
+    out = {}
+    for line in (run_dir / "eval" / tag / "predictions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        record = records[row["id"]]
+        out[row["id"]] = parse_plan(row["output"]) == (record.speed_action, record.path_action)
+    return out
+
+
+def check_targets(figures: dict[str, list[dict]], results: dict[str, RunResult], eval_path: Path) -> dict:
+    """The results run's targets (issue 15): SFT + RL >= SFT + 5 points (and McNemar's p), RL only
+    >= the best constant plan + 20 points, SFT + RL >= 0.9 x ceiling."""
+    from collections import Counter
+
+    from alphadrive_ray.data.records import load_records
+    from alphadrive_ray.evaluation.metrics import compare_paired
+
+    records = {r.id: r for r in load_records(eval_path, check_images=False)}
+    pairs = Counter((r.speed_action, r.path_action) for r in records.values())
+    (constant_pair, constant_n), = pairs.most_common(1)
+    by_run = {f["run"]: f for rows in figures.values() for f in rows if f["evaluation"] == "final"}
+    out: dict[str, Any] = {"best_constant_plan": ", ".join(constant_pair), "best_constant_accuracy": constant_n / len(records)}
+    sft, both, rl = by_run.get("sft"), by_run.get("reward-all"), by_run.get("rl-only")
+    if sft and both:
+        a = per_scene_right(results["sft"].run_dir, "final", records)
+        b = per_scene_right(results["reward-all"].run_dir, "final", records)
+        ids = sorted(a)
+        out["sft_rl_vs_sft"] = compare_paired([a[i] for i in ids], [b[i] for i in ids])
+        out["sft_rl_vs_sft"]["met"] = both["accuracy"] - sft["accuracy"] >= 0.05
+    if rl:
+        out["rl_only_vs_constant"] = {"margin": rl["accuracy"] - out["best_constant_accuracy"], "met": rl["accuracy"] - out["best_constant_accuracy"] >= 0.20}
+    if both and both["ceiling"]:
+        out["sft_rl_vs_ceiling"] = {"share": both["share_of_ceiling"], "met": both["share_of_ceiling"] >= 0.9}
+    return out
+
+
+def targets_markdown(t: dict) -> str:
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    lines = ["**Targets**", ""]
+    if "sft_rl_vs_sft" in t:
+        c = t["sft_rl_vs_sft"]
+        lines.append(
+            f"- SFT + RL ≥ SFT + 5 points: {100 * c['delta']:+.2f} points ({c['fixed']} scenes fixed, {c['broken']} broken "
+            f"of {c['n']}; one-sided exact McNemar p = {c['p_value']:.3g}): {mark(c['met'])}"
+        )
+    if "rl_only_vs_constant" in t:
+        c = t["rl_only_vs_constant"]
+        lines.append(
+            f"- RL only ≥ the best constant plan ({t['best_constant_plan']}: {100 * t['best_constant_accuracy']:.2f}) + 20 points: "
+            f"{100 * c['margin']:+.2f} points: {mark(c['met'])}"
+        )
+    if "sft_rl_vs_ceiling" in t:
+        c = t["sft_rl_vs_ceiling"]
+        lines.append(f"- SFT + RL ≥ 0.9 x ceiling: {100 * c['share']:.1f}% of the ceiling: {mark(c['met'])}")
+    return "\n".join(lines)
+
+
 def markdown_table(name: str, figures: list[dict]) -> str:
     title = TABLES[name][0]
     reasoning = sorted({k for f in figures for k in f["reasoning"]}, key=("bleu4", "cider", "meteor").index)
-    head = ["variant", *(["reward components"] if name == "reward" else []), "acc", "± se"]
+    head = ["variant", *(["reward components"] if name == "reward" else []), "acc", "95% CI", "of ceiling", "= most likely"]
     head += [PATH_HEADERS[c] for c in PATH_ACTIONS] + [SPEED_HEADERS[c] for c in SPEED_ACTIONS]
     head += ["format", *[k.upper() if k != "bleu4" else "BLEU-4" for k in reasoning], "train s", "wall s", "paper acc"]
     lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in figures:
-        cells = [f["label"], *([f["components"]] if name == "reward" else []), pct(f["accuracy"]), pct(f["accuracy_se"])]
+        ci = f["accuracy_ci95"]
+        cells = [f["label"], *([f["components"]] if name == "reward" else []), pct(f["accuracy"])]
+        cells += ["–" if ci is None else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}"]
+        cells += ["–" if f["share_of_ceiling"] is None else f"{100 * f['share_of_ceiling']:.1f}%", pct(f["bayes_agreement"])]
         cells += [pct(f["path_f1"][c]) for c in PATH_ACTIONS] + [pct(f["speed_f1"][c]) for c in SPEED_ACTIONS]
         cells += [pct(f["format_ok_rate"]), *[f"{100 * f['reasoning'][k]:.2f}" if k in f["reasoning"] else "–" for k in reasoning]]
         cells += ["–" if f["train_s"] is None else f"{f['train_s']:.0f}", "–" if f["wall_s"] is None else f"{f['wall_s']:.0f}"]
@@ -456,8 +538,10 @@ def notes(budget: dict, tables: Sequence[str], results: dict[str, RunResult]) ->
     lines = [
         "Notes:",
         held,
-        "- acc = planning accuracy (SPEED and PATH both right), ± its binomial standard error; the class columns are per-class F1; "
-        "format = share of outputs in the `<think>…</think><answer>…</answer>` format; all in %, greedy decoding, one seed.",
+        "- acc = planning accuracy (SPEED and PATH both right) against the logged labels, with its 95% Wilson interval; "
+        "of ceiling = acc / the split's ceiling (the accuracy of always answering each scene's most likely plan); "
+        "= most likely = share of plans equal to the scene's most likely plan (free of label noise); the class columns are "
+        "per-class F1; format = share of outputs in the `<think>…</think><answer>…</answer>` format; all in %, greedy decoding, one seed.",
         f"- Budget of every GRPO run: {budget['grpo_steps']} steps x {budget['prompts_per_step']} prompts x {budget['group_size']} completions, "
         f"lr {budget['grpo_lr']:g}, beta {budget['grpo_beta']:g}, "
         f"dynamic sampling {'on' if budget.get('dynamic_sampling') else 'off'}, `{budget['reward_variant']}` rewards. "
@@ -477,7 +561,11 @@ def notes(budget: dict, tables: Sequence[str], results: dict[str, RunResult]) ->
             "same run as the strategy table's SFT + RL.",
         ]
     if "strategy" in tables:
-        lines.append("- RL only is GRPO from the untrained tiny model (the base config's model); its start is the untrained model row.")
+        lines.append(
+            "- RL only is GRPO from the base model (the base config's model); its start is the zero-shot row. SFT without reasoning "
+            "trains on every labelled scene of the training split with an empty <think> (`sft.target: answer`), for the same epochs; "
+            "paper acc of that row is the paper's SFT without reasoning."
+        )
     return "\n".join(lines)
 
 
@@ -666,6 +754,8 @@ def write_outputs(plan: Plan, args: argparse.Namespace, results: dict[str, RunRe
     budget = describe_budget(plan, args)
     figures = {name: [row_figures(row, results) for row in TABLES[name][1]] for name in plan.tables}
     section = "\n\n".join(markdown_table(name, figures[name]) for name in plan.tables)
+    targets = check_targets(figures, results, Path(plan.ref.data.eval))
+    section += "\n\n" + targets_markdown(targets)
     section += "\n\n" + notes(budget, plan.tables, results)
     if args.smoke:
         section = "**Smoke run (--smoke): tiny settings, the figures mean nothing.**\n\n" + section
@@ -683,7 +773,9 @@ def write_outputs(plan: Plan, args: argparse.Namespace, results: dict[str, RunRe
         }
         for k, r in results.items()
     }
-    (out / "results.json").write_text(json.dumps({"budget": budget, "tables": figures, "runs": runs}, indent=2) + "\n", encoding="utf-8")
+    (out / "results.json").write_text(
+        json.dumps({"budget": budget, "tables": figures, "targets": targets, "runs": runs}, indent=2) + "\n", encoding="utf-8"
+    )
     written = [out / "results.md", out / "results.json"]
     sft_accuracy = results["sft"].metrics["final"]["planning"]["accuracy"]
     for name in plan.tables:

@@ -53,7 +53,13 @@ def ray_cluster():
 
     if not ray.is_initialized():
         # workers import test helpers (classes defined in test modules) from the repo
-        env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+        from alphadrive_ray.trainer import torch_extensions_dir
+
+        env = {
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+            "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
+        }
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
