@@ -587,7 +587,7 @@ def stage_labels(config: Config) -> dict[str, str]:
     sft = config.sft.enabled and config.sft.samples > 0
     grpo = config.grpo.enabled and config.grpo.steps > 0
     final = {(True, True): "after SFT + GRPO", (True, False): "final (SFT only)", (False, True): "after GRPO"}.get((sft, grpo), "final (no training)")
-    return {"untrained": "untrained model" if config.model.init_tiny else "starting model", "sft": "after SFT warm-up", "final": final}
+    return {"untrained": "base model (zero-shot)" if config.model.init_tiny else "starting model", "sft": "after SFT warm-up", "final": final}
 
 
 def train(config: Config, resume: bool = False) -> RunSummary:

@@ -20,12 +20,20 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 TEST_PROMPT = "Speed {speed}m/s, navigation '{navigation}'. Plan: <think> </think> then <answer> SPEED, PATH </answer>."
 
 
+def tiny_test_spec():
+    """The tiny Qwen2-VL of the tests: the demo's sizes, short pretraining (the plumbing, not the
+    skills, is under test; the base's full build is measured by the demo, docs/results.md)."""
+    from alphadrive_ray.models.tiny import TinySpec
+
+    return TinySpec(seed=0, vision_pretrain_steps=100, language_pretrain_steps=10)
+
+
 @pytest.fixture(scope="session")
 def tiny_vl_dir(tmp_path_factory):
-    """The default tiny Qwen2-VL (built once per session)."""
-    from alphadrive_ray.models.tiny import TinySpec, build_tiny_qwen2vl
+    """The tests' tiny Qwen2-VL (built once per session)."""
+    from alphadrive_ray.models.tiny import build_tiny_qwen2vl
 
-    return str(build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-vl"), TinySpec(seed=0)))
+    return str(build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-vl"), tiny_test_spec()))
 
 
 @pytest.fixture(scope="session")

@@ -299,8 +299,8 @@ def test_cli_train_reports_config_errors_without_traceback(tmp_path):
 @pytest.mark.parametrize(
     "overrides, untrained, final",
     [
-        (("model.init_tiny=true",), "untrained model", "after SFT + GRPO"),
-        (("model.init_tiny=true", "grpo.enabled=false"), "untrained model", "final (SFT only)"),
+        (("model.init_tiny=true",), "base model (zero-shot)", "after SFT + GRPO"),
+        (("model.init_tiny=true", "grpo.enabled=false"), "base model (zero-shot)", "final (SFT only)"),
         (("sft.enabled=false", "model.init_tiny=false"), "starting model", "after GRPO"),
     ],
 )

@@ -30,12 +30,14 @@ SECRET = "sk-alphadrive-sentinel-" + uuid.uuid4().hex
 pytestmark = pytest.mark.slow  # a Ray head, a job with 4 actors, SFT + GRPO + evaluation: 2-3 minutes on 2 cores
 
 
-def tiny_overrides(work: Path) -> list[str]:
-    """The quickstart at its smallest: 1 SFT step, 2 GRPO steps, 4 held-out scenes."""
+def tiny_overrides(work: Path, model: str) -> list[str]:
+    """The quickstart at its smallest: 1 SFT step, 2 GRPO steps, 4 held-out scenes, the tests'
+    tiny model (the demo's base takes minutes to build; model.init_tiny is tested in test_models)."""
     return [
         f"run.name={RUN_NAME}",
         f"run.output_dir={work / 'runs'}",
-        f"model.path={work / 'model'}",  # built there by model.init_tiny (the quickstart sets it)
+        f"model.path={model}",
+        "model.init_tiny=false",
         f"data.train={work / 'train' / 'data.jsonl'}",
         f"data.eval={work / 'eval' / 'data.jsonl'}",
         "data.synth_train.n=16",
@@ -70,7 +72,7 @@ def head():
 
 
 @pytest.fixture(scope="module")
-def job(head, tmp_path_factory):
+def job(head, tmp_path_factory, tiny_vl_dir):
     work = tmp_path_factory.mktemp("job")
     submission_id = f"alphadrive-test-{uuid.uuid4().hex[:8]}"
     args = [
@@ -81,7 +83,7 @@ def job(head, tmp_path_factory):
         "--submission-id", submission_id,
         "--", "python", "-m", "alphadrive_ray.train", "jobs/quickstart_cpu.yaml",
     ]
-    for item in tiny_overrides(work):
+    for item in tiny_overrides(work, tiny_vl_dir):
         args += ["--set", item]
     started = time.monotonic()
     # blocks and follows the job's logs until it ends, as users see it
@@ -114,7 +116,7 @@ def test_run_directory_is_complete(job):
     assert [line["step"] for line in lines if line["stage"] == "grpo"] == [1, 2]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["grpo_steps"] == 2 and summary["sft_steps"] == 1 and "final" in summary["accuracy"]
-    assert (run_dir / "report" / "report.html").is_file()
+    assert (run_dir / "eval" / "final" / "report.html").is_file()
     assert (run_dir / "export" / "config.json").is_file() and list((run_dir / "export").glob("*.safetensors"))
     assert any((run_dir / "tensorboard").iterdir())
 

@@ -15,6 +15,7 @@ from alphadrive_ray.cli import main
 from alphadrive_ray.errors import UserError
 from alphadrive_ray.models.loading import ensure_model, load_model, load_processor, read_model_type
 from alphadrive_ray.models.tiny import SPECIAL_TOKENS, TinySpec, build_tiny_qwen2vl, count_parameters
+from tests.conftest import tiny_test_spec
 from alphadrive_ray.prompts import chat_messages, planning_prompt
 
 
@@ -113,7 +114,7 @@ def test_same_logits_after_save_and_reload(tiny_vl, scene_image, tmp_path):
 
 def test_same_seed_same_weights_other_seed_other_weights(tiny_vl, tmp_path):
     # the loader's init_tiny path builds the same model as build_tiny_qwen2vl for the same seed
-    again = ensure_model(tmp_path / "again", init_tiny=True, seed=0)
+    again = ensure_model(tmp_path / "again", init_tiny=True, spec=tiny_test_spec())
     other = build_tiny_qwen2vl(tmp_path / "other", TinySpec(seed=1, vision_pretrain_steps=0))
     reference, same, different = state(tiny_vl), state(again), state(other)
     assert reference.keys() == same.keys() == different.keys()
@@ -172,6 +173,7 @@ def test_parameter_count_is_a_few_million(tiny_vl):
     assert 1e6 <= n <= 2e7, n
     spec = json.loads((tiny_vl / "tiny_spec.json").read_text())
     assert spec["seed"] == 0 and spec["text_hidden"] == TinySpec().text_hidden
+    assert spec["language_pretrain_steps"] == tiny_test_spec().language_pretrain_steps
 
 
 def test_text_only_variant(tiny_text):
@@ -192,7 +194,7 @@ def test_text_only_variant(tiny_text):
 
 def test_ensure_model_does_not_rebuild(tiny_vl):
     stamp = (tiny_vl / "model.safetensors").stat().st_mtime_ns
-    ensure_model(tiny_vl, init_tiny=True, seed=0)  # the fixture's spec: nothing to do
+    ensure_model(tiny_vl, init_tiny=True, spec=tiny_test_spec())  # the fixture's spec: nothing to do
     assert (tiny_vl / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -201,7 +203,7 @@ def test_ensure_model_never_overwrites_another_model(tiny_vl, tmp_path):
     other.mkdir()
     shutil.copy(tiny_vl / "config.json", other / "config.json")  # a model folder with no tiny_spec.json
     with pytest.raises(UserError, match="holds another model"):
-        ensure_model(other, init_tiny=True, seed=0)
+        ensure_model(other, init_tiny=True, spec=tiny_test_spec())
     assert sorted(p.name for p in other.iterdir()) == ["config.json"]
 
 

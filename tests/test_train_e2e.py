@@ -31,13 +31,15 @@ def run(tmp_path_factory, tiny_vl_dir):
         "run.name=e2e",
         f"run.output_dir={work / 'runs'}",
         f"model.path={tiny_vl_dir}",
+        "model.init_tiny=false",
         f"data.train={work / 'train' / 'data.jsonl'}",
         f"data.eval={work / 'eval' / 'data.jsonl'}",
-        "data.synth_train.n=48",
+        "data.synth_train.n=64",
+        "data.synth_train.reasoning_share=0.5",
         "data.synth_train.size=96",
         "data.synth_eval.n=12",
         "data.synth_eval.size=96",
-        "sft.samples=32",
+        "sft.samples=16",
         "sft.epochs=1",
         "sft.batch_size=16",
         "sft.micro_batch_size=4",
@@ -64,7 +66,7 @@ def run(tmp_path_factory, tiny_vl_dir):
 def test_prints_the_three_accuracies(run):
     _, proc = run
     out = proc.stdout
-    for label in ("untrained model", "after SFT warm-up", "after SFT + GRPO"):
+    for label in ("starting model", "after SFT warm-up", "after SFT + GRPO", "ceiling", "McNemar p"):
         assert label in out
     assert "report:" in out and "Traceback" not in proc.stderr
 
@@ -96,14 +98,26 @@ def test_run_directory_holds_config_metrics_report_and_export(run):
         assert parts <= line["perf/step_s"] + 1e-6
     assert any(line["rollout/resample_rounds"] > 0 for line in grpo) or all(line["rollout/dropped_groups"] == 0 for line in grpo)
     assert any((run_dir / "tensorboard").iterdir())
-    metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "eval" / "final" / "metrics.json").read_text())
     assert 0.0 <= metrics["planning"]["accuracy"] <= 1.0 and metrics["n"] == 12
     assert metrics["reasoning"]["computed"]
-    html = (run_dir / "report" / "report.html").read_text()
-    assert "Planning accuracy by stage" in html
+    # driver labels: the split's ceiling (always the most likely plan) is reported beside accuracy
+    assert 0.0 < metrics["planning"]["ceiling"] <= 1.0
+    html = (run_dir / "eval" / "final" / "report.html").read_text()
+    assert "Planning accuracy by stage" in html and "ceiling" in html
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["accuracy"]) == {"untrained", "sft", "final"}
     assert summary["accuracy"]["final"] == metrics["planning"]["accuracy"]
+    assert summary["ceiling"] == metrics["planning"]["ceiling"]
+    # every stage's greedy plans are kept, and consecutive stages are compared scene by scene
+    for stage in ("untrained", "sft", "final"):
+        assert len((run_dir / "eval" / stage / "predictions.jsonl").read_text().splitlines()) == 12
+    assert set(summary["comparisons"]) == {"sft_vs_untrained", "final_vs_sft"}
+    for c in summary["comparisons"].values():
+        assert c["n"] == 12 and 0.0 <= c["p_value"] <= 1.0
+    # SFT trained on the reasoning share only: half the scenes carry reasoning
+    train = [json.loads(line) for line in (run_dir.parent.parent / "train" / "data.jsonl").read_text().splitlines()]
+    assert 0 < sum(1 for r in train if r.get("reasoning")) < len(train)
 
 
 def test_export_loads_with_from_pretrained(run):

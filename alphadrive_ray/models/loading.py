@@ -72,16 +72,18 @@ def load_model(path: str | Path, dtype: str = "float32", attn_implementation: st
     return model
 
 
-def ensure_model(path: str | Path, init_tiny: bool, seed: int = 0) -> Path:
-    """With `init_tiny`, build the tiny model at `path` when it is missing or was built from
-    another `TinySpec` (tiny_spec.json differs); then check the folder."""
+def ensure_model(path: str | Path, init_tiny: bool, spec=None) -> Path:
+    """With `init_tiny`, build the tiny model of `spec` (default: `TinySpec()`, the embedded
+    base) at `path` when it is missing or was built from another spec (tiny_spec.json differs);
+    then check the folder."""
     folder = Path(path)
     if init_tiny:
         from dataclasses import asdict
 
         from alphadrive_ray.models.tiny import TinySpec, build_tiny_qwen2vl
 
-        spec = TinySpec(seed=seed)
+        spec = spec or TinySpec()
+        seed = spec.seed
         try:
             current = json.loads((folder / "tiny_spec.json").read_text()) == asdict(spec)
         except (OSError, json.JSONDecodeError):
