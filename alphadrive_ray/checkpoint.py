@@ -26,6 +26,7 @@ from typing import Any
 from alphadrive_ray.errors import UserError
 
 LATEST = "latest"
+STAGES = ("sft", "grpo")  # in run order: a GRPO checkpoint is newer than every SFT one
 
 
 @dataclass
@@ -43,6 +44,17 @@ class TrainerState:
 
 def checkpoint_name(stage: str, step: int) -> str:
     return f"{stage}-{step:06d}"
+
+
+def checkpoint_order(name: str) -> tuple[int, int] | None:
+    """Where a checkpoint folder stands in the run: (stage index, step); None for other names.
+
+    Age is decided by this, never by file times (a copied or restored run folder keeps its order).
+    """
+    stage, sep, step = name.partition("-")
+    if not sep or stage not in STAGES or not step.isdigit():
+        return None
+    return STAGES.index(stage), int(step)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -81,8 +93,8 @@ class CheckpointManager:
 
     def _prune(self, newest: str) -> None:
         done = sorted(
-            (p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("tmp-") and (p / "trainer.json").exists()),
-            key=lambda p: p.stat().st_mtime,
+            (p for p in self.root.iterdir() if p.is_dir() and checkpoint_order(p.name) and (p / "trainer.json").exists()),
+            key=lambda p: checkpoint_order(p.name),
         )
         for old in done[: max(0, len(done) - self.keep)]:
             if old.name != newest:

@@ -147,10 +147,24 @@ def test_crash_while_writing_keeps_the_latest_checkpoint(tmp_path):
     # the next save clears the debris; retention keeps the newest `keep`
     for step in (2, 3, 4):
         manager.commit(manager.begin("grpo", step), TrainerState("grpo", step, step + 1, {}, {}, {}))
-        time.sleep(0.01)
     names = sorted(p.name for p in manager.root.iterdir() if p.is_dir())
     assert names == ["grpo-000003", "grpo-000004"]
     assert manager.latest().name == "grpo-000004"
+
+
+def test_pruning_orders_by_stage_and_step_not_by_file_times(tmp_path):
+    from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+
+    manager = CheckpointManager(tmp_path, keep=2)
+    # file times that say the opposite of the run order (a copied or restored run folder)
+    for age, (stage, step) in enumerate([("sft", 375), ("grpo", 9), ("grpo", 10)]):
+        folder = manager.begin(stage, step)
+        final = manager.commit(folder, TrainerState(stage, step, 1, {}, {}, {}))
+        os.utime(final, (1e9 - age * 1000, 1e9 - age * 1000))
+    names = sorted(p.name for p in manager.root.iterdir() if p.is_dir())
+    assert names == ["grpo-000009", "grpo-000010"]
+    manager.commit(manager.begin("grpo", 11), TrainerState("grpo", 11, 1, {}, {}, {}))
+    assert sorted(p.name for p in manager.root.iterdir() if p.is_dir()) == ["grpo-000010", "grpo-000011"]
 
 
 def test_resume_without_checkpoints_is_a_clear_error(tmp_path, tiny_vl_dir):
