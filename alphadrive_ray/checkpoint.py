@@ -4,7 +4,7 @@ Layout under `run_dir/checkpoints/`:
 
     sft-000375/            one checkpoint (stage, step)
         learner/           DeepSpeed model + optimizer states of every rank
-        trainer.json       stage, step, weight version, data positions, RNG states, results so far
+        trainer.json       stage, step, weight version, data positions, results so far
     grpo-000020/
     latest                 the name of the newest complete checkpoint
     reference.safetensors  the GRPO reference policy (when grpo.beta > 0)
@@ -21,7 +21,6 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from alphadrive_ray.errors import UserError
 
@@ -36,7 +35,9 @@ class TrainerState:
     version: int  # weight version the engines hold
     samplers: dict[str, dict[str, int]]  # name -> {"epoch", "position"}
     accuracy: dict[str, float]  # evaluations so far (untrained, sft)
-    rng: dict[str, Any]  # driver RNG states (python, numpy)
+    # NOTE: no driver RNG state: the driver draws from no global RNG (data order comes from
+    # seeded EpochSamplers, sampling from per-step seeds); each learner rank saves and
+    # restores its own torch RNG with its DeepSpeed state (LearnerWorker.save_state).
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
@@ -111,6 +112,7 @@ class CheckpointManager:
 
     def load_state(self, path: Path) -> TrainerState:
         data = json.loads((path / "trainer.json").read_text())
+        data.pop("rng", None)  # written by earlier versions, never needed to resume
         return TrainerState(**data)
 
     @property

@@ -281,10 +281,6 @@ class Trainer:
         return EpochSampler(with_reasoning, self.config.run.seed).take(min(c.samples, len(with_reasoning)))
 
     def save_checkpoint(self, stage: str, step: int, sampler_state: dict) -> None:
-        import random
-
-        import numpy as np
-
         t0 = time.monotonic()
         tmp = self.ckpt.begin(stage, step)
         self.learners.save_state(str(tmp / "learner"), {"stage": stage, "step": step})
@@ -294,7 +290,6 @@ class Trainer:
             version=self.version,
             samplers={stage: sampler_state},
             accuracy=dict(self.accuracy),
-            rng={"python": repr(random.getstate()), "numpy_seed_state": np.random.get_state()[1][:4].tolist()},
         )
         final = self.ckpt.commit(tmp, state)
         self.tracker.say(f"checkpoint {final.name} ({time.monotonic() - t0:.1f}s)")

@@ -134,7 +134,7 @@ def test_crash_while_writing_keeps_the_latest_checkpoint(tmp_path):
     from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
 
     manager = CheckpointManager(tmp_path, keep=2)
-    state = TrainerState("grpo", 1, 2, {"grpo": {"epoch": 0, "position": 4}}, {}, {})
+    state = TrainerState("grpo", 1, 2, {"grpo": {"epoch": 0, "position": 4}}, {})
     tmp = manager.begin("grpo", 1)
     (tmp / "learner").mkdir()
     good = manager.commit(tmp, state)
@@ -146,10 +146,28 @@ def test_crash_while_writing_keeps_the_latest_checkpoint(tmp_path):
     assert manager.latest() == good and manager.load_state(good).step == 1
     # the next save clears the debris; retention keeps the newest `keep`
     for step in (2, 3, 4):
-        manager.commit(manager.begin("grpo", step), TrainerState("grpo", step, step + 1, {}, {}, {}))
+        manager.commit(manager.begin("grpo", step), TrainerState("grpo", step, step + 1, {}, {}))
     names = sorted(p.name for p in manager.root.iterdir() if p.is_dir())
     assert names == ["grpo-000003", "grpo-000004"]
     assert manager.latest().name == "grpo-000004"
+
+
+def test_trainer_state_holds_only_what_a_resume_restores(tmp_path):
+    # The driver draws from no global RNG, so no RNG state is saved (it used to save 4 of
+    # numpy's 624 state words and never restore them). Learner ranks keep their torch RNG.
+    import dataclasses
+
+    from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+
+    assert {f.name for f in dataclasses.fields(TrainerState)} == {"stage", "step", "version", "samplers", "accuracy"}
+    # a checkpoint written by an earlier version (with its `rng` entry) still loads
+    manager = CheckpointManager(tmp_path)
+    old = manager.root / "grpo-000003"
+    old.mkdir(parents=True)
+    (old / "trainer.json").write_text(json.dumps(
+        {"stage": "grpo", "step": 3, "version": 4, "samplers": {}, "accuracy": {}, "rng": {"python": "(3, ())"}}
+    ))
+    assert manager.load_state(old) == TrainerState("grpo", 3, 4, {}, {})
 
 
 def test_pruning_orders_by_stage_and_step_not_by_file_times(tmp_path):
@@ -159,11 +177,11 @@ def test_pruning_orders_by_stage_and_step_not_by_file_times(tmp_path):
     # file times that say the opposite of the run order (a copied or restored run folder)
     for age, (stage, step) in enumerate([("sft", 375), ("grpo", 9), ("grpo", 10)]):
         folder = manager.begin(stage, step)
-        final = manager.commit(folder, TrainerState(stage, step, 1, {}, {}, {}))
+        final = manager.commit(folder, TrainerState(stage, step, 1, {}, {}))
         os.utime(final, (1e9 - age * 1000, 1e9 - age * 1000))
     names = sorted(p.name for p in manager.root.iterdir() if p.is_dir())
     assert names == ["grpo-000009", "grpo-000010"]
-    manager.commit(manager.begin("grpo", 11), TrainerState("grpo", 11, 1, {}, {}, {}))
+    manager.commit(manager.begin("grpo", 11), TrainerState("grpo", 11, 1, {}, {}))
     assert sorted(p.name for p in manager.root.iterdir() if p.is_dir()) == ["grpo-000010", "grpo-000011"]
 
 
