@@ -310,10 +310,16 @@ class Trainer:
         self.tracker.say(f"resumed from {path.name}: {state.stage} step {state.step}, weight version {state.version}")
         return state
 
-    def _ledger(self, stage: str, step: int, tagged: list[tuple[int, Record]]) -> None:
-        """Which prompts each step trained on, with their epoch (proof of exactly-once per epoch)."""
+    def _ledger(self, stage: str, step: int, tagged: list[tuple[int | None, Record]], dropped: list | None = None) -> None:
+        """Which prompts each step trained on (`items`), with the epoch they were drawn in; GRPO
+        also lists the groups generated but not trained (`dropped`). Refill prompts of dynamic
+        sampling have epoch null (a separate sampler). Every prompt of the data order is drawn
+        exactly once per epoch: it is in `items` or in `dropped` with that epoch."""
+        row = {"stage": stage, "step": step, "items": [[e, r.id] for e, r in tagged]}
+        if dropped is not None:
+            row["dropped"] = [[e, r.id] for e, r in dropped]
         with open(self.run_dir / "ledger.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"stage": stage, "step": step, "items": [[e, r.id] for e, r in tagged]}) + "\n")
+            fh.write(json.dumps(row) + "\n")
 
     # --- stage 1 -------------------------------------------------------------------------
 
@@ -391,7 +397,9 @@ class Trainer:
             groups, scores = self.rollout.collect(current["jobs"], self.rewards)
             t_gen, t_reward = self.rollout.last_wait["rollout"], self.rollout.last_wait["reward"]
             t_refill = time.monotonic()
-            groups, scores, dropped, rounds = self._dynamic_sampling(groups, scores, step) if c.dynamic_sampling else (groups, scores, 0, 0)
+            drawn = current["tagged"]
+            epochs = {id(g): epoch for g, (epoch, _) in zip(groups, drawn, strict=True)}  # collect keeps the draw order
+            groups, scores, dropped, rounds = self._dynamic_sampling(groups, scores, step) if c.dynamic_sampling else (groups, scores, [], 0)
             # the refill rounds generate (and score) too: their time counts as rollout
             t_refill = time.monotonic() - t_refill
             t_gen += t_refill
@@ -424,7 +432,7 @@ class Trainer:
                     use_engine_logprobs=use_engine_logprobs,
                 )
             t_learn = time.monotonic() - t1
-            self._ledger("grpo", step + 1, current["tagged"])
+            self._ledger("grpo", step + 1, [(epochs.get(id(g)), g.record) for g in groups], [(epochs.get(id(g)), g.record) for g in dropped])
             t_sync = self.sync_weights()
             if every and (step + 1) % every == 0 and step + 1 < c.steps:
                 # the data position before the next step's prompts were taken
@@ -445,7 +453,7 @@ class Trainer:
                     "perf/sync_mb_per_s": self.last_sync_bytes / 2**20 / max(t_sync, 1e-9),
                     "perf/samples_per_s": len(samples) / step_s,
                     "perf/tokens_per_s": metrics.get("perf/tokens", 0.0) / step_s,
-                    "rollout/dropped_groups": dropped,
+                    "rollout/dropped_groups": len(dropped),
                     "rollout/resample_rounds": rounds,
                     "perf/resample_s": t_refill,
                     "rollout/worker_restarts": self.rollout.restarts,
@@ -492,11 +500,14 @@ class Trainer:
     def _dynamic_sampling(self, groups, scores, step):
         """DAPO: keep groups whose rewards differ; top up with fresh groups; whole groups only.
 
-        Returns the groups, their scores, how many groups were dropped and the refill rounds.
+        Returns the groups kept, their scores, the groups generated but not kept (uniform,
+        beyond `prompts_per_step`, or left over so that the learners get equal shares) and
+        the refill rounds. When no group is kept, the drawn ones are (zero advantage).
         """
         c = self.config.grpo
-        keep = [(g, s) for g, s in zip(groups, scores) if not uniform_group(s)]
-        dropped = len(groups) - len(keep)
+        keep, dropped = [], []
+        for g, s in zip(groups, scores):
+            (dropped if uniform_group(s) else keep).append((g, s))
         rounds = 0
         sampler = EpochSampler(self.train_records, self.config.run.seed * 7 + step)
         while len(keep) < c.prompts_per_step and rounds < c.max_resample_rounds:
@@ -505,18 +516,17 @@ class Trainer:
             more = self.rollout.generate(sampler.take(c.prompts_per_step - len(keep) + self.config.rollout.num_workers - 1), params)
             more_scores = self.rewards.score(more)
             for g, s in zip(more, more_scores):
-                if not uniform_group(s):
-                    keep.append((g, s))
-                else:
-                    dropped += 1
+                (dropped if uniform_group(s) else keep).append((g, s))
+        dropped += keep[c.prompts_per_step :]
         keep = keep[: c.prompts_per_step]
         # the learners need whole groups that split evenly over the ranks
         k = self.config.learner.num_workers
         while keep and (len(keep) * c.group_size) % k:
-            keep.pop()
+            dropped.append(keep.pop())
         if not keep:
-            keep = list(zip(groups, scores))[: max(1, len(groups))]
-        return [g for g, _ in keep], [s for _, s in keep], dropped, rounds
+            keep = list(zip(groups, scores))
+            dropped = [(g, s) for g, s in dropped if all(g is not drawn for drawn in groups)]
+        return [g for g, _ in keep], [s for _, s in keep], [g for g, _ in dropped], rounds
 
 
 def uniform_group(scores: Sequence[dict]) -> bool:

@@ -236,13 +236,21 @@ def test_killed_rollout_and_reward_workers_are_replaced(ray_cluster, tmp_path, t
     # the lost generation was redone
     assert grpo[-1]["rollout/worker_restarts"] >= 1
 
+    # the quickstart samples dynamically: the ledger lists the groups trained (refills with
+    # epoch null) and those dropped; each prompt of the data order is drawn once per epoch
+    assert config.grpo.dynamic_sampling
     ledger = [json.loads(line) for line in (config.run_dir / "ledger.jsonl").read_text().splitlines()]
-    grpo_items = [tuple(item) for row in ledger if row["stage"] == "grpo" for item in row["items"]]
-    per_epoch = Counter(grpo_items)
+    rows = [row for row in ledger if row["stage"] == "grpo"]
+    drawn = [tuple(item) for row in rows for item in row["items"] + row["dropped"] if item[0] is not None]
+    per_epoch = Counter(drawn)
     ids = {r.id for r in __import__("alphadrive_ray.data.records", fromlist=["x"]).load_records(config.data.train)}
     for epoch in (0, 1):
         assert {rid for (e, rid) in per_epoch if e == epoch} == ids, f"epoch {epoch} misses prompts"
-    assert set(per_epoch.values()) == {1}, "a prompt was trained twice in one epoch"
+    assert set(per_epoch.values()) == {1}, "a prompt was drawn twice in one epoch"
+    for row, metric in zip(rows, grpo):
+        assert len(row["dropped"]) == metric["rollout/dropped_groups"]
+        refills = [rid for e, rid in row["items"] if e is None]
+        assert not refills or metric["rollout/resample_rounds"] > 0
 
 
 def _cmdline(pid: int) -> str:
