@@ -118,3 +118,21 @@ class CheckpointManager:
     @property
     def reference_path(self) -> Path:
         return self.root / "reference.safetensors"
+
+    def check_resumable(self, beta: float) -> None:
+        """Refuse to resume a GRPO checkpoint with a KL term whose reference file is gone.
+
+        The reference is the policy as GRPO started; it is saved once, when GRPO starts. A
+        learner that rebuilt it on resume would snapshot the weights at `model.path` (they are
+        loaded before the checkpoint), a different model, and train against it silently.
+        """
+        path = self.latest()
+        if path is None or beta <= 0:
+            return
+        state = self.load_state(path)
+        if state.stage == "grpo" and not self.reference_path.is_file():
+            raise UserError(
+                f"--resume: {self.reference_path} is missing, so the KL reference of {path.name} (the policy as GRPO "
+                f"started) cannot be restored. Put the file back, rerun without --resume, or set grpo.beta: 0 to "
+                f"continue without the KL term"
+            )

@@ -300,6 +300,7 @@ class Trainer:
         if path is None:
             self.tracker.say("--resume: no checkpoint yet in this run directory; starting from the beginning")
             return None
+        self.ckpt.check_resumable(self.config.grpo.beta)
         state = self.ckpt.load_state(path)
         c = self.config
         self.learners.begin_stage(state.stage, c.grpo.beta if state.stage == "grpo" else 0.0, str(self.ckpt.reference_path))
@@ -546,6 +547,8 @@ def train(config: Config, resume: bool = False) -> RunSummary:
     """Run both stages end to end (or continue from the latest checkpoint with `resume`);
     returns the summary written to run_dir/summary.json."""
     run_dir = prepare_run_dir(config, resume)
+    if resume:
+        CheckpointManager(run_dir).check_resumable(config.grpo.beta)  # before any actor starts
     tracker = Tracker(run_dir)
     summary = RunSummary(run_dir=str(run_dir))
     t_start = time.monotonic()

@@ -185,6 +185,43 @@ def test_pruning_orders_by_stage_and_step_not_by_file_times(tmp_path):
     assert sorted(p.name for p in manager.root.iterdir() if p.is_dir()) == ["grpo-000010", "grpo-000011"]
 
 
+@pytest.mark.parametrize(
+    "stage, beta, reference, refused",
+    [
+        ("grpo", 0.04, False, True),  # the case of the bug: the reference would be rebuilt from model.path
+        ("grpo", 0.04, True, False),
+        ("grpo", 0.0, False, False),  # no KL term, no reference
+        ("sft", 0.04, False, False),  # GRPO has not started: its reference is taken when it does
+    ],
+)
+def test_resuming_grpo_without_its_kl_reference_is_refused(tmp_path, stage, beta, reference, refused):
+    from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+    from alphadrive_ray.errors import UserError
+
+    manager = CheckpointManager(tmp_path)
+    manager.commit(manager.begin(stage, 3), TrainerState(stage, 3, 4, {}, {}))
+    if reference:
+        manager.reference_path.write_bytes(b"")
+    if refused:
+        with pytest.raises(UserError, match="reference.safetensors is missing"):
+            manager.check_resumable(beta)
+    else:
+        manager.check_resumable(beta)
+
+
+def test_resume_without_the_kl_reference_stops_before_starting_anything(tmp_path):
+    from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+
+    # no model, data or learner state is needed: the run must stop before it looks for them
+    overrides = tiny_overrides(tmp_path, str(tmp_path / "model"), "no-reference", 4)
+    manager = CheckpointManager(tmp_path / "runs" / "no-reference")
+    manager.commit(manager.begin("grpo", 2), TrainerState("grpo", 2, 3, {"grpo": {"epoch": 0, "position": 8}}, {}))
+    proc = subprocess.run(cli(tmp_path, overrides, "--resume"), env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "reference.safetensors is missing" in proc.stderr and "grpo-000002" in proc.stderr
+    assert "Traceback" not in proc.stderr and "starting a local Ray cluster" not in proc.stdout
+
+
 def test_resume_without_checkpoints_is_a_clear_error(tmp_path, tiny_vl_dir):
     proc = subprocess.run(cli(tmp_path, tiny_overrides(tmp_path, tiny_vl_dir, "never", 2), "--resume"), env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no checkpoints" in proc.stderr and "Traceback" not in proc.stderr
