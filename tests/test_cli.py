@@ -74,8 +74,12 @@ def test_there_are_key_options_to_check():
     assert {"--api-key", "--api-key-env"} <= {option for _, _, option in key_options()}
 
 
-@pytest.mark.parametrize("path, parser, option", key_options(), ids=[" ".join((*p, o)) for p, _, o in key_options()])
-def test_no_command_prints_a_value_given_to_a_key_option(path, parser, option, tmp_path, capsys, dataset, monkeypatch):
+@pytest.mark.parametrize(
+    "path, parser, option", key_options(), ids=[" ".join((*p, o)) for p, _, o in key_options()]
+)
+def test_no_command_prints_a_value_given_to_a_key_option(
+    path, parser, option, tmp_path, capsys, dataset, monkeypatch
+):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # the commands get as far as looking for a key
     base = argv_for(path, parser, tmp_path, dataset)
     for argv in (base + [option, SECRET], base + [f"{option}={SECRET}"]):
@@ -92,14 +96,20 @@ def test_no_command_prints_a_value_given_to_a_key_option(path, parser, option, t
 
 
 def test_api_key_is_answered_with_where_keys_come_from(tmp_path, capsys):
-    code, printed = run(["distill", "run", "in.jsonl", str(tmp_path / "out.jsonl"), "--model", "m", "--api-key", SECRET], capsys)
+    code, printed = run(
+        ["distill", "run", "in.jsonl", str(tmp_path / "out.jsonl"), "--model", "m", "--api-key", SECRET],
+        capsys,
+    )
     assert code == 2
     assert "--api-key is not accepted: API keys are read from the environment only" in printed
     assert "OPENAI_API_KEY" in printed and "--api-key-env" in printed and SECRET not in printed
 
 
 def test_api_key_env_given_a_key_says_it_takes_a_name(tmp_path, capsys):
-    code, printed = run(["distill", "run", "in.jsonl", str(tmp_path / "out.jsonl"), "--model", "m", "--api-key-env", SECRET], capsys)
+    code, printed = run(
+        ["distill", "run", "in.jsonl", str(tmp_path / "out.jsonl"), "--model", "m", "--api-key-env", SECRET],
+        capsys,
+    )
     assert code == 2
     assert "--api-key-env takes the NAME of an environment variable" in printed and SECRET not in printed
 

@@ -8,9 +8,10 @@ import dataclasses
 import importlib.metadata
 import re
 import sys
-import tomllib
 import typing
 from pathlib import Path
+
+import tomllib
 
 from alphadrive_ray.config import Config
 
@@ -47,7 +48,9 @@ def test_every_imported_distribution_is_declared():
     by_module = importlib.metadata.packages_distributions()
     missing = []
     for module, where in imported_modules().items():
-        dists = [_dist(d) for d in by_module.get(module, [module])]  # not installed (vllm): named like the module
+        dists = [
+            _dist(d) for d in by_module.get(module, [module])
+        ]  # not installed (vllm): named like the module
         if not any(d in required or d in optional for d in dists):
             missing.append(f"{module} ({'/'.join(dists)}, imported by {where})")
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
@@ -58,7 +61,9 @@ def test_package_data_names_files_that_exist():
     for package, patterns in package_data.items():
         root = REPO / package.replace(".", "/")
         for pattern in patterns:
-            assert list(root.glob(pattern)), f"package-data of {package} names {pattern!r}, which matches no file"
+            assert list(root.glob(pattern)), (
+                f"package-data of {package} names {pattern!r}, which matches no file"
+            )
 
 
 # --- docs/architecture.md ---------------------------------------------------------------------
@@ -90,7 +95,9 @@ def _definitions() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
 
 def _config_keys() -> set[str]:
     hints = typing.get_type_hints(Config)
-    return {f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(hints[s.name])}
+    return {
+        f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(hints[s.name])
+    }
 
 
 METRIC_NAMESPACES = ("rollout", "reward", "loss", "perf", "eval")  # `rollout/logp_diff` is a metric
@@ -103,7 +110,9 @@ def unknown_names(text: str) -> list[str]:
     modules, classes = _definitions()
     keys = _config_keys()
     bad = []
-    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # fenced blocks: diagrams and commands
+    text = re.sub(
+        r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE
+    )  # fenced blocks: diagrams and commands
     for span in re.findall(r"`([^`]+)`", text):
         name = re.split(r"[(\s]", span.strip(), maxsplit=1)[0]
         if not re.fullmatch(r"[A-Za-z_][\w./]*\w", name) or not ("." in name or "/" in name):

@@ -279,7 +279,7 @@ def image_host():
     state = {"asked": [], "location": ""}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
+        def do_GET(self):
             state["asked"].append(urlparse(self.path).path)
             if self.path.startswith("/redirect"):
                 self.send_response(302)

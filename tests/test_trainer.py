@@ -46,7 +46,10 @@ class FakeRollout:
 
     def generate(self, records, params):
         self.asked.append([r.id for r in records])
-        return [Group(r, [Completion(str(k), [k], [0.0], "stop", 0) for k in range(self.group_size)]) for r in records]
+        return [
+            Group(r, [Completion(str(k), [k], [0.0], "stop", 0) for k in range(self.group_size)])
+            for r in records
+        ]
 
 
 class FakeRewards:
@@ -54,16 +57,33 @@ class FakeRewards:
         self.rollout = rollout
 
     def score(self, groups):
-        return [totals(*([1.0] * len(g.completions) if g.record.id in self.rollout.uniform_ids else range(len(g.completions)))) for g in groups]
+        return [
+            totals(
+                *(
+                    [1.0] * len(g.completions)
+                    if g.record.id in self.rollout.uniform_ids
+                    else range(len(g.completions))
+                )
+            )
+            for g in groups
+        ]
 
 
 def make_trainer(tmp_path, uniform_ids, prompts=4, group_size=2, rounds=3, rollout_workers=1, learners=1):
     trainer = Trainer.__new__(Trainer)  # the parts _dynamic_sampling and _ledger use; no actors
-    trainer.config = load_config(None, [
-        f"grpo.prompts_per_step={prompts}", f"grpo.group_size={group_size}", f"grpo.max_resample_rounds={rounds}",
-        f"rollout.num_workers={rollout_workers}", f"learner.num_workers={learners}", "rollout.batch_size=64",
-        "sft.batch_size=32", "sft.micro_batch_size=4",
-    ])
+    trainer.config = load_config(
+        None,
+        [
+            f"grpo.prompts_per_step={prompts}",
+            f"grpo.group_size={group_size}",
+            f"grpo.max_resample_rounds={rounds}",
+            f"rollout.num_workers={rollout_workers}",
+            f"learner.num_workers={learners}",
+            "rollout.batch_size=64",
+            "sft.batch_size=32",
+            "sft.micro_batch_size=4",
+        ],
+    )
     trainer.train_records = RECORDS
     trainer.run_dir = tmp_path
     trainer.rollout = FakeRollout(uniform_ids, group_size)
@@ -95,7 +115,9 @@ def test_uniform_groups_are_replaced_by_refills(tmp_path):
     kept, kept_scores, dropped, rounds = trainer._dynamic_sampling(groups, scores, step=0)
     assert len(kept) == 4 and ids(kept)[:2] == ["r00", "r02"] and ids(dropped)[:2] == ["r01", "r03"]
     assert all(not uniform_group(s) for s in kept_scores)
-    assert rounds >= 1 and trainer.rollout.asked[0] and len(trainer.rollout.asked[0]) == 2  # asked for the 2 missing
+    assert (
+        rounds >= 1 and trainer.rollout.asked[0] and len(trainer.rollout.asked[0]) == 2
+    )  # asked for the 2 missing
     # every refill group is either kept or dropped; none vanishes
     refills = [rid for asked in trainer.rollout.asked for rid in asked]
     assert sorted(ids(kept)[2:] + ids(dropped)[2:]) == sorted(refills)
@@ -141,8 +163,15 @@ def test_the_ledger_records_what_was_trained_and_what_was_dropped(tmp_path):
     groups, scores = drawn(trainer, {"r00", "r01", "r02", "r03"})
     epochs = {id(g): 0 for g in groups}  # as the GRPO loop tags the drawn groups
     kept, _, dropped, _ = trainer._dynamic_sampling(groups, scores, step=0)
-    trainer._ledger("grpo", 1, [(epochs.get(id(g)), g.record) for g in kept], [(epochs.get(id(g)), g.record) for g in dropped])
+    trainer._ledger(
+        "grpo",
+        1,
+        [(epochs.get(id(g)), g.record) for g in kept],
+        [(epochs.get(id(g)), g.record) for g in dropped],
+    )
     (row,) = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
     refill = ids(kept)[3]
     assert row["items"] == [[0, "r00"], [0, "r02"], [0, "r03"], [None, refill]]  # refills: no epoch
-    assert row["dropped"][0] == [0, "r01"] and all(epoch is None for epoch, _ in row["dropped"][1:])  # uniform refills
+    assert row["dropped"][0] == [0, "r01"] and all(
+        epoch is None for epoch, _ in row["dropped"][1:]
+    )  # uniform refills

@@ -109,8 +109,8 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.base_url.startswith(("http://", "https://")),
          f"--base-url must start with http:// or https://, got {args.base_url!r}"),
         (_ENV_NAME.fullmatch(args.api_key_env) is not None,
-         "--api-key-env takes the NAME of an environment variable (letters, digits and _, e.g. OPENAI_API_KEY), "
-         "not the key itself; the value given is not shown"),
+         ("--api-key-env takes the NAME of an environment variable (letters, digits and _, e.g. OPENAI_API_KEY), "
+          "not the key itself; the value given is not shown")),
         (args.out.endswith(".jsonl"), f"OUT must be a .jsonl file, got {args.out!r}"),
     ]
     for ok, message in checks:

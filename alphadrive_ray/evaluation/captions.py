@@ -115,16 +115,21 @@ def compute_caption_metrics(
         meteor_thread = threading.Thread(target=score_meteor, name="meteor", daemon=True)
         meteor_thread.start()
         failures: dict[str, str] = {}
-        scores: dict[str, tuple[float | None, list]] = {}
-        for name, score in (
-            ("bleu4", lambda: (lambda b: (b[0][3], b[1][3]))(Bleu(4).compute_score(gts_tok, res_tok, verbose=0))),
-            ("cider", lambda: Cider().compute_score(gts_tok, res_tok)),
+        scores: dict[str, tuple[float | None, list]] = {}  # name -> (corpus score, per sample)
+
+        def bleu4() -> tuple:
+            corpus, per_sample = Bleu(4).compute_score(gts_tok, res_tok, verbose=0)
+            return corpus[3], per_sample[3]
+
+        for name, stage_name, score in (
+            ("bleu4", "bleu", bleu4),
+            ("cider", "cider", lambda: Cider().compute_score(gts_tok, res_tok)),
         ):
             try:
                 scores[name] = score()
             except Exception as exc:  # noqa: BLE001 - one failed scorer keeps the others
                 failures[name] = _one_line(f"{type(exc).__name__}: {exc}")
-            stage({"bleu4": "bleu", "cider": "cider"}[name])
+            stage(stage_name)
         timeout = 120.0 + 0.02 * n if meteor_timeout_s is None else meteor_timeout_s
         meteor_thread.join(timeout)
         if meteor_thread.is_alive():
