@@ -303,7 +303,9 @@ class Trainer:
         self.ckpt.check_resumable(self.config.grpo.beta)
         state = self.ckpt.load_state(path)
         c = self.config
-        self.learners.begin_stage(state.stage, c.grpo.beta if state.stage == "grpo" else 0.0, str(self.ckpt.reference_path))
+        grpo = state.stage == "grpo"
+        weight_decay = c.grpo.weight_decay if grpo else c.sft.weight_decay
+        self.learners.begin_stage(state.stage, c.grpo.beta if grpo else 0.0, str(self.ckpt.reference_path), weight_decay)
         self.learners.load_state(str(path / "learner"))
         self.accuracy.update(state.accuracy)
         self.version = state.version - 1
@@ -338,7 +340,7 @@ class Trainer:
 
         if first_step == 0:
             self.tracker.say(f"stage 1: SFT warm-up, {steps} steps on {len(subset)} samples with reasoning")
-            self.learners.begin_stage("sft")
+            self.learners.begin_stage("sft", weight_decay=c.weight_decay)
         started = time.monotonic()
         every = self.config.checkpoint.every_steps
         for step in range(first_step, steps):
@@ -377,7 +379,7 @@ class Trainer:
                 f"stage 2: GRPO, {c.steps} steps of {c.prompts_per_step} prompts x {c.group_size} completions "
                 f"({'one-step off-policy' if c.off_policy_steps else 'on-policy'})"
             )
-            self.learners.begin_stage("grpo", c.beta, str(self.ckpt.reference_path))
+            self.learners.begin_stage("grpo", c.beta, str(self.ckpt.reference_path), c.weight_decay)
         use_engine_logprobs = c.off_policy_steps > 0 or c.updates_per_batch > 1
         started = time.monotonic()
         every = self.config.checkpoint.every_steps

@@ -147,16 +147,19 @@ class LearnerWorker(ProcessInfo):
         if self.engine.checkpoint_engine is not None:
             self.engine.checkpoint_engine.load = _safe_torch_load
 
-    def begin_stage(self, stage: str, beta: float = 0.0, reference_path: str | None = None) -> None:
-        """Start SFT or GRPO: fresh optimizer moments; for GRPO with beta > 0, a frozen reference.
+    def begin_stage(self, stage: str, beta: float = 0.0, reference_path: str | None = None, weight_decay: float = 0.0) -> None:
+        """Start SFT or GRPO: fresh optimizer moments and the stage's AdamW weight decay; for
+        GRPO with beta > 0, a frozen reference.
 
         The reference is the policy as GRPO starts; with `reference_path` it is also saved
         there (safetensors, rank 0), or loaded from there when the file exists (resume).
         """
         if self.engine is None:
-            self.setup()
+            self.setup(weight_decay)
         for state in self._inner_optimizer().state.values():
             state.clear()
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = weight_decay
         self.stage = stage
         self.ref_model = None
         if stage == "grpo" and beta > 0:
