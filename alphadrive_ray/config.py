@@ -175,7 +175,7 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature; the learner scales logits the same way for log-probs."""
     top_p: float = 1.0
-    """Nucleus sampling; the learner masks the same nucleus for log-probs."""
+    """Nucleus sampling. The learner computes the policy ratio under the same truncated distribution (the engine's log-probs are of it; on-policy the ratio is exactly 1); the KL penalty compares policy and reference without truncation, as TRL does, so it stays finite when a sampled token is outside the reference's nucleus."""
     max_new_tokens: int = 256
     """Longest completion (the release: 256)."""
     batch_size: int = 64

@@ -181,3 +181,58 @@ def test_sft_loss_masks_prompt_tokens():
     loss = algo.compute_sft_loss(logits, labels, mask)
     expected = -math.log(math.exp(2) / (math.exp(2) + 3))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+# --- top-p: the loss and its gradient stay finite ------------------------------------------
+
+
+def _nucleus_batch(top_p=0.5, seed=0):
+    """Logits, and tokens as an engine samples them under top-p: response tokens from the
+    nucleus, padding holding each row's least likely token (surely outside the nucleus)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, V = 4, 6, 40
+    logits = torch.randn(B, T, V, generator=g) * 3
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]]).bool()
+    probs = algo.apply_sampling_transform(logits, top_p=top_p).softmax(-1)  # [B, T, V]
+    sampled = torch.multinomial(probs.view(-1, V), 1, generator=g).view(B, T)
+    tokens = torch.where(mask, sampled, logits.argmin(-1))
+    return logits.requires_grad_(), tokens, mask.float()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean"])
+@pytest.mark.parametrize("behaviour", ["on-policy", "engine log-probs"])
+def test_top_p_batches_give_a_finite_loss_and_gradient(beta, loss_agg, behaviour):
+    logits, tokens, mask = _nucleus_batch()
+    logp = algo.compute_token_logprobs(logits, tokens, top_p=0.5)  # [B, T]
+    # the two ways a batch used to turn the loss into NaN:
+    assert torch.isinf(logp[mask == 0]).any()  # padding outside the nucleus: -inf - (-inf)
+    ref_logits = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)) * 3  # another model
+    assert torch.isinf(algo.compute_token_logprobs(ref_logits, tokens, top_p=0.5)[mask == 1]).any()  # k3 = +inf
+    # the engine reports the sampled tokens' log-probs and 0 beyond them
+    old = logp.detach() if behaviour == "on-policy" else torch.where(mask == 1, logp.detach() + 0.05, 0.0)
+    ref = algo.compute_token_logprobs(ref_logits, tokens)  # the reference scores without truncation
+    kl_logp = algo.compute_token_logprobs(logits, tokens)
+    loss, stats = algo.compute_policy_loss(
+        logp, old, torch.tensor([1.0, -0.5, 2.0, -1.5]), mask, ref_logp=ref, kl_logp=kl_logp, beta=beta, loss_agg=loss_agg
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    assert all(math.isfinite(v) for v in stats.values())
+    if behaviour == "on-policy":
+        assert stats["ratio_mean"] == pytest.approx(1.0) and stats["clip_frac"] == 0.0
+    if beta:
+        # the KL term is k3 of the untruncated log-probs over the response tokens
+        k3 = (torch.exp(ref - kl_logp) - (ref - kl_logp) - 1).detach()
+        assert stats["kl"] == pytest.approx(float((k3 * mask).sum() / mask.sum()), rel=1e-5)
+
+
+def test_a_response_token_outside_the_policys_nucleus_has_ratio_zero():
+    # after an update (or off-policy) a sampled token may have left the policy's nucleus
+    logp = torch.tensor([[float("-inf"), -1.0]], requires_grad=True)
+    old = torch.tensor([[-2.0, -1.0]])
+    for adv, expected in ((1.0, (0.0 + -1.0) / 2), (-1.0, (0.8 + 1.0) / 2)):
+        # adv > 0: min(0 x 1, 0.8 x 1) -> -0; adv < 0: the clipped 0.8 x 1 is the larger loss
+        loss, _ = algo.compute_policy_loss(logp, old, torch.tensor([adv]), torch.ones(1, 2))
+        (grad,) = torch.autograd.grad(loss, logp)
+        assert loss.item() == pytest.approx(expected) and torch.isfinite(grad).all()
