@@ -34,12 +34,16 @@ def compute_group_advantages(rewards: torch.Tensor, group_size: int, mode: str =
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not form groups of {group_size}")
     grouped = rewards.float().view(-1, group_size)  # [N, G]
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    # NOTE: shifted by each group's first reward before the mean: equal rewards then centre to
+    # exactly 0. A float32 mean of 8 x 0.7 is off by ~6e-8, which / (0 + eps) became an
+    # advantage of ~6e-4 for every completion of a group that has nothing to teach.
+    shifted = grouped - grouped[:, :1]
+    centred = shifted - shifted.mean(dim=1, keepdim=True)
     if mode == "mean":
         return centred.view(-1)
     if mode != "std":
         raise ValueError(f"unknown advantage mode {mode!r}")
-    std = grouped.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(centred)
+    std = shifted.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(centred)
     return (centred / (std + eps)).view(-1)
 
 
