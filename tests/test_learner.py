@@ -1,4 +1,5 @@
-"""One learner rank on real batches: top-p batches from the engine, and weight decay.
+"""One learner rank on real batches: top-p batches from the engine, several updates per batch,
+weight decay, and the Hugging Face export against the learner's own weights.
 
 Real parts throughout: DeepSpeed learners in Ray actors, the HF rollout engine in-process,
 the tiny Qwen2-VL.
@@ -109,6 +110,22 @@ def test_top_p_batches_from_the_engine_give_a_finite_loss_gradient_and_weights(
     assert all(torch.isfinite(t).all() for t in learner.state_dict_cpu().values())
 
 
+def test_several_updates_per_batch_take_the_ratio_to_the_engines_log_probs(learner, engine, scenes):
+    """grpo.updates_per_batch > 1: old log-probs are the engine's, so the first update sees
+    ratio 1 (same weights) and the second the change the first one made."""
+    samples = engine_samples(engine, learner, scenes[4:], seed=5)
+    learner.begin_stage("grpo", 0.0)
+    first = grpo_step(learner, samples, beta=0.0, use_engine_logprobs=True, lr=1e-2)
+    assert first["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-4) and first["loss/clip_frac"] == 0.0
+    assert first["rollout/logp_diff"] < 1e-4
+    second = grpo_step(learner, samples, beta=0.0, use_engine_logprobs=True, lr=1e-2)
+    assert abs(second["loss/ratio_mean"] - 1.0) > 1e-3 and second["rollout/logp_diff"] > 1e-3
+    assert math.isfinite(second["loss/policy"])
+    # recomputing the old log-probs instead (on-policy) would hide that change: ratio 1 again
+    third = grpo_step(learner, samples, beta=0.0, use_engine_logprobs=False, lr=0.0)
+    assert third["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_weight_decay_reaches_adamw(learner, scenes, tmp_path):
     """The same SFT step from the same state, with and without decay: AdamW's decoupled decay
     moves every weight by exactly -lr x weight_decay x its value."""
@@ -131,3 +148,34 @@ def test_weight_decay_reaches_adamw(learner, scenes, tmp_path):
             decayed[name] - plain[name], -lr * decay * value, rtol=0, atol=2e-6, msg=name
         )
     assert max((decayed[n] - plain[n]).abs().max().item() for n in start) > 1e-4  # it did something
+
+
+@pytest.mark.slow
+def test_the_hf_export_holds_the_learners_weights(ray_cluster, tiny_vl_dir, scenes, tmp_path):
+    """ZeRO-3 over 2 ranks (every parameter gathered for the export), after a training step."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from alphadrive_ray.actions import format_completion
+    from alphadrive_ray.models.loading import load_model
+    from alphadrive_ray.workers.group import LearnerGroup, Resources
+    from alphadrive_ray.workers.learner import SFTExample
+
+    group = LearnerGroup.start(learner_spec(tiny_vl_dir, zero_stage=3), 2, Resources(cpus=1))
+    try:
+        group.begin_stage("sft")
+        batch = [
+            SFTExample(r, format_completion(r.reasoning, r.speed_action, r.path_action)) for r in scenes[:4]
+        ]
+        group.sft_step(batch, 2, 1e-2)
+        learned = group.state_dict_cpu()
+        out = group.save_hf(str(tmp_path / "export"))
+    finally:
+        group.shutdown()
+    initial = dict(load_model(tiny_vl_dir).named_parameters())
+    assert sum(not torch.equal(initial[n].detach(), t) for n, t in learned.items()) > len(learned) * 0.9
+
+    exported = Qwen2VLForConditionalGeneration.from_pretrained(out)
+    loaded = dict(exported.named_parameters())
+    assert set(loaded) == set(learned)
+    for name, tensor in learned.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name].detach(), tensor), name

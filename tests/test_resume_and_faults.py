@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from alphadrive_ray.data.records import load_records
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -333,3 +336,56 @@ def test_dead_learner_stops_cleanly_with_a_resumable_checkpoint(tmp_path, tiny_v
     assert proc.returncode == 1, out[-2000:] + err[-2000:]
     assert "a learner worker died" in err and "--resume" in err and "Traceback" not in err
     assert latest.exists()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def drawn_per_step(ledger: list[dict]) -> dict[int, list]:
+    """GRPO step -> the prompts drawn from the data order for it (trained or dropped)."""
+    return {
+        row["step"]: sorted(tuple(item) for item in row["items"] + row["dropped"] if item[0] is not None)
+        for row in ledger
+        if row["stage"] == "grpo"
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # two training runs
+def test_off_policy_run_with_several_updates_evaluates_and_resumes_in_the_middle(tmp_path, tiny_vl_dir):
+    """grpo.off_policy_steps: 1 (step t+1 is generated while the learners update on step t),
+    2 updates per batch, an evaluation every 2 steps, a checkpoint every step; then a resume
+    from the checkpoint of step 2, written while step 3's generation was in flight."""
+    overrides = [o for o in tiny_overrides(tmp_path, tiny_vl_dir, "off-policy", 4) if not o.startswith("checkpoint.keep")]
+    overrides += ["sft.enabled=false", "grpo.off_policy_steps=1", "grpo.updates_per_batch=2", "eval.every_steps=2", "checkpoint.keep=4"]
+    # without dynamic sampling: its refills are generated on the newest weights (lag 0)
+    overrides += ["grpo.dynamic_sampling=false"]
+    first = subprocess.run(cli(tmp_path, overrides), env=env(), capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "off-policy"
+    grpo = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["stage"] == "grpo"]
+    assert [r["step"] for r in grpo] == [1, 2, 3, 4]
+    # step 1 was generated on the starting weights; each later one before the previous update
+    assert [r["rollout/weight_version_lag"] for r in grpo] == [0, 1, 1, 1]
+    # (that the second update of a batch sees the first one's change: tests/test_learner.py)
+    assert all(math.isfinite(row[k]) for row in grpo for k in ("loss/policy", "loss/ratio_mean", "rollout/logp_diff"))
+    # eval.every_steps: 2 -> after step 2 (not after 4: the final evaluation follows)
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["stage"] == "eval"]
+    assert len(evals) == 2 and (run_dir / "eval" / "step-000002" / "metrics.json").is_file()
+    assert not (run_dir / "eval" / "step-000004").exists() and (run_dir / "report" / "metrics.json").is_file()
+    ledger = read_jsonl(run_dir / "ledger.jsonl")
+    drawn = drawn_per_step(ledger)
+    ids = {r.id for r in load_records(tmp_path / "train" / "data.jsonl")}
+    assert sorted(rid for step in drawn.values() for _, rid in step) == sorted(ids)  # 4 x 4 prompts: one epoch
+
+    # resume from step 2: the prompts of step 3 had been taken by the prefetch when it was written
+    (run_dir / "checkpoints" / "latest").write_text("grpo-000002\n")
+    resumed = subprocess.run(cli(tmp_path, overrides, "--resume"), env=env(), capture_output=True, text=True, timeout=1200)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from grpo-000002" in resumed.stdout
+    again = read_jsonl(run_dir / "ledger.jsonl")[len(ledger):]
+    assert drawn_per_step(again) == {3: drawn[3], 4: drawn[4]}  # the same data position: nothing skipped or repeated
+    after = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["stage"] == "grpo"][len(grpo):]
+    # documented: the prefetched batch is generated again on the checkpoint's weights (lag 0)
+    assert [r["step"] for r in after] == [3, 4] and [r["rollout/weight_version_lag"] for r in after] == [0, 1]
