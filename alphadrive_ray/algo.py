@@ -4,6 +4,15 @@ GRPO: Shao et al., "DeepSeekMath", arXiv 2402.03300 (group-normalised advantages
 in the loss); Dr.GRPO: Liu et al., arXiv 2503.20783 (no std normalisation); DAPO: Yu et
 al., arXiv 2503.14476 (decoupled clip eps_low / eps_high, dynamic sampling).
 
+Top-p (`rollout.top_p < 1`): tokens outside the nucleus have log-prob -inf under the
+sampling distribution. The clipped ratio is computed under that truncated distribution
+(it is what the engine sampled from and reports log-probs of, so on-policy the ratio is
+exactly 1 and off-policy it is the true importance weight); the KL penalty compares policy
+and reference under the temperature-scaled distribution without truncation, as TRL does (a
+sampled token outside the *reference's* nucleus would make a truncated KL infinite). Only
+response tokens enter either term, so padding positions, whatever token id and log-prob
+they hold, can never turn the loss or its gradient into NaN.
+
 Normalisation across a distributed batch: every loss here is a *sum* over its tokens (or
 sequences) divided by the count over the whole global batch (`total_tokens` /
 `total_sequences`), so summing the micro-batch losses of all ranks gives exactly the
@@ -25,12 +34,16 @@ def compute_group_advantages(rewards: torch.Tensor, group_size: int, mode: str =
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not form groups of {group_size}")
     grouped = rewards.float().view(-1, group_size)  # [N, G]
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    # NOTE: shifted by each group's first reward before the mean: equal rewards then centre to
+    # exactly 0. A float32 mean of 8 x 0.7 is off by ~6e-8, which / (0 + eps) became an
+    # advantage of ~6e-4 for every completion of a group that has nothing to teach.
+    shifted = grouped - grouped[:, :1]
+    centred = shifted - shifted.mean(dim=1, keepdim=True)
     if mode == "mean":
         return centred.view(-1)
     if mode != "std":
         raise ValueError(f"unknown advantage mode {mode!r}")
-    std = grouped.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(centred)
+    std = shifted.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(centred)
     return (centred / (std + eps)).view(-1)
 
 
@@ -129,6 +142,7 @@ def compute_policy_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     ref_logp: torch.Tensor | None = None,
+    kl_logp: torch.Tensor | None = None,
     beta: float = 0.0,
     kl_estimator: str = "k3",
     loss_agg: str = "token_mean",
@@ -137,11 +151,20 @@ def compute_policy_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped-ratio GRPO loss with an optional KL penalty in the loss.
 
-    logp, old_logp, ref_logp, response_mask: [B, T]; advantages: [B] (one per sequence).
+    logp, old_logp, ref_logp, kl_logp, response_mask: [B, T]; advantages: [B] (one per
+    sequence). `logp` / `old_logp` are under the sampling distribution (may be -inf outside
+    a top-p nucleus); `kl_logp` (default `logp`) and `ref_logp` are the policy's and the
+    reference's log-probs for the KL term, finite on response tokens (no truncation).
+    Positions outside `response_mask` are ignored whatever they hold. A response token that
+    is outside the policy's nucleus (logp -inf) has ratio 0; one whose behaviour log-prob is
+    not finite (the behaviour policy could not have sampled it) has ratio 1 and no gradient.
     Returns the scalar loss and detached statistics over this micro-batch's tokens.
     """
+    mask = response_mask.bool()
     adv = advantages.to(logp.dtype).unsqueeze(-1)  # [B, 1]
-    ratio = torch.exp(logp - old_logp)  # [B, T]
+    # NOTE: -inf - (-inf) is NaN and NaN x 0 stays NaN: select before exp, never multiply by the mask
+    in_ratio = mask & torch.isfinite(old_logp)
+    ratio = torch.exp(torch.where(in_ratio, logp - old_logp, torch.zeros_like(logp)))  # [B, T]
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     per_token = torch.maximum(unclipped, clipped)  # [B, T]
@@ -149,12 +172,13 @@ def compute_policy_loss(
     if beta > 0.0:
         if ref_logp is None:
             raise ValueError("beta > 0 needs ref_logp")
-        kl = compute_kl(logp, ref_logp, kl_estimator)
+        policy = logp if kl_logp is None else kl_logp
+        zero = torch.zeros_like(policy)
+        kl = compute_kl(torch.where(mask, policy, zero), torch.where(mask, ref_logp, zero), kl_estimator)
         per_token = per_token + beta * kl
     loss = aggregate_loss(per_token, response_mask, loss_agg, total_tokens, total_sequences)
 
     with torch.no_grad():
-        mask = response_mask.bool()
         n = mask.sum().clamp(min=1)
         stats = {
             "clip_frac": float(((clipped > unclipped) & mask).sum() / n),

@@ -4,7 +4,7 @@ Layout under `run_dir/checkpoints/`:
 
     sft-000375/            one checkpoint (stage, step)
         learner/           DeepSpeed model + optimizer states of every rank
-        trainer.json       stage, step, weight version, data positions, RNG states, results so far
+        trainer.json       stage, step, weight version, data positions, results so far
     grpo-000020/
     latest                 the name of the newest complete checkpoint
     reference.safetensors  the GRPO reference policy (when grpo.beta > 0)
@@ -21,11 +21,11 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from alphadrive_ray.errors import UserError
 
 LATEST = "latest"
+STAGES = ("sft", "grpo")  # in run order: a GRPO checkpoint is newer than every SFT one
 
 
 @dataclass
@@ -35,7 +35,9 @@ class TrainerState:
     version: int  # weight version the engines hold
     samplers: dict[str, dict[str, int]]  # name -> {"epoch", "position"}
     accuracy: dict[str, float]  # evaluations so far (untrained, sft)
-    rng: dict[str, Any]  # driver RNG states (python, numpy)
+    # NOTE: no driver RNG state: the driver draws from no global RNG (data order comes from
+    # seeded EpochSamplers, sampling from per-step seeds); each learner rank saves and
+    # restores its own torch RNG with its DeepSpeed state (LearnerWorker.save_state).
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
@@ -43,6 +45,17 @@ class TrainerState:
 
 def checkpoint_name(stage: str, step: int) -> str:
     return f"{stage}-{step:06d}"
+
+
+def checkpoint_order(name: str) -> tuple[int, int] | None:
+    """Where a checkpoint folder stands in the run: (stage index, step); None for other names.
+
+    Age is decided by this, never by file times (a copied or restored run folder keeps its order).
+    """
+    stage, sep, step = name.partition("-")
+    if not sep or stage not in STAGES or not step.isdigit():
+        return None
+    return STAGES.index(stage), int(step)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -81,8 +94,8 @@ class CheckpointManager:
 
     def _prune(self, newest: str) -> None:
         done = sorted(
-            (p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("tmp-") and (p / "trainer.json").exists()),
-            key=lambda p: p.stat().st_mtime,
+            (p for p in self.root.iterdir() if p.is_dir() and checkpoint_order(p.name) and (p / "trainer.json").exists()),
+            key=lambda p: checkpoint_order(p.name),
         )
         for old in done[: max(0, len(done) - self.keep)]:
             if old.name != newest:
@@ -99,8 +112,27 @@ class CheckpointManager:
 
     def load_state(self, path: Path) -> TrainerState:
         data = json.loads((path / "trainer.json").read_text())
+        data.pop("rng", None)  # written by earlier versions, never needed to resume
         return TrainerState(**data)
 
     @property
     def reference_path(self) -> Path:
         return self.root / "reference.safetensors"
+
+    def check_resumable(self, beta: float) -> None:
+        """Refuse to resume a GRPO checkpoint with a KL term whose reference file is gone.
+
+        The reference is the policy as GRPO started; it is saved once, when GRPO starts. A
+        learner that rebuilt it on resume would snapshot the weights at `model.path` (they are
+        loaded before the checkpoint), a different model, and train against it silently.
+        """
+        path = self.latest()
+        if path is None or beta <= 0:
+            return
+        state = self.load_state(path)
+        if state.stage == "grpo" and not self.reference_path.is_file():
+            raise UserError(
+                f"--resume: {self.reference_path} is missing, so the KL reference of {path.name} (the policy as GRPO "
+                f"started) cannot be restored. Put the file back, rerun without --resume, or set grpo.beta: 0 to "
+                f"continue without the KL term"
+            )

@@ -28,13 +28,36 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """Every parser of the CLI (sub-commands inherit the class).
+
+    No abbreviated options: argparse would otherwise take `--api-key VALUE` for
+    `--api-key-env VALUE` and print the key back as a variable name. Unrecognised
+    arguments are named without their values, which may be secrets.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            words = message[len(prefix):].split()
+            options = [w.split("=", 1)[0] for w in words if w.startswith("-")]
+            values = len(words) - len(options) + sum("=" in w for w in words if w.startswith("-"))
+            hidden = f" (and {values} value(s), not shown)" if values else ""
+            message = prefix + (" ".join(options) or "positional values") + hidden
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="alphadrive-ray",
         description="Train and evaluate AlphaDrive-style VLM driving planners on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"alphadrive-ray {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)

@@ -159,13 +159,13 @@ class GRPOConfig:
     micro_batch_size: int = 16
     """Completions per forward/backward on one learner."""
     updates_per_batch: int = 1
-    """Optimizer steps per generated batch (the release: 1)."""
+    """Optimizer steps per generated batch (the release: 1). Above 1, the ratio's old log-probs are the engine's from generation time, so later updates are importance-weighted against the policy that sampled (docs/architecture.md)."""
     dynamic_sampling: bool = False
     """Drop groups whose rewards all agree (zero advantage) and generate more, as in DAPO."""
     max_resample_rounds: int = 3
     """With dynamic sampling, how many extra generation rounds may refill one batch."""
     off_policy_steps: int = 0
-    """0: on-policy. 1: generate step t+1 while the learners update on step t (one-step off-policy)."""
+    """0: on-policy. 1: generate step t+1 while the learners update on step t (one-step off-policy; the ratio uses the engine's log-probs). A resume regenerates the prefetched step on the checkpoint's weights."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
 
@@ -185,7 +185,7 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature; the learner scales logits the same way for log-probs."""
     top_p: float = 1.0
-    """Nucleus sampling; the learner masks the same nucleus for log-probs."""
+    """Nucleus sampling. The learner computes the policy ratio under the same truncated distribution (the engine's log-probs are of it; on-policy the ratio is exactly 1); the KL penalty compares policy and reference without truncation, as TRL does, so it stays finite when a sampled token is outside the reference's nucleus."""
     max_new_tokens: int = 256
     """Longest completion (the release: 256)."""
     batch_size: int = 64

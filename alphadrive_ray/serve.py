@@ -6,11 +6,13 @@
 Any OpenAI client can then call it (`base_url="http://127.0.0.1:8000/v1"`, any API key),
 including `alphadrive-ray distill run --base-url http://127.0.0.1:8000/v1`. The app and
 the backends are in serving.py. There is no authentication: the default host is loopback.
+Image URLs are fetched only from the hosts named by --allowed-media-domains (none by default).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -36,6 +38,11 @@ def register(subparsers) -> None:
     serve.add_argument(
         "--allowed-local-media-path", default=None, metavar="DIR",
         help="let requests name local image files (path or file:// URL) under DIR; off by default",
+    )
+    serve.add_argument(
+        "--allowed-media-domains", nargs="+", default=(), metavar="HOST",
+        help="fetch http(s) image URLs of these hosts only (e.g. images.example.com); off by default: "
+        "clients send images as data URLs",
     )
     serve.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request has none (default 256)")
     serve.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default 4096)")
@@ -71,6 +78,10 @@ def run_serve(args: argparse.Namespace) -> int:
         media = Path(args.allowed_local_media_path)
         if not media.is_dir():
             raise UserError(f"--allowed-local-media-path {media} is not a folder")
+    domains = tuple(d.strip().lower() for item in args.allowed_media_domains for d in item.split(",") if d.strip())
+    for domain in domains:
+        if not re.fullmatch(r"[a-z0-9.:-]+", domain):
+            raise UserError(f"--allowed-media-domains takes host names (e.g. images.example.com), got {domain!r}")
     from alphadrive_ray.models.loading import read_model_type
 
     read_model_type(args.model_dir)  # a wrong folder fails here, in a second, not after the imports
@@ -94,6 +105,7 @@ def run_serve(args: argparse.Namespace) -> int:
             served_model_name=name,
             model_dir=args.model_dir,
             allowed_local_media_path=media,
+            allowed_media_domains=domains,
             default_max_tokens=args.default_max_tokens,
             max_tokens_limit=args.max_tokens_limit,
         ),

@@ -2,8 +2,9 @@
 
 `create_app(backend, name)` is a FastAPI app with `/health`, `/v1/models` and
 `/v1/chat/completions` (non-streaming; `n`, `temperature`, `top_p`, `max_tokens`,
-`seed`, `stop`; image content parts as data URLs, http(s) URLs, or local files under
-`--allowed-local-media-path`; token usage in the response). Errors are OpenAI-style
+`seed`, `stop`; image content parts as data URLs, http(s) URLs of hosts named by
+`--allowed-media-domains`, or local files under `--allowed-local-media-path`; token usage in
+the response). Errors are OpenAI-style
 bodies, `{"error": {"message", "type", "param", "code"}}`, with 4xx codes for the
 caller's mistakes.
 
@@ -27,7 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence, Union
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urljoin, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +37,7 @@ from alphadrive_ray.errors import UserError
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 HTTP_IMAGE_TIMEOUT_S = 10.0
+MAX_REDIRECTS = 5
 MAX_N = 16
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -119,8 +121,15 @@ def decode_image(raw: bytes, param: str):
         raise bad_request(f"{param}: corrupt or truncated image ({type(exc).__name__}: {exc})", param, "invalid_image") from None
 
 
-def load_image_url(url: Any, param: str, allowed_local_media_path: Path | None = None):
-    """A PIL RGB image from a data URL, an http(s) URL or (when allowed) a local file."""
+def load_image_url(
+    url: Any, param: str, allowed_local_media_path: Path | None = None, allowed_media_domains: Sequence[str] = ()
+):
+    """A PIL RGB image from a data URL, an http(s) URL of an allowed host, or an allowed local file.
+
+    Remote fetching is off unless `allowed_media_domains` names hosts: a server that fetched
+    any URL a client sends could be made to read from every address it can reach (server-side
+    request forgery). Hosts are compared exactly (lower case), redirects included.
+    """
     if not isinstance(url, str) or not url:
         raise bad_request(f"{param}: expected a URL string", param, "invalid_image_url")
     if url.startswith("data:"):
@@ -138,7 +147,7 @@ def load_image_url(url: Any, param: str, allowed_local_media_path: Path | None =
         return decode_image(raw, param)
     scheme = urlparse(url).scheme.lower()
     if scheme in ("http", "https"):
-        return decode_image(_fetch(url, param), param)
+        return decode_image(_fetch(url, param, allowed_media_domains), param)
     if scheme == "file" or url.startswith("/"):
         path = Path(unquote(urlparse(url).path) if scheme == "file" else url)
         if allowed_local_media_path is None:
@@ -158,25 +167,49 @@ def load_image_url(url: Any, param: str, allowed_local_media_path: Path | None =
     raise bad_request(f"{param}: unsupported URL {url[:40]!r}; send a data: URL (or http(s)://)", param, "invalid_image_url")
 
 
-def _fetch(url: str, param: str) -> bytes:
+def check_media_domain(url: str, param: str, allowed_media_domains: Sequence[str]) -> None:
+    """Refuse (400) a URL whose host is not one of `allowed_media_domains`; none: all refused."""
+    if not allowed_media_domains:
+        raise bad_request(
+            f"{param}: this server does not fetch image URLs; send the image as a data URL "
+            f"(data:image/png;base64,...), or start serve with --allowed-media-domains HOST",
+            param, "remote_media_disabled",
+        )
+    host = (urlparse(url).hostname or "").lower()
+    if host not in {d.lower() for d in allowed_media_domains}:
+        raise bad_request(
+            f"{param}: host {host or '(none)'!r} is not in this server's --allowed-media-domains", param, "media_domain_not_allowed"
+        )
+
+
+def _fetch(url: str, param: str, allowed_media_domains: Sequence[str] = ()) -> bytes:
     import httpx
 
     try:
-        with httpx.stream("GET", url, timeout=HTTP_IMAGE_TIMEOUT_S, follow_redirects=True) as response:
-            if response.status_code != 200:
-                raise bad_request(f"{param}: fetching the image returned HTTP {response.status_code}", param, "invalid_image_url")
-            chunks, size = [], 0
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > MAX_IMAGE_BYTES:
-                    raise bad_request(f"{param}: image is larger than {MAX_IMAGE_BYTES} bytes", param, "image_too_large")
-                chunks.append(chunk)
-            return b"".join(chunks)
+        with httpx.Client(timeout=HTTP_IMAGE_TIMEOUT_S, follow_redirects=False) as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                check_media_domain(url, param, allowed_media_domains)  # every hop: a redirect may point anywhere
+                with client.stream("GET", url) as response:
+                    if response.is_redirect:
+                        url = urljoin(url, response.headers["location"])
+                        continue
+                    if response.status_code != 200:
+                        raise bad_request(f"{param}: fetching the image returned HTTP {response.status_code}", param, "invalid_image_url")
+                    chunks, size = [], 0
+                    for chunk in response.iter_bytes():
+                        size += len(chunk)
+                        if size > MAX_IMAGE_BYTES:
+                            raise bad_request(f"{param}: image is larger than {MAX_IMAGE_BYTES} bytes", param, "image_too_large")
+                        chunks.append(chunk)
+                    return b"".join(chunks)
     except httpx.HTTPError as exc:
         raise bad_request(f"{param}: could not fetch the image ({type(exc).__name__})", param, "invalid_image_url") from None
+    raise bad_request(f"{param}: more than {MAX_REDIRECTS} redirects", param, "invalid_image_url")
 
 
-def normalise_messages(messages: Sequence[Any], allowed_local_media_path: Path | None = None) -> tuple[list[dict], list]:
+def normalise_messages(
+    messages: Sequence[Any], allowed_local_media_path: Path | None = None, allowed_media_domains: Sequence[str] = ()
+) -> tuple[list[dict], list]:
     """OpenAI chat messages -> (messages with text / image placeholder parts, PIL images)."""
     out: list[dict] = []
     images: list = []
@@ -204,7 +237,7 @@ def normalise_messages(messages: Sequence[Any], allowed_local_media_path: Path |
                 elif kind == "image_url":
                     image_url = part.get("image_url")
                     url = image_url.get("url") if isinstance(image_url, dict) else image_url
-                    images.append(load_image_url(url, f"{at}.image_url", allowed_local_media_path))
+                    images.append(load_image_url(url, f"{at}.image_url", allowed_local_media_path, allowed_media_domains))
                     parts.append({"type": "image"})
                 else:
                     raise bad_request(
@@ -368,6 +401,7 @@ class ServerOptions:
     served_model_name: str
     model_dir: str = ""
     allowed_local_media_path: Path | None = None
+    allowed_media_domains: tuple[str, ...] = ()  # hosts whose image URLs may be fetched; none: no fetching
     default_max_tokens: int = 256
     max_tokens_limit: int = 4096
     created: int = field(default_factory=lambda: int(time.time()))
@@ -440,7 +474,7 @@ def create_app(backend: ChatBackend, options: ServerOptions):
             stop=stop,
         )
         messages, images = await anyio.to_thread.run_sync(
-            normalise_messages, request.messages, options.allowed_local_media_path
+            normalise_messages, request.messages, options.allowed_local_media_path, options.allowed_media_domains
         )
         try:
             result = await anyio.to_thread.run_sync(backend.generate, messages, images, params)

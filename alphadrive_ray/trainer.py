@@ -325,10 +325,6 @@ class Trainer:
         return format_completion(reasoning or "", record.speed_action, record.path_action)
 
     def save_checkpoint(self, stage: str, step: int, sampler_state: dict) -> None:
-        import random
-
-        import numpy as np
-
         t0 = time.monotonic()
         tmp = self.ckpt.begin(stage, step)
         self.learners.save_state(str(tmp / "learner"), {"stage": stage, "step": step})
@@ -338,7 +334,6 @@ class Trainer:
             version=self.version,
             samplers={stage: sampler_state},
             accuracy=dict(self.accuracy),
-            rng={"python": repr(random.getstate()), "numpy_seed_state": np.random.get_state()[1][:4].tolist()},
         )
         final = self.ckpt.commit(tmp, state)
         self.tracker.say(f"checkpoint {final.name} ({time.monotonic() - t0:.1f}s)")
@@ -349,9 +344,12 @@ class Trainer:
         if path is None:
             self.tracker.say("--resume: no checkpoint yet in this run directory; starting from the beginning")
             return None
+        self.ckpt.check_resumable(self.config.grpo.beta)
         state = self.ckpt.load_state(path)
         c = self.config
-        self.learners.begin_stage(state.stage, c.grpo.beta if state.stage == "grpo" else 0.0, str(self.ckpt.reference_path))
+        grpo = state.stage == "grpo"
+        weight_decay = c.grpo.weight_decay if grpo else c.sft.weight_decay
+        self.learners.begin_stage(state.stage, c.grpo.beta if grpo else 0.0, str(self.ckpt.reference_path), weight_decay)
         self.learners.load_state(str(path / "learner"))
         self.accuracy.update(state.accuracy)
         self.version = state.version - 1
@@ -359,10 +357,16 @@ class Trainer:
         self.tracker.say(f"resumed from {path.name}: {state.stage} step {state.step}, weight version {state.version}")
         return state
 
-    def _ledger(self, stage: str, step: int, tagged: list[tuple[int, Record]]) -> None:
-        """Which prompts each step trained on, with their epoch (proof of exactly-once per epoch)."""
+    def _ledger(self, stage: str, step: int, tagged: list[tuple[int | None, Record]], dropped: list | None = None) -> None:
+        """Which prompts each step trained on (`items`), with the epoch they were drawn in; GRPO
+        also lists the groups generated but not trained (`dropped`). Refill prompts of dynamic
+        sampling have epoch null (a separate sampler). Every prompt of the data order is drawn
+        exactly once per epoch: it is in `items` or in `dropped` with that epoch."""
+        row = {"stage": stage, "step": step, "items": [[e, r.id] for e, r in tagged]}
+        if dropped is not None:
+            row["dropped"] = [[e, r.id] for e, r in dropped]
         with open(self.run_dir / "ledger.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"stage": stage, "step": step, "items": [[e, r.id] for e, r in tagged]}) + "\n")
+            fh.write(json.dumps(row) + "\n")
 
     # --- stage 1 -------------------------------------------------------------------------
 
@@ -380,7 +384,7 @@ class Trainer:
 
         if first_step == 0:
             self.tracker.say(f"stage 1: SFT warm-up, {steps} steps on {len(subset)} samples ({'with reasoning' if c.target == 'reasoning' else 'answers only'})")
-            self.learners.begin_stage("sft")
+            self.learners.begin_stage("sft", weight_decay=c.weight_decay)
         started = time.monotonic()
         every = self.config.checkpoint.every_steps
         for step in range(first_step, steps):
@@ -419,7 +423,7 @@ class Trainer:
                 f"stage 2: GRPO, {c.steps} steps of {c.prompts_per_step} prompts x {c.group_size} completions "
                 f"({'one-step off-policy' if c.off_policy_steps else 'on-policy'})"
             )
-            self.learners.begin_stage("grpo", c.beta, str(self.ckpt.reference_path))
+            self.learners.begin_stage("grpo", c.beta, str(self.ckpt.reference_path), c.weight_decay)
         use_engine_logprobs = c.off_policy_steps > 0 or c.updates_per_batch > 1
         started = time.monotonic()
         every = self.config.checkpoint.every_steps
@@ -440,7 +444,9 @@ class Trainer:
             groups, scores = self.rollout.collect(current["jobs"], self.rewards)
             t_gen, t_reward = self.rollout.last_wait["rollout"], self.rollout.last_wait["reward"]
             t_refill = time.monotonic()
-            groups, scores, dropped, rounds = self._dynamic_sampling(groups, scores, step) if c.dynamic_sampling else (groups, scores, 0, 0)
+            drawn = current["tagged"]
+            epochs = {id(g): epoch for g, (epoch, _) in zip(groups, drawn, strict=True)}  # collect keeps the draw order
+            groups, scores, dropped, rounds = self._dynamic_sampling(groups, scores, step) if c.dynamic_sampling else (groups, scores, [], 0)
             # the refill rounds generate (and score) too: their time counts as rollout
             t_refill = time.monotonic() - t_refill
             t_gen += t_refill
@@ -473,7 +479,7 @@ class Trainer:
                     use_engine_logprobs=use_engine_logprobs,
                 )
             t_learn = time.monotonic() - t1
-            self._ledger("grpo", step + 1, current["tagged"])
+            self._ledger("grpo", step + 1, [(epochs.get(id(g)), g.record) for g in groups], [(epochs.get(id(g)), g.record) for g in dropped])
             t_sync = self.sync_weights()
             if every and (step + 1) % every == 0 and step + 1 < c.steps:
                 # the data position before the next step's prompts were taken
@@ -494,7 +500,7 @@ class Trainer:
                     "perf/sync_mb_per_s": self.last_sync_bytes / 2**20 / max(t_sync, 1e-9),
                     "perf/samples_per_s": len(samples) / step_s,
                     "perf/tokens_per_s": metrics.get("perf/tokens", 0.0) / step_s,
-                    "rollout/dropped_groups": dropped,
+                    "rollout/dropped_groups": len(dropped),
                     "rollout/resample_rounds": rounds,
                     "perf/resample_s": t_refill,
                     "rollout/worker_restarts": self.rollout.restarts,
@@ -541,11 +547,14 @@ class Trainer:
     def _dynamic_sampling(self, groups, scores, step):
         """DAPO: keep groups whose rewards differ; top up with fresh groups; whole groups only.
 
-        Returns the groups, their scores, how many groups were dropped and the refill rounds.
+        Returns the groups kept, their scores, the groups generated but not kept (uniform,
+        beyond `prompts_per_step`, or left over so that the learners get equal shares) and
+        the refill rounds. When no group is kept, the drawn ones are (zero advantage).
         """
         c = self.config.grpo
-        keep = [(g, s) for g, s in zip(groups, scores) if not uniform_group(s)]
-        dropped = len(groups) - len(keep)
+        keep, dropped = [], []
+        for g, s in zip(groups, scores):
+            (dropped if uniform_group(s) else keep).append((g, s))
         rounds = 0
         sampler = EpochSampler(self.train_records, self.config.run.seed * 7 + step)
         while len(keep) < c.prompts_per_step and rounds < c.max_resample_rounds:
@@ -554,18 +563,17 @@ class Trainer:
             more = self.rollout.generate(sampler.take(c.prompts_per_step - len(keep) + self.config.rollout.num_workers - 1), params)
             more_scores = self.rewards.score(more)
             for g, s in zip(more, more_scores):
-                if not uniform_group(s):
-                    keep.append((g, s))
-                else:
-                    dropped += 1
+                (dropped if uniform_group(s) else keep).append((g, s))
+        dropped += keep[c.prompts_per_step :]
         keep = keep[: c.prompts_per_step]
         # the learners need whole groups that split evenly over the ranks
         k = self.config.learner.num_workers
         while keep and (len(keep) * c.group_size) % k:
-            keep.pop()
+            dropped.append(keep.pop())
         if not keep:
-            keep = list(zip(groups, scores))[: max(1, len(groups))]
-        return [g for g, _ in keep], [s for _, s in keep], dropped, rounds
+            keep = list(zip(groups, scores))
+            dropped = [(g, s) for g, s in dropped if all(g is not drawn for drawn in groups)]
+        return [g for g, _ in keep], [s for _, s in keep], [g for g, _ in dropped], rounds
 
 
 def compare_stages(correct: dict[str, list[bool]]) -> dict[str, dict]:
@@ -594,6 +602,8 @@ def train(config: Config, resume: bool = False) -> RunSummary:
     """Run both stages end to end (or continue from the latest checkpoint with `resume`);
     returns the summary written to run_dir/summary.json."""
     run_dir = prepare_run_dir(config, resume)
+    if resume:
+        CheckpointManager(run_dir).check_resumable(config.grpo.beta)  # before any actor starts
     tracker = Tracker(run_dir)
     summary = RunSummary(run_dir=str(run_dir))
     t_start = time.monotonic()

@@ -311,7 +311,7 @@ def broadcast_bandwidth(shapes: list, dtype: str, backend: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="2b")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on CPU")

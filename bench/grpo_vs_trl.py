@@ -36,7 +36,7 @@ from quickstart import PATH as QUICKSTART, prompt_template, settings as quicksta
 
 def parse_args(argv=None):
     q = quickstart()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=14, help="optimizer steps per run (default 14)")
     p.add_argument("--warmup", type=int, default=4, help="steps not timed at the start (default 4)")
     p.add_argument("--prompts", type=int, default=q["grpo"]["prompts_per_step"], help="prompts per step (default: the quickstart's)")

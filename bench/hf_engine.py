@@ -23,7 +23,7 @@ from quickstart import prompt_template  # bench/, the script's folder, is on sys
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=4, help="prompts per call (default 4: a quickstart step over 2 workers)")
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)

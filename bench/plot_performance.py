@@ -91,7 +91,7 @@ def plot_sync(data: dict, out: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--grpo", type=Path)
     p.add_argument("--engine", type=Path)
     p.add_argument("--sync", type=Path)

@@ -215,7 +215,7 @@ def mem_available_gb() -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the Qwen2-VL-2B state dict (default 1)")
     p.add_argument("--bucket-mb", type=int, default=256, help="bucket size (sync.bucket_mb; default 256)")
     p.add_argument("--rounds", type=int, default=5, help="timed syncs per mode (default 5)")

@@ -181,3 +181,143 @@ def test_sft_loss_masks_prompt_tokens():
     loss = algo.compute_sft_loss(logits, labels, mask)
     expected = -math.log(math.exp(2) / (math.exp(2) + 3))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+# --- top-p: the loss and its gradient stay finite ------------------------------------------
+
+
+def _nucleus_batch(top_p=0.5, seed=0):
+    """Logits, and tokens as an engine samples them under top-p: response tokens from the
+    nucleus, padding holding each row's least likely token (surely outside the nucleus)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, V = 4, 6, 40
+    logits = torch.randn(B, T, V, generator=g) * 3
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]]).bool()
+    probs = algo.apply_sampling_transform(logits, top_p=top_p).softmax(-1)  # [B, T, V]
+    sampled = torch.multinomial(probs.view(-1, V), 1, generator=g).view(B, T)
+    tokens = torch.where(mask, sampled, logits.argmin(-1))
+    return logits.requires_grad_(), tokens, mask.float()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean"])
+@pytest.mark.parametrize("behaviour", ["on-policy", "engine log-probs"])
+def test_top_p_batches_give_a_finite_loss_and_gradient(beta, loss_agg, behaviour):
+    logits, tokens, mask = _nucleus_batch()
+    logp = algo.compute_token_logprobs(logits, tokens, top_p=0.5)  # [B, T]
+    # the two ways a batch used to turn the loss into NaN:
+    assert torch.isinf(logp[mask == 0]).any()  # padding outside the nucleus: -inf - (-inf)
+    ref_logits = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)) * 3  # another model
+    assert torch.isinf(algo.compute_token_logprobs(ref_logits, tokens, top_p=0.5)[mask == 1]).any()  # k3 = +inf
+    # the engine reports the sampled tokens' log-probs and 0 beyond them
+    old = logp.detach() if behaviour == "on-policy" else torch.where(mask == 1, logp.detach() + 0.05, 0.0)
+    ref = algo.compute_token_logprobs(ref_logits, tokens)  # the reference scores without truncation
+    kl_logp = algo.compute_token_logprobs(logits, tokens)
+    loss, stats = algo.compute_policy_loss(
+        logp, old, torch.tensor([1.0, -0.5, 2.0, -1.5]), mask, ref_logp=ref, kl_logp=kl_logp, beta=beta, loss_agg=loss_agg
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    assert all(math.isfinite(v) for v in stats.values())
+    if behaviour == "on-policy":
+        assert stats["ratio_mean"] == pytest.approx(1.0) and stats["clip_frac"] == 0.0
+    if beta:
+        # the KL term is k3 of the untruncated log-probs over the response tokens
+        k3 = (torch.exp(ref - kl_logp) - (ref - kl_logp) - 1).detach()
+        assert stats["kl"] == pytest.approx(float((k3 * mask).sum() / mask.sum()), rel=1e-5)
+
+
+def test_a_response_token_outside_the_policys_nucleus_has_ratio_zero():
+    # after an update (or off-policy) a sampled token may have left the policy's nucleus
+    logp = torch.tensor([[float("-inf"), -1.0]], requires_grad=True)
+    old = torch.tensor([[-2.0, -1.0]])
+    for adv, expected in ((1.0, (0.0 + -1.0) / 2), (-1.0, (0.8 + 1.0) / 2)):
+        # adv > 0: min(0 x 1, 0.8 x 1) -> -0; adv < 0: the clipped 0.8 x 1 is the larger loss
+        loss, _ = algo.compute_policy_loss(logp, old, torch.tensor([adv]), torch.ones(1, 2))
+        (grad,) = torch.autograd.grad(loss, logp)
+        assert loss.item() == pytest.approx(expected) and torch.isfinite(grad).all()
+
+
+# --- GRPO loss parity with TRL's formula ------------------------------------------------------
+
+
+def trl_advantages(rewards: torch.Tensor, group_size: int, scale: bool) -> torch.Tensor:
+    """TRL GRPOTrainer's advantages (trl 1.16 `_generate_and_score_completions`), in float64.
+
+    TRL requires num_generations >= 2; for a group of 1 its unbiased std is NaN, taken as 0 here.
+    """
+    grouped = rewards.double().view(-1, group_size)
+    mean = grouped.mean(dim=1).repeat_interleave(group_size)
+    std = (grouped.std(dim=1) if group_size > 1 else torch.zeros(len(grouped), dtype=grouped.dtype)).repeat_interleave(group_size)
+    advantages = rewards.double() - mean
+    return advantages / (std + 1e-4) if scale else advantages
+
+
+def trl_loss(logp, old_logp, ref_logp, advantages, mask, beta, eps_low, eps_high, loss_type):
+    """TRL GRPOTrainer._compute_loss (trl 1.16), transcribed line by line, in float64."""
+    logp, old_logp, ref_logp, advantages, mask = (t.double() for t in (logp, old_logp, ref_logp, advantages, mask))
+    per_token_kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    coef_1 = torch.exp(logp - old_logp)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    per_token_loss1 = coef_1 * advantages.unsqueeze(1)
+    per_token_loss2 = coef_2 * advantages.unsqueeze(1)
+    per_token_loss = -torch.min(per_token_loss1, per_token_loss2)
+    if beta != 0.0:
+        per_token_loss = per_token_loss + beta * per_token_kl
+    if loss_type == "grpo":  # mean over each sequence's tokens, then over sequences
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":  # mean over all tokens of the batch
+        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    raise ValueError(loss_type)
+
+
+PARITY_CASES = [
+    # (rewards, group size): distinct rewards; groups of equal non-integer rewards (0.7 x 8
+    # used to centre to ~6e-8, i.e. an advantage of ~6e-4 after / (0 + eps)); groups of 1
+    ([0.0, 1.0, 0.5, 2.0, 1.3, 1.3, 0.2, 0.9], 4),
+    ([0.7] * 8 + [2.675] * 4 + [0.1, 0.3, 0.3, 0.1], 8),
+    ([0.3, 1.7, 0.3, 0.4], 1),
+]
+
+
+@pytest.mark.parametrize("rewards, group_size", PARITY_CASES)
+@pytest.mark.parametrize("mode", ["std", "mean"])
+def test_advantages_equal_trls(rewards, group_size, mode):
+    rewards = torch.tensor(rewards)
+    ours = algo.compute_group_advantages(rewards, group_size, mode)
+    theirs = trl_advantages(rewards, group_size, scale=mode == "std")
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-6)
+    for group in range(len(rewards) // group_size):  # a group whose rewards agree has exactly 0
+        part = slice(group * group_size, (group + 1) * group_size)
+        if len(set(rewards[part].tolist())) == 1:
+            assert ours[part].abs().max() == 0.0
+
+
+@pytest.mark.parametrize("rewards, group_size", PARITY_CASES)
+@pytest.mark.parametrize("loss_agg, loss_type", [("token_mean", "bnpo"), ("seq_mean", "grpo")])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_policy_loss_and_gradient_equal_trls(rewards, group_size, loss_agg, loss_type, beta):
+    g = torch.Generator().manual_seed(len(rewards) + group_size)
+    B, T = len(rewards), 7
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[0] = T  # uneven masks: one full row, others shorter
+    mask = (torch.arange(T) < lengths.unsqueeze(1)).float()  # [B, T]
+    # log-probs near each other (ratios on both sides of the clip range); padding holds junk
+    old = -torch.rand(B, T, generator=g) * 3
+    logp = (old + torch.randn(B, T, generator=g) * 0.3).requires_grad_()
+    ref = old + torch.randn(B, T, generator=g) * 0.5
+    junk = torch.randn(B, T, generator=g) * 4 - 2
+    pad = mask == 0
+    old, ref = torch.where(pad, junk, old), torch.where(pad, -junk, ref)
+    with torch.no_grad():
+        logp[pad] = junk[pad] * 0.5
+    advantages = algo.compute_group_advantages(torch.tensor(rewards), group_size)
+    ours, _ = algo.compute_policy_loss(
+        logp, old, advantages, mask, eps_low=0.2, eps_high=0.28, ref_logp=ref, beta=beta, loss_agg=loss_agg
+    )
+    logp64 = logp.detach().double().requires_grad_()
+    theirs = trl_loss(logp64, old, ref, advantages, mask, beta, 0.2, 0.28, loss_type)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-7)
+    (grad_ours,) = torch.autograd.grad(ours, logp)
+    (grad_theirs,) = torch.autograd.grad(theirs, logp64)
+    torch.testing.assert_close(grad_ours.double(), grad_theirs, rtol=1e-5, atol=1e-7)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import subprocess
 import sys
@@ -309,3 +310,160 @@ def test_summary_names_the_stages_the_run_had(overrides, untrained, final):
 
     labels = stage_labels(load_config(None, list(overrides)))
     assert (labels["untrained"], labels["final"]) == (untrained, final)
+
+
+# --- every key is read by the code it configures ------------------------------------------
+#
+# A static check, over the package's source (in config.py only Config's own properties
+# count: validating a key is not using it): every field of every section must be read as an attribute of that section by
+# some code, e.g. `config.grpo.lr`, `self.config.grpo.lr`, or `c.lr` after `c = self.config.grpo`
+# (aliases through assignments, tuple assignments and loops over tuples are followed). A key
+# that no code reads changes nothing, and fails here (sft.weight_decay and grpo.weight_decay
+# did: the learner's AdamW always got 0.0). What a read key does is for the tests of its feature.
+
+ROOT = "<config>"
+
+
+def _section_fields() -> dict[str, set[str]]:
+    """'grpo' -> its field names; sub-sections too ('data.synth_train' -> n, seed, ...)."""
+    out: dict[str, set[str]] = {ROOT: {f.name for f in dataclasses.fields(Config)}}
+
+    def walk(cls, path: str) -> None:
+        hints = typing.get_type_hints(cls)
+        out[path] = {f.name for f in dataclasses.fields(cls)}
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{path}.{f.name}")
+
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        walk(hints[section.name], section.name)
+    return out
+
+
+def _child(path: str, attr: str) -> str:
+    return attr if path == ROOT else f"{path}.{attr}"
+
+
+def _getattr_key(node) -> str | None:
+    """'key' of a call `getattr(obj, "key")`, else None."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" and len(node.args) >= 2:
+        arg = node.args[1]
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            return arg.value
+    return None
+
+
+class _ConfigReads(ast.NodeVisitor):
+    """Collects `section.key` reads; names are bound to config paths per function scope."""
+
+    def __init__(self, fields: dict[str, set[str]]):
+        self.fields = fields
+        self.reads: set[str] = set()
+        self.env: dict[str, set[str]] = {}
+
+    def paths(self, node) -> set[str]:
+        """The config paths an expression may denote (empty: not a config object)."""
+        if isinstance(node, ast.Name):
+            if node.id in ("config", "cfg"):
+                return {ROOT}
+            return self.env.get(node.id, set())
+        if isinstance(node, ast.Attribute):
+            if node.attr == "config":
+                return {ROOT}
+            return {_child(p, node.attr) for p in self.paths(node.value) if _child(p, node.attr) in self.fields}
+        key = _getattr_key(node)
+        if key is not None:
+            return {_child(p, key) for p in self.paths(node.args[0]) if _child(p, key) in self.fields}
+        return set()
+
+    def bind(self, target, value_paths_of) -> None:
+        if isinstance(target, ast.Name):
+            found = value_paths_of(None)
+            if found:
+                self.env.setdefault(target.id, set()).update(found)
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            for i, elt in enumerate(target.elts):
+                self.bind(elt, lambda _, i=i: value_paths_of(i))
+
+    def _elements(self, value, i):
+        """Paths of element i of a tuple expression, or of every tuple inside a tuple (loops)."""
+        if i is None:
+            return self.paths(value)
+        if isinstance(value, (ast.Tuple, ast.List)) and i < len(value.elts):
+            return self.paths(value.elts[i])
+        return set()
+
+    def visit_Assign(self, node):
+        for target in node.targets:
+            self.bind(target, lambda i: self._elements(node.value, i))
+        self.generic_visit(node)
+
+    def visit_For(self, node):
+        items = node.iter.elts if isinstance(node.iter, (ast.Tuple, ast.List)) else []
+        for item in items:
+            self.bind(node.target, lambda i, item=item: self._elements(item, i))
+        self.generic_visit(node)
+
+    def visit_Attribute(self, node):
+        for path in self.paths(node.value):
+            if node.attr in self.fields.get(path, ()):
+                self.reads.add(_child(path, node.attr))
+        self.generic_visit(node)
+
+    def visit_Call(self, node):
+        key = _getattr_key(node)  # getattr(section, "key")
+        if key is not None:
+            for path in self.paths(node.args[0]):
+                if key in self.fields.get(path, ()):
+                    self.reads.add(_child(path, key))
+        self.generic_visit(node)
+
+
+def config_reads(sources: dict[str, str]) -> set[str]:
+    """Every `section.key` (and `section.sub.key`) that the given module sources read."""
+    fields = _section_fields()
+    reads: set[str] = set()
+    for text in sources.values():
+        tree = ast.parse(text)
+        # one scope per function (nested functions share their parent's names), and the
+        # module's own statements
+        functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        top = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        methods = {id(m) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name == "Config" for m in c.body}
+        for scope in functions + [ast.Module(body=top, type_ignores=[])]:
+            visitor = _ConfigReads(fields)
+            if id(scope) in methods:
+                visitor.env["self"] = {ROOT}  # Config's own properties (run_dir)
+            for _ in range(2):  # bindings first (an alias of an alias), then the reads with them all
+                visitor.visit(scope)
+            reads |= visitor.reads
+    return reads
+
+
+def all_keys() -> set[str]:
+    return {_child(path, name) for path, names in _section_fields().items() if path != ROOT for name in names
+            if _child(path, name) not in _section_fields()}
+
+
+def test_the_key_reader_follows_aliases_and_finds_unread_keys():
+    source = (
+        "def f(self):\n"
+        "    c = self.config.grpo\n"
+        "    r, l = self.config.rollout, self.config.learner\n"
+        "    for path, synth in ((self.config.data.train, self.config.data.synth_train),):\n"
+        "        print(synth.n)\n"
+        "    def inner():\n"
+        "        return c.lr + l.zero_stage\n"
+        "    return r.top_p, getattr(self.config.sft, 'epochs')\n"
+    )
+    reads = config_reads({"snippet.py": source})
+    assert {"grpo.lr", "rollout.top_p", "learner.zero_stage", "data.train", "data.synth_train.n", "sft.epochs"} <= reads
+    assert "grpo.weight_decay" not in reads and "sft.lr" not in reads
+
+
+def test_every_config_key_is_read_by_the_code_it_configures():
+    package = REPO / "alphadrive_ray"
+    sources = {str(p): p.read_text() for p in package.rglob("*.py")}
+    unread = sorted(all_keys() - config_reads(sources))
+    assert not unread, f"config keys that no code reads (they change nothing): {unread}"

@@ -170,13 +170,13 @@ def test_normalise_reasoning():
     assert normalise_reasoning('"a" and "b"') == '"a" and "b"'  # inner quotes: not a wrapper
 
 
-def test_adversarial_text_is_fast():
-    import time
+ADVERSARIAL_REASONING = "stop " * 200_000 + "<answer" * 10_000  # 1 MB; its speed: bench/adversarial_inputs.py
 
-    text = "stop " * 200_000 + "<answer" * 10_000
-    start = time.perf_counter()
-    check_reasoning(text, "ACCELERATE", "STRAIGHT")
-    assert time.perf_counter() - start < 1.0
+
+@pytest.mark.timeout(120)  # a hang guard, not a speed target
+def test_adversarial_text_is_checked():
+    flags = check_reasoning(ADVERSARIAL_REASONING, "ACCELERATE", "STRAIGHT")
+    assert {f.filter for f in flags} == {"too_long", "contradiction"}
 
 
 # --- the teacher prompt ------------------------------------------------------------------

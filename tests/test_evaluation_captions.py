@@ -138,7 +138,8 @@ def test_sanitised_captions_keep_the_tokenizer_aligned_for_every_code_point():
 
 def test_no_pairs_start_no_jvm():
     assert compute_caption_metrics([], []) == {
-        "n": 0, "bleu4": None, "cider": None, "meteor": None, "per_sample": {"bleu4": [], "cider": [], "meteor": []}
+        "n": 0, "bleu4": None, "cider": None, "meteor": None, "per_sample": {"bleu4": [], "cider": [], "meteor": []},
+        "failures": {},
     }
 
 
@@ -150,10 +151,59 @@ def test_missing_java_is_a_user_error(monkeypatch, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_meteor_watchdog_stops_a_silent_jvm():
-    # With a zero budget METEOR cannot have answered: the JVM is stopped and the call fails
-    # instead of waiting forever.
-    with pytest.raises(RuntimeError, match="METEOR did not answer"):
-        compute_caption_metrics(["a b c"], [["a b c"]], meteor_timeout_s=0.0)
+    # With a zero budget METEOR cannot have answered: the JVM is stopped instead of waiting
+    # forever, METEOR has no score and says why, and the other scores are kept.
+    out = compute_caption_metrics(["a b c d e"], [["a b c d e"]], meteor_timeout_s=0.0)
+    assert out["meteor"] is None and out["per_sample"]["meteor"] == [None]
+    assert out["failures"] == {"meteor": "did not answer within 0 s; its JVM was stopped"}
+    assert out["bleu4"] == pytest.approx(1.0) and out["cider"] is not None
+
+
+def test_a_dead_meteor_jvm_keeps_the_other_scores(monkeypatch):
+    # The JVM dies before it scores (what happened on 10k-word outputs): a one-line reason
+    from alphadrive_ray.evaluation import captions
+
+    start = captions._start_meteor
+
+    def dying():
+        meteor = start()
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+        return meteor
+
+    monkeypatch.setattr(captions, "_start_meteor", dying)
+    out = compute_caption_metrics(["the light is red", "go on"], [["the light is red"], ["go on now"]])
+    assert out["meteor"] is None and set(out["failures"]) == {"meteor"}
+    assert "Error" in out["failures"]["meteor"] and "\n" not in out["failures"]["meteor"]
+    assert out["bleu4"] is not None and out["cider"] is not None and len(out["per_sample"]["cider"]) == 2
+
+
+def degenerate_outputs(n=20, long=(3, 7, 11), words=10_000):
+    """n (hypothesis, reference) pairs; a few hypotheses are `words` words long, as a
+    degenerate model writes them at a large max_new_tokens."""
+    import random
+
+    rng = random.Random(0)
+    vocab = "the light ahead is red so we slow down and stop before the line car lane left right".split()
+    refs = [" ".join(rng.choices(vocab, k=30)) for _ in range(n)]
+    hyps = [" ".join(rng.choices(vocab, k=words if i in long else 30)) for i in range(n)]
+    return hyps, refs
+
+
+@pytest.mark.timeout(300)
+def test_degenerate_long_outputs_still_give_every_score():
+    from alphadrive_ray.evaluation.captions import METEOR_MAX_TOKENS
+
+    hyps, refs = degenerate_outputs()
+    out = compute_caption_metrics(hyps, [[r] for r in refs])
+    assert out["failures"] == {}
+    assert all(out[k] is not None for k in ("bleu4", "cider", "meteor"))
+    assert all(x is not None for x in out["per_sample"]["meteor"])
+    # the documented rule: METEOR sees the first METEOR_MAX_TOKENS tokens of a long text
+    capped, _ = degenerate_outputs(long=(3,), words=METEOR_MAX_TOKENS)
+    cut = compute_caption_metrics([capped[3], hyps[3]], [[refs[3]], [refs[3]]])
+    assert cut["per_sample"]["meteor"][0] == cut["per_sample"]["meteor"][1]
+    assert cut["per_sample"]["bleu4"][0] != cut["per_sample"]["bleu4"][1]  # BLEU sees the whole text
 
 
 def test_mismatched_lengths_are_rejected():

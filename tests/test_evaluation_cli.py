@@ -242,3 +242,61 @@ def test_evaluate_rejects_non_text_outputs(dataset, tmp_path):
     outputs = {sid: output for sid, *_, output in SAMPLES} | {"s03": None}
     with pytest.raises(TypeError, match="'s03'"):
         evaluate(outputs, records, tmp_path, reasoning_metrics=False, progress=False)
+
+
+def _degenerate_dataset(root: Path, n=20, long=(3, 7, 11), words=10_000) -> tuple[Path, Path]:
+    """n samples whose outputs are right plans; a few reasonings are `words` words long."""
+    import random
+
+    rng = random.Random(0)
+    vocab = "the light ahead is red so we slow down and stop before the line car lane left right".split()
+    records, pairs = [], []
+    for k in range(n):
+        image = root / "images" / f"d{k:02d}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (k, 0, 0)).save(image)
+        records.append(Record(f"d{k:02d}", str(image), 5.0, "go straight", "STOP", "STRAIGHT", " ".join(rng.choices(vocab, k=30))))
+        reasoning = " ".join(rng.choices(vocab, k=words if k in long else 30))
+        pairs.append((f"d{k:02d}", f"<think> {reasoning} </think>\n<answer> STOP, STRAIGHT </answer>"))
+    write_records(root / "references.jsonl", records)
+    return root / "references.jsonl", _write_predictions(root / "predictions.jsonl", pairs)
+
+
+@pytest.mark.timeout(400)
+def test_degenerate_outputs_give_every_metric(tmp_path):
+    # 3 of 20 reasonings of 10k words: METEOR's JVM died, the command ended in a traceback and
+    # wrote no metrics at all
+    references, predictions = _degenerate_dataset(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "alphadrive_ray", "eval", "--predictions", str(predictions), "--references", str(references),
+         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=390,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["planning"]["accuracy"] == 1.0
+    assert all(metrics["reasoning"][k] is not None for k in ("bleu4", "cider", "meteor")) and metrics["reasoning"]["note"] == ""
+
+
+def test_a_failed_caption_scorer_is_named_in_one_line_and_the_rest_kept(tmp_path, monkeypatch, capsys):
+    from alphadrive_ray.cli import main
+    from alphadrive_ray.evaluation import captions
+
+    start = captions._start_meteor
+
+    def dying():  # the JVM is gone before it scores
+        meteor = start()
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+        return meteor
+
+    monkeypatch.setattr(captions, "_start_meteor", dying)
+    references, predictions = _degenerate_dataset(tmp_path, n=4, long=())
+    code = main(["eval", "--predictions", str(predictions), "--references", str(references), "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    lines = [line for line in printed.splitlines() if "METEOR failed:" in line]
+    assert len(lines) == 1 and "Error" in lines[0], printed
+    assert "METEOR failed" in printed.split("BLEU-4")[1]  # right under the reasoning scores
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["planning"]["accuracy"] == 1.0 and metrics["reasoning"]["meteor"] is None
+    assert metrics["reasoning"]["bleu4"] is not None and metrics["reasoning"]["note"].startswith("METEOR failed: ")

@@ -73,13 +73,22 @@ NAVIGATION_CASES = [
     ("The Navigation Command Is 'go straight'", "go straight"),  # case of the phrase
     ("the navigation command is ''", ""),  # empty: the record check rejects it later
     ("the navigation command is turn left", "quoted"),  # no quotes
+    # the release's commands by distance: a dict inside the quotes, kept whole and normalised
+    (RELEASE_PROMPT.format("3.2", "{'100m': 'Straight', '200m': 'Straight'}"), "{'100m': 'Straight', '200m': 'Straight'}"),
+    ("the navigation command is \"{ '100m' : 'Turn Left' }\", ...", "{'100m': 'Turn Left'}"),  # spacing normalised
+    ("the navigation command is '{\"100m\": \"Straight\"}', ...", "{'100m': 'Straight'}"),  # JSON-style quotes
+    ("the navigation command is '{'100m': 'Straight', '200m': 'Straight''", "never closed"),  # truncated
+    ("the navigation command is '{'100m': 5}', ...", "not a dict of distances to commands"),  # not a command
+    ("the navigation command is '{'100m': 'Straight'} then left', ...", "not followed by its closing"),
+    ("the navigation command is 'turn left", "no closing"),  # an unclosed quote
     ("Your current speed is 8.4m/s.", "no \"the navigation command is"),  # no navigation phrase
 ]
 
 
 @pytest.mark.parametrize("prompt,expected", NAVIGATION_CASES)
 def test_parse_navigation(prompt, expected):
-    if expected in ("quoted", "no \"the navigation command is"):
+    errors = ("quoted", "no \"the navigation command is", "never closed", "not a dict", "not followed", "no closing")
+    if expected.startswith(errors):
         with pytest.raises(ValueError, match=expected):
             parse_navigation(prompt)
     else:
@@ -350,3 +359,71 @@ def test_refuses_to_overwrite_the_input(release_dir, tmp_path):
     before = src.read_bytes()
     result = run_cli("data", "import-release", str(src), str(src), "--image-root", str(release_dir))
     assert result.returncode == 2 and "is the input file" in result.stderr and src.read_bytes() == before
+
+
+# --- the shapes the release's files come in -------------------------------------------------
+
+# data_tools/example.json of the public release: one pretty-printed object whose prompt gives
+# the navigation as a dict of distances to commands
+NAV_BY_DISTANCE = "{'100m': 'Straight', '200m': 'Straight'}"
+EXAMPLE = release_record(0, speed="3.2", nav=NAV_BY_DISTANCE, answer=("KEEP", "STRAIGHT"), thinking="<think> clear road </think>")
+
+
+def test_the_release_example_imports_whole_and_renders_its_own_prompt(release_dir, tmp_path):
+    src = release_dir / f"example-{tmp_path.name}.json"
+    src.write_text(json.dumps(EXAMPLE, indent=4))
+    out = tmp_path / "example.jsonl"
+    result = run_cli("data", "import-release", str(src), str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (record,) = load_records(out)
+    assert record.id == f"{src.stem}-000001" and record.navigation == NAV_BY_DISTANCE
+    # the prompt template renders the navigation exactly as the release's prompt shows it
+    assert f"the navigation command is '{NAV_BY_DISTANCE}'," in planning_prompt(record.speed, record.navigation)
+    template = RELEASE_PROMPT.replace("{}", "{speed}", 1).replace("{}", "{navigation}", 1)
+    assert planning_prompt(record.speed, record.navigation, template) == EXAMPLE["problem"]
+    assert run_cli("data", "validate", str(out)).returncode == 0
+
+
+@pytest.mark.parametrize("shape", ["one object", "JSONL", "JSON array", "objects one after another"])
+def test_every_shape_of_release_file_gives_the_same_records(release_dir, tmp_path, shape):
+    items = [EXAMPLE, release_record(1, nav="{'50m': 'Left'}")]
+    text = {
+        "one object": json.dumps(items[0], indent=2),
+        "JSONL": "\n".join(json.dumps(i) for i in items) + "\n",
+        "JSON array": json.dumps(items, indent=2),
+        "objects one after another": "\n".join(json.dumps(i, indent=2) for i in items) + "\n",
+    }[shape]
+    src = tmp_path / "in.json"
+    src.write_text(text)
+
+    def convert_one(obj, line, index):
+        return convert_release_item(obj, file=str(src), line=line, index=index, image_root=release_dir)
+
+    conversion = convert_items(src, convert_one)
+    assert conversion.problems == []
+    expected = [NAV_BY_DISTANCE, "{'50m': 'Left'}"][: 1 if shape == "one object" else 2]
+    assert [r.navigation for r in conversion.records] == expected
+    if shape == "objects one after another":  # located by the line each object starts on
+        second = len(json.dumps(items[0], indent=2).splitlines()) + 1
+        assert [r.id for r in conversion.records] == ["in-000001", f"in-{second:06d}"]
+
+
+def test_a_navigation_that_does_not_parse_names_the_record_and_field(release_dir, tmp_path):
+    broken = release_record(1, nav="{'100m': 'Straight', '200m': 'Straight'")
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(EXAMPLE) + "\n" + json.dumps(broken) + "\n")
+    out = tmp_path / "out.jsonl"
+    result = run_cli("data", "import-release", str(src), str(out), "--image-root", str(release_dir))
+    assert result.returncode == 1 and not out.exists() and "Traceback" not in result.stderr
+    assert f"{src}:2: problem: the navigation command" in result.stdout and "never closed" in result.stdout
+
+
+def test_validate_refuses_a_truncated_navigation_dict(release_dir, tmp_path):
+    # what an earlier import wrote for the release's example given as one JSONL line
+    row = {"id": "a", "image": str(release_dir / "samples" / "0.jpg"), "speed": 3.2, "navigation": "{",
+           "speed_action": "KEEP", "path_action": "STRAIGHT"}
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "id": "b", "navigation": NAV_BY_DISTANCE}) + "\n")
+    result = run_cli("data", "validate", str(path))
+    assert result.returncode == 1 and f"{path}:1: navigation: starts like a dict" in result.stdout
+    assert f"{path}:2" not in result.stdout

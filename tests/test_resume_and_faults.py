@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from alphadrive_ray.data.records import load_records
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,7 +137,7 @@ def test_crash_while_writing_keeps_the_latest_checkpoint(tmp_path):
     from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
 
     manager = CheckpointManager(tmp_path, keep=2)
-    state = TrainerState("grpo", 1, 2, {"grpo": {"epoch": 0, "position": 4}}, {}, {})
+    state = TrainerState("grpo", 1, 2, {"grpo": {"epoch": 0, "position": 4}}, {})
     tmp = manager.begin("grpo", 1)
     (tmp / "learner").mkdir()
     good = manager.commit(tmp, state)
@@ -146,11 +149,80 @@ def test_crash_while_writing_keeps_the_latest_checkpoint(tmp_path):
     assert manager.latest() == good and manager.load_state(good).step == 1
     # the next save clears the debris; retention keeps the newest `keep`
     for step in (2, 3, 4):
-        manager.commit(manager.begin("grpo", step), TrainerState("grpo", step, step + 1, {}, {}, {}))
-        time.sleep(0.01)
+        manager.commit(manager.begin("grpo", step), TrainerState("grpo", step, step + 1, {}, {}))
     names = sorted(p.name for p in manager.root.iterdir() if p.is_dir())
     assert names == ["grpo-000003", "grpo-000004"]
     assert manager.latest().name == "grpo-000004"
+
+
+def test_trainer_state_holds_only_what_a_resume_restores(tmp_path):
+    # The driver draws from no global RNG, so no RNG state is saved (it used to save 4 of
+    # numpy's 624 state words and never restore them). Learner ranks keep their torch RNG.
+    import dataclasses
+
+    from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+
+    assert {f.name for f in dataclasses.fields(TrainerState)} == {"stage", "step", "version", "samplers", "accuracy"}
+    # a checkpoint written by an earlier version (with its `rng` entry) still loads
+    manager = CheckpointManager(tmp_path)
+    old = manager.root / "grpo-000003"
+    old.mkdir(parents=True)
+    (old / "trainer.json").write_text(json.dumps(
+        {"stage": "grpo", "step": 3, "version": 4, "samplers": {}, "accuracy": {}, "rng": {"python": "(3, ())"}}
+    ))
+    assert manager.load_state(old) == TrainerState("grpo", 3, 4, {}, {})
+
+
+def test_pruning_orders_by_stage_and_step_not_by_file_times(tmp_path):
+    from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+
+    manager = CheckpointManager(tmp_path, keep=2)
+    # file times that say the opposite of the run order (a copied or restored run folder)
+    for age, (stage, step) in enumerate([("sft", 375), ("grpo", 9), ("grpo", 10)]):
+        folder = manager.begin(stage, step)
+        final = manager.commit(folder, TrainerState(stage, step, 1, {}, {}))
+        os.utime(final, (1e9 - age * 1000, 1e9 - age * 1000))
+    names = sorted(p.name for p in manager.root.iterdir() if p.is_dir())
+    assert names == ["grpo-000009", "grpo-000010"]
+    manager.commit(manager.begin("grpo", 11), TrainerState("grpo", 11, 1, {}, {}))
+    assert sorted(p.name for p in manager.root.iterdir() if p.is_dir()) == ["grpo-000010", "grpo-000011"]
+
+
+@pytest.mark.parametrize(
+    "stage, beta, reference, refused",
+    [
+        ("grpo", 0.04, False, True),  # the case of the bug: the reference would be rebuilt from model.path
+        ("grpo", 0.04, True, False),
+        ("grpo", 0.0, False, False),  # no KL term, no reference
+        ("sft", 0.04, False, False),  # GRPO has not started: its reference is taken when it does
+    ],
+)
+def test_resuming_grpo_without_its_kl_reference_is_refused(tmp_path, stage, beta, reference, refused):
+    from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+    from alphadrive_ray.errors import UserError
+
+    manager = CheckpointManager(tmp_path)
+    manager.commit(manager.begin(stage, 3), TrainerState(stage, 3, 4, {}, {}))
+    if reference:
+        manager.reference_path.write_bytes(b"")
+    if refused:
+        with pytest.raises(UserError, match="reference.safetensors is missing"):
+            manager.check_resumable(beta)
+    else:
+        manager.check_resumable(beta)
+
+
+def test_resume_without_the_kl_reference_stops_before_starting_anything(tmp_path):
+    from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+
+    # no model, data or learner state is needed: the run must stop before it looks for them
+    overrides = tiny_overrides(tmp_path, str(tmp_path / "model"), "no-reference", 4)
+    manager = CheckpointManager(tmp_path / "runs" / "no-reference")
+    manager.commit(manager.begin("grpo", 2), TrainerState("grpo", 2, 3, {"grpo": {"epoch": 0, "position": 8}}, {}))
+    proc = subprocess.run(cli(tmp_path, overrides, "--resume"), env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "reference.safetensors is missing" in proc.stderr and "grpo-000002" in proc.stderr
+    assert "Traceback" not in proc.stderr and "starting a local Ray cluster" not in proc.stdout
 
 
 def test_resume_without_checkpoints_is_a_clear_error(tmp_path, tiny_vl_dir):
@@ -204,13 +276,21 @@ def test_killed_rollout_and_reward_workers_are_replaced(ray_cluster, tmp_path, t
     # the lost generation was redone
     assert grpo[-1]["rollout/worker_restarts"] >= 1
 
+    # the quickstart samples dynamically: the ledger lists the groups trained (refills with
+    # epoch null) and those dropped; each prompt of the data order is drawn once per epoch
+    assert config.grpo.dynamic_sampling
     ledger = [json.loads(line) for line in (config.run_dir / "ledger.jsonl").read_text().splitlines()]
-    grpo_items = [tuple(item) for row in ledger if row["stage"] == "grpo" for item in row["items"]]
-    per_epoch = Counter(grpo_items)
+    rows = [row for row in ledger if row["stage"] == "grpo"]
+    drawn = [tuple(item) for row in rows for item in row["items"] + row["dropped"] if item[0] is not None]
+    per_epoch = Counter(drawn)
     ids = {r.id for r in __import__("alphadrive_ray.data.records", fromlist=["x"]).load_records(config.data.train)}
     for epoch in (0, 1):
         assert {rid for (e, rid) in per_epoch if e == epoch} == ids, f"epoch {epoch} misses prompts"
-    assert set(per_epoch.values()) == {1}, "a prompt was trained twice in one epoch"
+    assert set(per_epoch.values()) == {1}, "a prompt was drawn twice in one epoch"
+    for row, metric in zip(rows, grpo):
+        assert len(row["dropped"]) == metric["rollout/dropped_groups"]
+        refills = [rid for e, rid in row["items"] if e is None]
+        assert not refills or metric["rollout/resample_rounds"] > 0
 
 
 def _cmdline(pid: int) -> str:
@@ -256,3 +336,56 @@ def test_dead_learner_stops_cleanly_with_a_resumable_checkpoint(tmp_path, tiny_v
     assert proc.returncode == 1, out[-2000:] + err[-2000:]
     assert "a learner worker died" in err and "--resume" in err and "Traceback" not in err
     assert latest.exists()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def drawn_per_step(ledger: list[dict]) -> dict[int, list]:
+    """GRPO step -> the prompts drawn from the data order for it (trained or dropped)."""
+    return {
+        row["step"]: sorted(tuple(item) for item in row["items"] + row["dropped"] if item[0] is not None)
+        for row in ledger
+        if row["stage"] == "grpo"
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # two training runs
+def test_off_policy_run_with_several_updates_evaluates_and_resumes_in_the_middle(tmp_path, tiny_vl_dir):
+    """grpo.off_policy_steps: 1 (step t+1 is generated while the learners update on step t),
+    2 updates per batch, an evaluation every 2 steps, a checkpoint every step; then a resume
+    from the checkpoint of step 2, written while step 3's generation was in flight."""
+    overrides = [o for o in tiny_overrides(tmp_path, tiny_vl_dir, "off-policy", 4) if not o.startswith("checkpoint.keep")]
+    overrides += ["sft.enabled=false", "grpo.off_policy_steps=1", "grpo.updates_per_batch=2", "eval.every_steps=2", "checkpoint.keep=4"]
+    # without dynamic sampling: its refills are generated on the newest weights (lag 0)
+    overrides += ["grpo.dynamic_sampling=false"]
+    first = subprocess.run(cli(tmp_path, overrides), env=env(), capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "off-policy"
+    grpo = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["stage"] == "grpo"]
+    assert [r["step"] for r in grpo] == [1, 2, 3, 4]
+    # step 1 was generated on the starting weights; each later one before the previous update
+    assert [r["rollout/weight_version_lag"] for r in grpo] == [0, 1, 1, 1]
+    # (that the second update of a batch sees the first one's change: tests/test_learner.py)
+    assert all(math.isfinite(row[k]) for row in grpo for k in ("loss/policy", "loss/ratio_mean", "rollout/logp_diff"))
+    # eval.every_steps: 2 -> after step 2 (not after 4: the final evaluation follows)
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["stage"] == "eval"]
+    assert len(evals) == 2 and (run_dir / "eval" / "step-000002" / "metrics.json").is_file()
+    assert not (run_dir / "eval" / "step-000004").exists() and (run_dir / "report" / "metrics.json").is_file()
+    ledger = read_jsonl(run_dir / "ledger.jsonl")
+    drawn = drawn_per_step(ledger)
+    ids = {r.id for r in load_records(tmp_path / "train" / "data.jsonl")}
+    assert sorted(rid for step in drawn.values() for _, rid in step) == sorted(ids)  # 4 x 4 prompts: one epoch
+
+    # resume from step 2: the prompts of step 3 had been taken by the prefetch when it was written
+    (run_dir / "checkpoints" / "latest").write_text("grpo-000002\n")
+    resumed = subprocess.run(cli(tmp_path, overrides, "--resume"), env=env(), capture_output=True, text=True, timeout=1200)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from grpo-000002" in resumed.stdout
+    again = read_jsonl(run_dir / "ledger.jsonl")[len(ledger):]
+    assert drawn_per_step(again) == {3: drawn[3], 4: drawn[4]}  # the same data position: nothing skipped or repeated
+    after = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["stage"] == "grpo"][len(grpo):]
+    # documented: the prefetched batch is generated again on the checkpoint's weights (lag 0)
+    assert [r["step"] for r in after] == [3, 4] and [r["rollout/weight_version_lag"] for r in after] == [0, 1]

@@ -161,6 +161,8 @@ ERRORS = [
     ("not a data URL", {"messages": _message("data:image/png,rawbytes")}, 400, "only base64 data URLs"),
     ("file outside the allowed folder", {"messages": _message("/etc/hostname")}, 400, "outside the allowed media folder"),
     ("unknown scheme", {"messages": _message("ftp://example.com/a.png")}, 400, "unsupported URL"),
+    # image URLs are not fetched unless --allowed-media-domains names their host (SSRF)
+    ("remote image URL", {"messages": _message("http://169.254.169.254/latest/meta-data")}, 400, "does not fetch image URLs"),
     ("missing messages", {}, 400, "messages: Field required"),
     ("empty messages", {"messages": []}, 400, "messages"),
     ("unknown part", {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, 400, "unsupported content part"),
@@ -236,6 +238,7 @@ def test_serve_errors(tiny_vl_dir, server, tmp_path):
         ((str(tmp_path / "nope"), "--port", str(free_port())), "model folder not found"),
         ((tiny_vl_dir, "--port", str(server["port"])), "cannot listen"),
         ((tiny_vl_dir, "--allowed-local-media-path", str(tmp_path / "nope"), "--port", str(free_port())), "is not a folder"),
+        ((tiny_vl_dir, "--allowed-media-domains", "https://x.org/a", "--port", str(free_port())), "takes host names"),
     ]
     import importlib.util
 
@@ -260,3 +263,69 @@ def test_local_files_are_off_by_default(dataset):
     # a path that climbs out of the allowed folder is refused even when it starts inside
     with pytest.raises(ApiError, match="outside the allowed media folder"):
         load_image_url(str(Path(image).parent / ".." / "data.jsonl"), "image_url", Path(image).parent)
+
+
+@pytest.fixture
+def image_host():
+    """A loopback HTTP server with /image.png and /redirect (to `location`); records each path asked."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlparse
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(buf, format="PNG")
+    state = {"asked": [], "location": ""}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            state["asked"].append(urlparse(self.path).path)
+            if self.path.startswith("/redirect"):
+                self.send_response(302)
+                self.send_header("Location", state["location"])
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(buf.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    state["port"] = httpd.server_address[1]
+    yield state
+    httpd.shutdown()
+
+
+def test_image_urls_are_fetched_only_from_allowed_hosts(image_host):
+    from alphadrive_ray.serving import ApiError, load_image_url
+
+    url = f"http://127.0.0.1:{image_host['port']}/image.png"
+    with pytest.raises(ApiError) as info:  # the default: no fetching at all
+        load_image_url(url, "image_url")
+    assert info.value.status == 400 and info.value.code == "remote_media_disabled"
+    assert "data URL" in info.value.message and "--allowed-media-domains" in info.value.message
+    with pytest.raises(ApiError) as info:
+        load_image_url(url, "image_url", allowed_media_domains=("localhost", "images.example.com"))
+    assert info.value.status == 400 and info.value.code == "media_domain_not_allowed" and "'127.0.0.1'" in info.value.message
+    assert image_host["asked"] == []  # refused before any request left the server
+    assert load_image_url(url, "image_url", allowed_media_domains=("127.0.0.1",)).size == (8, 6)
+    assert image_host["asked"] == ["/image.png"]
+
+
+def test_a_redirect_to_another_host_is_refused(image_host):
+    from alphadrive_ray.serving import ApiError, load_image_url
+
+    image_host["location"] = f"http://localhost:{image_host['port']}/image.png"
+    with pytest.raises(ApiError) as info:
+        load_image_url(f"http://127.0.0.1:{image_host['port']}/redirect", "image_url", allowed_media_domains=("127.0.0.1",))
+    assert info.value.code == "media_domain_not_allowed" and "'localhost'" in info.value.message
+    assert image_host["asked"] == ["/redirect"]
+    image_host["location"] = "/image.png"  # a redirect within the allowed host is followed
+    image = load_image_url(f"http://127.0.0.1:{image_host['port']}/redirect", "image_url", allowed_media_domains=("127.0.0.1",))
+    assert image.size == (8, 6)

@@ -1,7 +1,8 @@
 """The shared driver of the dataset converters (`data import-release`, `data from-trajectories`).
 
 A converter supplies one function that turns a decoded input item into a canonical
-`Record` or the problems found; this module reads the input (a JSON array file or JSONL),
+`Record` or the problems found; this module reads the input (a JSON array file, JSONL, or
+JSON objects over several lines each: `records.read_json_items`),
 checks ids for duplicates, reports every problem on its own line naming file, line (or
 array index) and field, and writes the output only when nothing is wrong, or, with
 `--skip-bad`, writes the good records and says how many were skipped.
@@ -69,7 +70,7 @@ def convert_items(path: str | Path, convert_one: ConvertOne) -> Conversion:
 
 def add_io_arguments(parser, what: str) -> None:
     """The arguments every converter shares: input, output, --image-root, --skip-bad, --no-images."""
-    parser.add_argument("input", help=f"{what} file: a JSON array or JSONL")
+    parser.add_argument("input", help=f"{what} file: a JSON array, JSONL, or JSON objects (e.g. one pretty-printed)")
     parser.add_argument("output", help="canonical JSONL to write (image paths relative to it)")
     parser.add_argument("--image-root", default=None,
                         help="folder the input's image paths are relative to (default: the input file's folder)")

@@ -6,7 +6,10 @@ A dataset is a JSONL file (one record per line) or a parquet file with the same 
      "navigation": "turn left", "speed_action": "DECELERATE", "path_action": "LEFT_TURN",
      "reasoning": "The light ahead is red, ..."}
 
-`image` is relative to the dataset file. Every loader in the project goes through
+`image` is relative to the dataset file. `navigation` is the command text, or, for the
+AlphaDrive release's commands by distance, that dict written as `navigation_text` does:
+`{'100m': 'Straight', '200m': 'Straight'}` (a Python literal, keys in their order), which
+the prompt template renders exactly as the release's prompt shows it. Every loader in the project goes through
 `load_records`, so training, evaluation and `alphadrive-ray data validate` agree on what a
 bad record is: by default the first load fails fast listing every problem (file, line,
 field); with `skip_bad=True` bad records are skipped and counted, never silently.
@@ -189,6 +192,12 @@ def parse_record(obj: Any, base_dir: Path, file: str, line: int, check_images: b
     nav = obj["navigation"]
     if not isinstance(nav, str) or not nav.strip():
         bad("navigation", f"must be a non-empty string, got {_show(nav)}")
+    elif nav.strip().startswith("{"):
+        # a command by distance: it must be the whole dict (a truncated "{" is corruption)
+        try:
+            nav = navigation_text(parse_navigation_dict(nav.strip()))
+        except ValueError as exc:
+            bad("navigation", f"starts like a dict of distances to commands but does not parse: {exc}")
     if obj["speed_action"] not in SPEED_ACTIONS:
         bad("speed_action", f"unknown label {_show(obj['speed_action'])}; expected one of {', '.join(SPEED_ACTIONS)}")
     if obj["path_action"] not in PATH_ACTIONS:
@@ -224,6 +233,36 @@ def parse_record(obj: Any, base_dir: Path, file: str, line: int, check_images: b
     return record, problems
 
 
+def navigation_text(value: Any) -> str:
+    """The normalised text of a navigation command: a string as it is (stripped); a dict of
+    distances to commands (the release's form) as its Python literal, `{'100m': 'Straight'}`.
+
+    ValueError when a dict is empty or holds anything but non-empty strings.
+    """
+    if isinstance(value, str):
+        return value.strip()
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"expected a command or a non-empty dict of distances to commands, got {value!r}")
+    for key, command in value.items():
+        if not (isinstance(key, str) and key.strip() and isinstance(command, str) and command.strip()):
+            raise ValueError(f"expected text keys and commands, got {key!r}: {command!r}")
+    return "{" + ", ".join(f"{k.strip()!r}: {c.strip()!r}" for k, c in value.items()) + "}"
+
+
+def parse_navigation_dict(text: str) -> dict[str, str]:
+    """`{'100m': 'Straight', ...}` (single or double quotes) -> the dict; ValueError otherwise."""
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+        raise ValueError(f"not a dict literal ({type(exc).__name__}: {exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"not a dict literal, got {type(value).__name__}")
+    navigation_text(value)  # checks the keys and commands
+    return value
+
+
 def _iter_jsonl(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
     """(line number, decoded value or None, problem or None) for each non-blank line."""
     with open(path, "rb") as fh:
@@ -246,14 +285,47 @@ def _iter_jsonl(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
             yield lineno, value, None
 
 
-def read_json_items(path: str | Path) -> Iterator[tuple[int, int | None, Any, Problem | None]]:
-    """(line, index, value, problem) for each item of a JSONL file or of a JSON array file.
+def _is_object_line(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
 
-    For converters whose input may be either: a file whose first non-blank character is
-    `[` is one JSON array (items are located by their 0-based `index`, `line` is 0);
-    anything else is JSONL (located by `line`, `index` is None). Problems of the whole
-    file (unreadable, empty, bad JSON in an array file) come with line 0 and index None
-    in the tuple; their Problem names the line where one is known.
+
+def _iter_json_documents(path: Path, text: str) -> Iterator[tuple[int, int | None, Any, Problem | None]]:
+    """JSON values written one after another, each over any number of lines (a pretty-printed
+    object, or several); located by the line each starts on. Stops at the first bad one."""
+    decoder = json.JSONDecoder()
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos == len(text):
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            yield 0, None, None, Problem(str(path), exc.lineno, "", f"bad JSON: {exc.msg} (column {exc.colno})")
+            return
+        except (ValueError, RecursionError) as exc:
+            yield 0, None, None, Problem(str(path), line, "", f"bad JSON: {str(exc)[:120]}")
+            return
+        yield line, None, value, None
+
+
+def read_json_items(path: str | Path) -> Iterator[tuple[int, int | None, Any, Problem | None]]:
+    """(line, index, value, problem) for each item of a JSON array file, a JSONL file, or a
+    file of JSON objects spread over several lines each (e.g. one pretty-printed object).
+
+    For converters whose input may be any of these. A file whose first non-blank character
+    is `[` is one JSON array (items are located by their 0-based `index`, `line` is 0). A
+    file of one line, or whose first line is a whole JSON object, is JSONL (located by
+    `line`, `index` is None; a bad line is reported and the others still read). Any other
+    file is read as JSON objects one after another, each located by the line it starts on
+    (`data_tools/example.json` of the AlphaDrive release is one pretty-printed object).
+    Problems of the whole file (unreadable, empty, bad JSON in an array file) come with line
+    0 and index None in the tuple; their Problem names the line where one is known.
     """
     path = Path(path)
     file = str(path)
@@ -265,7 +337,9 @@ def read_json_items(path: str | Path) -> Iterator[tuple[int, int | None, Any, Pr
     if not data.strip():
         yield 0, None, None, Problem(file, 0, "", "empty file: no records")
         return
-    if not data.lstrip().startswith(b"["):
+    lines = [raw for raw in data.splitlines() if raw.strip()]
+    array = data.lstrip().startswith(b"[")
+    if not array and (len(lines) == 1 or _is_object_line(lines[0].decode("utf-8", errors="replace"))):
         for lineno, value, problem in _iter_jsonl(path):
             yield lineno, None, value, problem
         return
@@ -274,6 +348,13 @@ def read_json_items(path: str | Path) -> Iterator[tuple[int, int | None, Any, Pr
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         yield 0, None, None, Problem(file, line, "", f"not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})")
+        return
+    if not array:
+        documents = list(_iter_json_documents(path, text))
+        if documents[-1][3] is not None and any(_is_object_line(raw.decode("utf-8", errors="replace")) for raw in lines[1:]):
+            # JSONL whose first line is broken: report it and read the other lines
+            documents = [(lineno, None, value, problem) for lineno, value, problem in _iter_jsonl(path)]
+        yield from documents
         return
     try:
         items = json.loads(text)

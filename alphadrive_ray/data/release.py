@@ -2,18 +2,24 @@
 
     alphadrive-ray data import-release release/train.json data/train.jsonl --image-root release/
 
-A release record (one JSON object per sample; the input is a JSON array file or JSONL):
+A release record (one JSON object per sample; the input is a JSON array, JSONL, or JSON
+objects over several lines each, such as the release's one pretty-printed
+data_tools/example.json):
 
     {"image": "samples/0001.jpg",
      "problem": "You are an expert driving assistant. Your current speed is 8.4m/s, the
-                 navigation command is 'turn left', ...",
+                 navigation command is '{'100m': 'Straight', '200m': 'Straight'}', ...",
      "solution": "<answer> DECELERATE, LEFT_TURN </answer>",
      "thinking": "<think> The light ahead is red ... </think>"}          # optional
 
 becomes a canonical record (see `records.py`):
 - `speed` and `navigation` are parsed from the prompt: the first "current speed is {x}m/s"
   (a space before "m/s" is allowed) and the first "navigation command is '{nav}'" (single
-  or double quotes); both phrases are matched case-insensitively;
+  or double quotes); both phrases are matched case-insensitively. A command by distance,
+  `'{'100m': 'Straight', ...}'` (a dict literal inside the quotes, as the release writes
+  it), is kept whole, normalised by `records.navigation_text`: `{'100m': 'Straight', '200m':
+  'Straight'}`, which the prompt template renders exactly as the release's prompt; one that
+  does not parse is a problem of the record's `problem` field, never a truncated value;
 - `solution` must hold `<answer> SPEED, PATH </answer>`: exactly two comma-separated
   words, a SPEED action then a PATH action, spelled as in the vocabulary;
 - `reasoning` is the text inside `<think> ... </think>`; a record without `thinking`
@@ -38,12 +44,20 @@ from typing import Any
 
 from alphadrive_ray.actions import PATH_ACTIONS, SPEED_ACTIONS
 from alphadrive_ray.data.convert import add_io_arguments, check_paths, convert_items, derived_id, finish
-from alphadrive_ray.data.records import OPTIONAL_FIELDS, REQUIRED_FIELDS, Problem, Record, parse_record
+from alphadrive_ray.data.records import (
+    OPTIONAL_FIELDS,
+    REQUIRED_FIELDS,
+    Problem,
+    Record,
+    navigation_text,
+    parse_navigation_dict,
+    parse_record,
+)
 
 RELEASE_FIELDS: tuple[str, ...] = ("id", "image", "problem", "solution", "thinking")
 
 _SPEED_RE = re.compile(r"current speed is\s*(?P<value>[^\s,']*?)\s*m/s", re.IGNORECASE)
-_NAV_RE = re.compile(r"navigation command is\s*(?P<quote>['\"])(?P<value>.*?)(?P=quote)", re.IGNORECASE | re.DOTALL)
+_NAV_RE = re.compile(r"navigation command is\s*(?P<quote>['\"])", re.IGNORECASE)
 _ANSWER_RE = re.compile(r"<answer>(?P<value>.*?)</answer>", re.DOTALL)
 _THINK_RE = re.compile(r"<think>(?P<value>.*?)</think>", re.DOTALL)
 
@@ -73,11 +87,52 @@ def parse_speed(prompt: str) -> float:
 
 
 def parse_navigation(prompt: str) -> str:
-    """The command in the prompt's "the navigation command is '{nav}'"; ValueError if absent."""
+    """The command in the prompt's "the navigation command is '{nav}'"; ValueError if absent.
+
+    A dict of distances to commands inside the quotes comes back whole, as `navigation_text`
+    writes it (its own quotes would otherwise end the command early).
+    """
     match = _NAV_RE.search(prompt)
     if match is None:
         raise ValueError("no \"the navigation command is '{nav}'\" (quoted) in the prompt")
-    return match["value"].strip()
+    quote, start = match["quote"], match.end()
+    if prompt[start:].lstrip().startswith("{"):
+        return _navigation_dict(prompt, prompt.index("{", start), quote)
+    end = prompt.find(quote, start)
+    if end < 0:
+        raise ValueError(f"the navigation command after \"navigation command is {quote}\" has no closing {quote}")
+    return prompt[start:end].strip()
+
+
+def _navigation_dict(prompt: str, brace: int, quote: str) -> str:
+    """The dict literal that starts at `brace` and the closing `quote` right after it."""
+    depth, in_string, i = 0, "", brace
+    while i < len(prompt):
+        ch = prompt[i]
+        if in_string:
+            if ch == "\\":
+                i += 1
+            elif ch == in_string:
+                in_string = ""
+        elif ch in "'\"":
+            in_string = ch
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                break
+        i += 1
+    else:
+        raise ValueError(f"the navigation command {_show(prompt[brace:])} opens a dict that is never closed")
+    literal = prompt[brace : i + 1]
+    try:
+        value = parse_navigation_dict(literal)
+    except ValueError as exc:
+        raise ValueError(f"the navigation command {_show(literal)} is not a dict of distances to commands: {exc}") from None
+    if not prompt[i + 1 :].lstrip().startswith(quote):
+        raise ValueError(f"the navigation command {_show(literal)} is not followed by its closing {quote}")
+    return navigation_text(value)
 
 
 def parse_solution(solution: str) -> tuple[str, str]:

@@ -12,6 +12,20 @@ See docs/distill.md.
 from __future__ import annotations
 
 import argparse
+import re
+
+# an environment variable's name; anything else given to --api-key-env is likely a key
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+class _EnvironmentOnly(argparse.Action):
+    """`--api-key`: refused with a fixed message; the value is never shown."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(
+            f"{option_string} is not accepted: API keys are read from the environment only. Put the key in "
+            "OPENAI_API_KEY (or in the variable named by --api-key-env NAME) and rerun; the value given is not shown."
+        )
 
 
 def register(subparsers) -> None:
@@ -35,6 +49,10 @@ def register(subparsers) -> None:
     run.add_argument(
         "--api-key-env", default="OPENAI_API_KEY", metavar="NAME",
         help="environment variable holding the API key (default OPENAI_API_KEY); the key is never printed",
+    )
+    run.add_argument(
+        "--api-key", action=_EnvironmentOnly, nargs="?", metavar="KEY",
+        help="not accepted: keys are read from the environment only (see --api-key-env)",
     )
     run.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
     run.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
@@ -90,7 +108,9 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.max_words >= 1 and args.max_sentences >= 1, "--max-words and --max-sentences must be at least 1"),
         (args.base_url.startswith(("http://", "https://")),
          f"--base-url must start with http:// or https://, got {args.base_url!r}"),
-        (args.api_key_env.strip() != "", "--api-key-env must name an environment variable"),
+        (_ENV_NAME.fullmatch(args.api_key_env) is not None,
+         ("--api-key-env takes the NAME of an environment variable (letters, digits and _, e.g. OPENAI_API_KEY), "
+          "not the key itself; the value given is not shown")),
         (args.out.endswith(".jsonl"), f"OUT must be a .jsonl file, got {args.out!r}"),
     ]
     for ok, message in checks:

@@ -15,6 +15,16 @@ Two gotchas of pycocoevalcap, handled here:
 - `Meteor()` holds a JVM subprocess (seconds to start): one is started per call, inside the
   calling process, before tokenisation so that its start overlaps the tokenizer's; it scores
   in a thread while BLEU and CIDEr run, and is always shut down.
+- METEOR's alignment grows faster than linearly with a text's length: a 800-token hypothesis
+  took 2.3 s, and 3 hypotheses of 10,000 words (what a degenerate model writes at a large
+  `max_new_tokens`) killed or stalled the JVM. So METEOR scores the first
+  `METEOR_MAX_TOKENS` (256) tokens of each hypothesis and reference (after tokenisation; a
+  distilled reasoning is at most 60 words, so no plausible output is cut); BLEU and CIDEr see
+  whole texts.
+
+Any output a model can produce gives a result: if a scorer still fails (or METEOR does not
+answer in time), its score is None and `failures` says which one and why in one line; the
+other scores are kept.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from alphadrive_ray.errors import UserError
 # these classes against `unicodedata` over every code point.
 _LINE_BREAKING = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _SURROGATES = re.compile("[\ud800-\udfff]")
+METEOR_MAX_TOKENS = 256  # tokens of each text METEOR scores (see the module docstring)
 
 
 def sanitize_caption(text: str) -> str:
@@ -53,10 +64,11 @@ def compute_caption_metrics(
     """Corpus BLEU-4, CIDEr and METEOR of `hypotheses[i]` against the references `references[i]`.
 
     Returns `{"n", "bleu4", "cider", "meteor", "per_sample": {"bleu4": [...], "cider": [...],
-    "meteor": [...]}}`; the scores are None when there is no pair. Texts are sanitised with
+    "meteor": [...]}, "failures": {name: why}}`; the scores are None when there is no pair,
+    and a scorer's are None when it failed (METEOR also when it does not answer within
+    `meteor_timeout_s`, by default 120 s + 20 ms per pair). Texts are sanitised with
     `sanitize_caption` first. `on_stage(name)` is called as each stage ends (progress bars).
-    Raises UserError when Java is missing, RuntimeError when METEOR dies or stops answering
-    (after `meteor_timeout_s`, by default 120 s + 20 ms per pair).
+    Raises UserError when Java is missing.
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
@@ -68,6 +80,7 @@ def compute_caption_metrics(
             "cider": None,
             "meteor": None,
             "per_sample": {"bleu4": [], "cider": [], "meteor": []},
+            "failures": {},
         }
     if any(len(refs) == 0 for refs in references):
         raise ValueError("every hypothesis needs at least one reference")
@@ -91,42 +104,61 @@ def compute_caption_metrics(
         stage("tokenize")
 
         meteor_result: dict[str, Any] = {}
+        capped_gts, capped_res = _cap_tokens(gts_tok), _cap_tokens(res_tok)
 
         def score_meteor() -> None:
             try:
-                meteor_result["value"] = meteor.compute_score(gts_tok, res_tok)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                meteor_result["value"] = meteor.compute_score(capped_gts, capped_res)
+            except BaseException as exc:  # noqa: BLE001 - reported by the calling thread
                 meteor_result["error"] = exc
 
         meteor_thread = threading.Thread(target=score_meteor, name="meteor", daemon=True)
         meteor_thread.start()
-        bleu, bleu_per_sample = Bleu(4).compute_score(gts_tok, res_tok, verbose=0)
-        stage("bleu")
-        cider, cider_per_sample = Cider().compute_score(gts_tok, res_tok)
-        stage("cider")
+        failures: dict[str, str] = {}
+        scores: dict[str, tuple[float | None, list]] = {}  # name -> (corpus score, per sample)
+
+        def bleu4() -> tuple:
+            corpus, per_sample = Bleu(4).compute_score(gts_tok, res_tok, verbose=0)
+            return corpus[3], per_sample[3]
+
+        for name, stage_name, score in (
+            ("bleu4", "bleu", bleu4),
+            ("cider", "cider", lambda: Cider().compute_score(gts_tok, res_tok)),
+        ):
+            try:
+                scores[name] = score()
+            except Exception as exc:  # noqa: BLE001 - one failed scorer keeps the others
+                failures[name] = _one_line(f"{type(exc).__name__}: {exc}")
+            stage(stage_name)
         timeout = 120.0 + 0.02 * n if meteor_timeout_s is None else meteor_timeout_s
         meteor_thread.join(timeout)
         if meteor_thread.is_alive():
             meteor.close()  # unblocks the reader thread with EOF
-            raise RuntimeError(f"METEOR did not answer within {timeout:.0f} s; its JVM was stopped")
-        if "error" in meteor_result:
-            raise RuntimeError(f"METEOR failed: {meteor.describe_failure(meteor_result['error'])}")
-        meteor_score, meteor_per_sample = meteor_result["value"]
+            failures["meteor"] = f"did not answer within {timeout:.0f} s; its JVM was stopped"
+        elif "error" in meteor_result:
+            failures["meteor"] = _one_line(meteor.describe_failure(meteor_result["error"]))
+        else:
+            scores["meteor"] = meteor_result["value"]
         stage("meteor")
     finally:
         meteor.close()
 
-    return {
-        "n": n,
-        "bleu4": float(bleu[3]),
-        "cider": float(cider),
-        "meteor": float(meteor_score),
-        "per_sample": {
-            "bleu4": [float(x) for x in bleu_per_sample[3]],
-            "cider": [float(x) for x in cider_per_sample],
-            "meteor": [float(x) for x in meteor_per_sample],
-        },
-    }
+    out: dict[str, Any] = {"n": n, "per_sample": {}, "failures": failures}
+    for name in ("bleu4", "cider", "meteor"):
+        corpus, per_sample = scores.get(name, (None, [None] * n))
+        out[name] = None if corpus is None else float(corpus)
+        out["per_sample"][name] = [None if x is None else float(x) for x in per_sample]
+    return out
+
+
+def _cap_tokens(tokenized: dict[int, list[str]]) -> dict[int, list[str]]:
+    """Each tokenised text cut to its first METEOR_MAX_TOKENS tokens."""
+    return {k: [" ".join(text.split()[:METEOR_MAX_TOKENS]) for text in texts] for k, texts in tokenized.items()}
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _JAVA_HINT = (

@@ -112,10 +112,13 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
             f"{family.upper() + ' macro F1':<24}{'':>15}{block['macro_f1']:>8.4f}   (accuracy {block['accuracy']:.4f})"
         )
     if reasoning["computed"]:
+        shown = {k: "failed" if reasoning[k] is None else f"{reasoning[k]:.4f}" for k in ("bleu4", "cider", "meteor")}
         lines.append(
-            f"{'reasoning (n=' + str(reasoning['n']) + ')':<24}BLEU-4 {reasoning['bleu4']:.4f}  CIDEr {reasoning['cider']:.4f}  "
-            f"METEOR {reasoning['meteor']:.4f}"
+            f"{'reasoning (n=' + str(reasoning['n']) + ')':<24}BLEU-4 {shown['bleu4']}  CIDEr {shown['cider']}  "
+            f"METEOR {shown['meteor']}"
         )
+        if reasoning["note"]:
+            lines.append(f"{'':<24}{reasoning['note']}")
     else:
         lines.append(f"{'reasoning':<24}not computed: {reasoning['note']}")
     return "\n".join(lines)

@@ -184,6 +184,9 @@ def compute_reasoning_metrics(
         on_stage=on_stage,
     )
     section.update(computed=True, bleu4=scores["bleu4"], cider=scores["cider"], meteor=scores["meteor"])
+    if scores["failures"]:  # the other scores are kept; say which one failed and why, in one line
+        names = {"bleu4": "BLEU-4", "cider": "CIDEr", "meteor": "METEOR"}
+        section["note"] = "; ".join(f"{names[k]} failed: {why}" for k, why in scores["failures"].items())
     per_sample = {
         i: {name: scores["per_sample"][name][k] for name in ("bleu4", "cider", "meteor")}
         for k, i in enumerate(with_reference)

@@ -342,8 +342,8 @@ class LearnerGroup(_ActorGroup):
             raise ValueError(f"{len(items)} items do not split evenly over {len(self.actors)} learners")
         return self._get([getattr(a, method).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards)], method)
 
-    def begin_stage(self, stage: str, beta: float = 0.0, reference_path: str | None = None) -> None:
-        self._all("begin_stage", stage, beta, reference_path)
+    def begin_stage(self, stage: str, beta: float = 0.0, reference_path: str | None = None, weight_decay: float = 0.0) -> None:
+        self._all("begin_stage", stage, beta, reference_path, weight_decay)
 
     def save_state(self, path: str, client_state: dict) -> None:
         self._all("save_state", path, client_state)

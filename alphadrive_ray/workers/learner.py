@@ -147,16 +147,19 @@ class LearnerWorker(ProcessInfo):
         if self.engine.checkpoint_engine is not None:
             self.engine.checkpoint_engine.load = _safe_torch_load
 
-    def begin_stage(self, stage: str, beta: float = 0.0, reference_path: str | None = None) -> None:
-        """Start SFT or GRPO: fresh optimizer moments; for GRPO with beta > 0, a frozen reference.
+    def begin_stage(self, stage: str, beta: float = 0.0, reference_path: str | None = None, weight_decay: float = 0.0) -> None:
+        """Start SFT or GRPO: fresh optimizer moments and the stage's AdamW weight decay; for
+        GRPO with beta > 0, a frozen reference.
 
         The reference is the policy as GRPO starts; with `reference_path` it is also saved
         there (safetensors, rank 0), or loaded from there when the file exists (resume).
         """
         if self.engine is None:
-            self.setup()
+            self.setup(weight_decay)
         for state in self._inner_optimizer().state.values():
             state.clear()
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = weight_decay
         self.stage = stage
         self.ref_model = None
         if stage == "grpo" and beta > 0:
@@ -268,16 +271,21 @@ class LearnerWorker(ProcessInfo):
             )
             mask = batch["response_mask"]
             logits = completion_logits(self.engine, batch)
-            logp = algo.compute_token_logprobs(logits, batch["completion_ids"], self.spec.temperature, self.spec.top_p, self.encoder.banned_token_ids)
+            ids, temperature, banned = batch["completion_ids"], self.spec.temperature, self.encoder.banned_token_ids
+            # the ratio: under the truncated distribution the engine sampled from; the KL
+            # term: policy and reference without top-p truncation (see algo's docstring)
+            logp = algo.compute_token_logprobs(logits, ids, temperature, self.spec.top_p, banned)
             engine_logp = torch.zeros_like(logp)
             for b, s in enumerate(chunk):
                 engine_logp[b, : len(s.logprobs)] = torch.tensor(s.logprobs, dtype=logp.dtype)
             old_logp = engine_logp if use_engine_logprobs else logp.detach()
-            ref_logp = None
+            ref_logp = kl_logp = None
             if beta > 0 and self.ref_model is not None:
+                if self.spec.top_p < 1.0:
+                    kl_logp = algo.compute_token_logprobs(logits, ids, temperature, 1.0, banned)
                 with torch.no_grad():
                     ref_logits = completion_logits(self.ref_model, batch)
-                    ref_logp = algo.compute_token_logprobs(ref_logits, batch["completion_ids"], self.spec.temperature, self.spec.top_p, self.encoder.banned_token_ids)
+                    ref_logp = algo.compute_token_logprobs(ref_logits, ids, temperature, 1.0, banned)
             advantages = torch.tensor([s.advantage for s in chunk], dtype=logp.dtype, device=logp.device)
             loss, mstats = algo.compute_policy_loss(
                 logp,
@@ -287,6 +295,7 @@ class LearnerWorker(ProcessInfo):
                 eps_low=eps_low,
                 eps_high=eps_high,
                 ref_logp=ref_logp,
+                kl_logp=kl_logp,
                 beta=beta,
                 kl_estimator=kl_estimator,
                 loss_agg=loss_agg,
@@ -298,7 +307,9 @@ class LearnerWorker(ProcessInfo):
             stats["loss"] += float(loss.detach())
             for key in ("clip_frac", "kl", "ratio_mean"):
                 stats[key] += mstats[key] * n
-            stats["logp_diff"] += float((logp.detach() - engine_logp).abs().mul(mask).sum())
+            # a token outside the learner's nucleus (-inf) has no finite gap; it shows in ratio_mean
+            seen = mask.bool() & torch.isfinite(logp.detach())
+            stats["logp_diff"] += float(torch.where(seen, logp.detach() - engine_logp, 0.0).abs().sum())
             stats["tokens"] += n
         grad_norm = self._step(lr)
         reduced = self._all_reduce([stats[k] for k in ("loss", "clip_frac", "kl", "ratio_mean", "logp_diff", "tokens")])
