@@ -250,9 +250,7 @@ class Trainer:
             extra=extra,
             title=f"AlphaDrive run {self.config.run.name}: {tag}",
         )
-        with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
-            for rid, text in predictions.items():
-                fh.write(json.dumps({"id": rid, "output": text}) + "\n")
+        # evaluate wrote out_dir/predictions.jsonl: the outputs with their plans and per-sample scores
         flat = {
             "eval/accuracy": metrics["planning"]["accuracy"],
             "eval/speed_macro_f1": metrics["planning"]["speed"]["macro_f1"],
