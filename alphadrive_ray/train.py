@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     for stage, label in stage_labels(config).items():
         if stage in acc:
             print(f"  {label:20s} {acc[stage]:.3f}")
-    print(f"report: {summary.run_dir}/report/report.html")
+    print(f"report: {summary.run_dir}/run_report.html (the whole run; the final evaluation alone: {summary.run_dir}/report/report.html)")
     if summary.export_dir:
         print(f"policy (Hugging Face format): {summary.export_dir}")
     return 0

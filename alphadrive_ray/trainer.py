@@ -51,7 +51,7 @@ def prepare_run_dir(config: Config, resume: bool = False) -> Path:
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not config.run.overwrite:
             raise UserError(f"run directory {run_dir} exists; pick another run.name or set run.overwrite: true")
-        for child in ("metrics.jsonl", "tensorboard", "eval", "report", "export", "export-sft", "summary.json", "ledger.jsonl", "checkpoints"):
+        for child in ("metrics.jsonl", "tensorboard", "eval", "report", "export", "export-sft", "summary.json", "ledger.jsonl", "checkpoints", "run_report.html", "wandb"):
             target = run_dir / child
             if target.is_dir():
                 shutil.rmtree(target)
@@ -471,6 +471,8 @@ class Trainer:
 
         flat = [s for group in scores for s in group]
         out = {f"reward/{k}": sum(s[k] for s in flat) / len(flat) for k in flat[0]}
+        # the spread over the step's completions (population standard deviation), for the run report
+        out.update({f"reward/{k}_std": math.sqrt(sum((s[k] - out[f"reward/{k}"]) ** 2 for s in flat) / len(flat)) for k in flat[0]})
         right = lengths = 0
         stops = 0
         for group in groups:
@@ -520,6 +522,17 @@ class Trainer:
         if not keep:
             keep = list(zip(groups, scores))[: max(1, len(groups))]
         return [g for g, _ in keep], [s for _, s in keep], dropped, rounds
+
+
+def write_run_report(run_dir: Path, say=print) -> None:
+    """The run's one-page HTML report (`alphadrive-ray report`); a failure to write it is said, not raised:
+    the run's results are on disk already and `alphadrive-ray report RUN_DIR` can try again."""
+    from alphadrive_ray.run_report import write_run_report as write
+
+    try:
+        say(f"run report: {write(run_dir)}")
+    except Exception as exc:  # noqa: BLE001 - the run itself succeeded
+        say(f"could not write the run report ({type(exc).__name__}: {exc}); retry with `alphadrive-ray report {run_dir}`")
 
 
 def uniform_group(scores: Sequence[dict]) -> bool:
@@ -590,6 +603,7 @@ def train(config: Config, resume: bool = False) -> RunSummary:
         summary.peak_memory_mb = trainer.peak_memory_mb()
         summary.seconds["total"] = round(time.monotonic() - t_start, 1)
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        write_run_report(run_dir, say=tracker.say)
         return summary
     except RunAborted as exc:
         latest = CheckpointManager(run_dir).latest()
