@@ -556,6 +556,12 @@ def train(config: Config, resume: bool = False) -> RunSummary:
     summary = RunSummary(run_dir=str(run_dir))
     t_start = time.monotonic()
     try:
+        if config.tracking.wandb.mode != "disabled":
+            from alphadrive_ray.tracking import WandbSink
+
+            sink = WandbSink(run_dir, config.tracking.wandb, config.run.name, config.to_dict(), resume=resume)
+            tracker.add_sink(sink)
+            tracker.say(f"W&B run {sink.run.id} ({config.tracking.wandb.mode}) in {sink.folder}")
         from alphadrive_ray.models.loading import ensure_model
 
         ensure_model(config.model.path, config.model.init_tiny, config.run.seed)
