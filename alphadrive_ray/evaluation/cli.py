@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         type=Path,
         metavar="R.jsonl",
-        help="the dataset (.jsonl or .parquet) the outputs answer",
+        help="the dataset the outputs answer (.jsonl, .json, .parquet, a save_to_disk folder or hub:ORG/NAME)",
     )
     parser.add_argument(
         "--out", required=True, type=Path, metavar="DIR", help="folder for metrics.json and report.html"
