@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "alphadrive_ray.train",
     "alphadrive_ray.distill.cli",
     "alphadrive_ray.serve",
+    "alphadrive_ray.run_report",
 )
 
 

@@ -30,6 +30,8 @@ REWARD_COMPONENTS = ("accuracy", "weight", "diversity", "format")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # `scheme://user:password@host` or `scheme://token@host`
 _URL_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s@]+@")
+# a W&B API key: 40 hex digits (86 for local servers, `local-` + 40), alone or in a longer text
+_API_KEY = re.compile(r"(?<![0-9a-fA-F])[0-9a-f]{40}(?:[0-9a-f]{46})?(?![0-9a-fA-F])")
 
 
 class ConfigError(UserError):
@@ -277,6 +279,22 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    mode: str = "disabled"
+    """Weights & Biases: `disabled` (default), `offline` (writes the run under run_dir/wandb; `wandb sync` uploads it later) or `online` (needs the `wandb` extra and a key from `wandb login` or WANDB_API_KEY, never from a config)."""
+    project: str = "alphadrive-ray"
+    """W&B project of the run."""
+    name: str = ""
+    """W&B run name; empty: run.name."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases beside metrics.jsonl, TensorBoard and the Ray dashboard (all of them always on)."""
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str = ""
     """Cluster to join; empty: RAY_ADDRESS when set, else start a local cluster."""
@@ -302,6 +320,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -490,6 +509,14 @@ def validate(c: Config, source: str = "config") -> None:
         check(
             not _URL_CREDENTIALS.search(value),
             f"{key} holds credentials in a URL (scheme://USER:PASSWORD@host); pass secrets through the environment, never in a config",
+        )
+    choice(c.tracking.wandb.mode, "tracking.wandb.mode", ("disabled", "offline", "online"))
+    for key, value in _string_fields(c.tracking, "tracking"):
+        # an API key pasted here would be written to config.yaml and to the trackers' config dumps
+        # (not checked elsewhere: model paths into a Hugging Face cache hold 40-hex commit ids)
+        check(
+            not _API_KEY.search(value),
+            f"{key} looks like an API key; keys belong in the environment (e.g. WANDB_API_KEY) or `wandb login`, never in a config",
         )
     for comp in c.reward.components:
         choice(comp, "reward.components[]", REWARD_COMPONENTS)

@@ -2,6 +2,8 @@
 
 Keys are namespaced (`rollout/`, `reward/`, `loss/`, `perf/`, `eval/`); the stage and
 step are recorded with every line so `metrics.jsonl` alone tells the story of a run.
+Sinks receive every logged dict too: the Ray dashboard's gauges (dashboard.py) and, with
+`tracking.wandb.mode` offline or online, Weights & Biases (`WandbSink`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -51,6 +54,66 @@ class Tracker:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        for sink in self._sinks:
+            if hasattr(sink, "close"):
+                sink.close()
+
+
+class WandbSink:
+    """A `Tracker` sink that logs every step to Weights & Biases.
+
+    Keys are `<stage>/<key>` as in TensorBoard (`grpo/reward/total`), each stage plotted
+    against its own step (`grpo/step`), since SFT, GRPO and evaluation count steps apart.
+    The run lives in `run_dir/wandb` (offline: only there, until `wandb sync`); its config is
+    the resolved config, which validation keeps free of secrets. The API key is wandb's own
+    business (`wandb login` or WANDB_API_KEY): nothing here reads, prints or stores it.
+    Console capture and system metrics are off: the driver's output stays as it is.
+
+        tracker.add_sink(WandbSink(run_dir, config.tracking.wandb, config.run.name, config.to_dict()))
+    """
+
+    def __init__(self, run_dir: str | Path, wandb_config, run_name: str, config_dict: Mapping[str, Any], resume: bool = False):
+        try:
+            import wandb
+        except ImportError:
+            from alphadrive_ray.errors import UserError
+
+            raise UserError(
+                f"tracking.wandb.mode is {wandb_config.mode!r} but wandb is not installed: "
+                "pip install 'alphadrive-ray[wandb]' (or set tracking.wandb.mode: disabled)"
+            ) from None
+        run_dir = Path(run_dir)
+        id_file = run_dir / "wandb" / "run-id"
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        # a resumed training run continues the same W&B run
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id + "\n")
+        self.run = wandb.init(
+            project=wandb_config.project,
+            name=wandb_config.name or run_name,
+            mode=wandb_config.mode,
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow" if resume else None,
+            config=dict(config_dict),
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+        self._stages: set[str] = set()
+
+    def __call__(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
+        if stage not in self._stages:
+            self.run.define_metric(f"{stage}/step")
+            self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+            self._stages.add(stage)
+        self.run.log({f"{stage}/step": step, **{f"{stage}/{key}": value for key, value in metrics.items()}})
+
+    @property
+    def folder(self) -> str:
+        """Where the run's files are (offline: what `wandb sync` takes)."""
+        return str(Path(self.run.dir).parent)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 def progress_line(

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             f"  {labels[later]} vs {labels[earlier]}: {c['delta']:+.3f} ({c['fixed']} scenes fixed, {c['broken']} broken "
             f"of {c['n']}; one-sided exact McNemar p = {c['p_value']:.3g})"
         )
-    print(f"report: {summary.run_dir}/eval/final/report.html")
+    print(f"report: {summary.run_dir}/run_report.html (the whole run; the final evaluation alone: {summary.run_dir}/eval/final/report.html)")
     if summary.export_dir:
         print(f"policy (Hugging Face format): {summary.export_dir}")
     return 0

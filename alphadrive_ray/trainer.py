@@ -55,7 +55,7 @@ def prepare_run_dir(config: Config, resume: bool = False) -> Path:
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not config.run.overwrite:
             raise UserError(f"run directory {run_dir} exists; pick another run.name or set run.overwrite: true")
-        for child in ("metrics.jsonl", "tensorboard", "eval", "report", "export", "export-sft", "summary.json", "ledger.jsonl", "checkpoints"):
+        for child in ("metrics.jsonl", "tensorboard", "eval", "report", "export", "export-sft", "summary.json", "ledger.jsonl", "checkpoints", "run_report.html", "wandb"):
             target = run_dir / child
             if target.is_dir():
                 shutil.rmtree(target)
@@ -278,9 +278,7 @@ class Trainer:
             extra=extra,
             title=f"AlphaDrive run {self.config.run.name}: {tag}",
         )
-        with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
-            for rid, text in predictions.items():
-                fh.write(json.dumps({"id": rid, "output": text}) + "\n")
+        # evaluate wrote out_dir/predictions.jsonl: the outputs with their plans and per-sample scores
         from alphadrive_ray.rewards import parse_plan
 
         self.correct[tag] = [parse_plan(predictions[r.id]) == (r.speed_action, r.path_action) for r in self.eval_records]
@@ -523,6 +521,8 @@ class Trainer:
 
         flat = [s for group in scores for s in group]
         out = {f"reward/{k}": sum(s[k] for s in flat) / len(flat) for k in flat[0]}
+        # the spread over the step's completions (population standard deviation), for the run report
+        out.update({f"reward/{k}_std": math.sqrt(sum((s[k] - out[f"reward/{k}"]) ** 2 for s in flat) / len(flat)) for k in flat[0]})
         right = lengths = 0
         stops = 0
         for group in groups:
@@ -585,6 +585,17 @@ def compare_stages(correct: dict[str, list[bool]]) -> dict[str, dict]:
     return {f"{b}_vs_{a}": compare_paired(correct[a], correct[b]) for a, b in zip(order, order[1:])}
 
 
+def write_run_report(run_dir: Path, say=print) -> None:
+    """The run's one-page HTML report (`alphadrive-ray report`); a failure to write it is said, not raised:
+    the run's results are on disk already and `alphadrive-ray report RUN_DIR` can try again."""
+    from alphadrive_ray.run_report import write_run_report as write
+
+    try:
+        say(f"run report: {write(run_dir)}")
+    except Exception as exc:  # noqa: BLE001 - the run itself succeeded
+        say(f"could not write the run report ({type(exc).__name__}: {exc}); retry with `alphadrive-ray report {run_dir}`")
+
+
 def uniform_group(scores: Sequence[dict]) -> bool:
     """Every completion of the group has the same total reward: zero advantage, nothing to learn."""
     return len({round(s["total"], 9) for s in scores}) == 1
@@ -608,6 +619,12 @@ def train(config: Config, resume: bool = False) -> RunSummary:
     summary = RunSummary(run_dir=str(run_dir))
     t_start = time.monotonic()
     try:
+        if config.tracking.wandb.mode != "disabled":
+            from alphadrive_ray.tracking import WandbSink
+
+            sink = WandbSink(run_dir, config.tracking.wandb, config.run.name, config.to_dict(), resume=resume)
+            tracker.add_sink(sink)
+            tracker.say(f"W&B run {sink.run.id} ({config.tracking.wandb.mode}) in {sink.folder}")
         from alphadrive_ray.models.loading import ensure_model
 
         ensure_model(config.model.path, config.model.init_tiny)
@@ -659,6 +676,7 @@ def train(config: Config, resume: bool = False) -> RunSummary:
         summary.peak_memory_mb = trainer.peak_memory_mb()
         summary.seconds["total"] = round(time.monotonic() - t_start, 1)
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        write_run_report(run_dir, say=tracker.say)
         return summary
     except RunAborted as exc:
         latest = CheckpointManager(run_dir).latest()

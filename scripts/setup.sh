@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a fresh machine for alphadrive-ray: Java (for METEOR), a .venv in the repo root,
+# Set up a fresh machine for alphadrive-ray: Java (for METEOR), Chromium and its driver (the
+# run report's browser test), a .venv in the repo root,
 # torch 2.14.1 + torchvision 0.29.1 (from the local wheel cache where there is one) and the
 # package with its test extras. Safe to rerun: finished steps are skipped.
 #
@@ -20,7 +21,14 @@ if ! command -v java >/dev/null 2>&1; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq default-jre-headless >/dev/null
 fi
 
-# 2. The virtual environment.
+# 2. Chromium and chromedriver: tests open the run report in a real headless browser.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  say "installing Chromium (chromium, chromium-driver) for the browser tests"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
+# 3. The virtual environment.
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
@@ -28,13 +36,13 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip"
 
-# 3. torch first, pinned, so that no later requirement pulls another build.
+# 4. torch first, pinned, so that no later requirement pulls another build.
 if ! "$VENV/bin/python" -c "import torch, torchvision, sys; sys.exit(not (torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')))" 2>/dev/null; then
   say "installing $TORCH_PINS"
   $PIP install -q $TORCH_PINS
 fi
 
-# 4. The package and the test tools; skipped when pyproject.toml has not changed.
+# 5. The package and the test tools; skipped when pyproject.toml has not changed.
 stamp="$VENV/.alphadrive-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then

@@ -138,9 +138,65 @@ def test_sanitised_captions_keep_the_tokenizer_aligned_for_every_code_point():
 
 def test_no_pairs_start_no_jvm():
     assert compute_caption_metrics([], []) == {
-        "n": 0, "bleu4": None, "cider": None, "meteor": None, "per_sample": {"bleu4": [], "cider": [], "meteor": []},
+        "n": 0, "bleu4": None, "cider": None, "meteor": None, "bleu4_nltk": None,
+        "bleu4_check": {"n": 0, "nltk": None, "pycocoevalcap": None, "abs_diff": None, "agree": None},
+        "per_sample": {"bleu4": [], "cider": [], "meteor": [], "sentence_bleu": []},
         "failures": {},
     }
+
+
+def test_nltk_corpus_bleu_agrees_with_pycocoevalcap(ours):
+    # two implementations of corpus BLEU-4 on the same PTB tokens, over the hypotheses of at
+    # least 4 tokens (below that nltk counts a phantom n-gram: its corpus value over all pairs,
+    # which include an empty and a 3-token hypothesis, is not pycocoevalcap's)
+    check = ours["bleu4_check"]
+    assert check["agree"] is True and check["abs_diff"] < 1e-12
+    assert 0 < check["n"] < len(PAIRS) and check["nltk"] > 0.05
+    assert ours["bleu4_nltk"] != pytest.approx(ours["bleu4"], abs=1e-6)
+    sentence = ours["per_sample"]["sentence_bleu"]
+    assert len(sentence) == len(PAIRS) and sentence[3] == 0.0  # the empty hypothesis
+    assert all(0.0 <= x <= 1.0 for x in sentence)
+
+
+def test_several_references_score_as_pycocoevalcap_does():
+    # both sides go through one PTB tokenizer JVM: captions of different ids and several
+    # references per id must come back in their places
+    hypotheses = ["The light is red, so I stop.", "", "Keep going straight on the clear road."]
+    references = [
+        ["The traffic light is red; the car stops.", "Red light ahead: stop."],
+        ["A pedestrian crosses, so I slow down.", "Slow down\nfor the pedestrian.", "Pedestrian ahead."],
+        ["The road is clear, keep straight.", "Go straight."],
+    ]
+    ours = compute_caption_metrics(hypotheses, references)
+    gts = {i: [{"caption": sanitize_caption(r)} for r in refs] for i, refs in enumerate(references)}
+    res = {i: [{"caption": sanitize_caption(h)}] for i, h in enumerate(hypotheses)}
+    gts, res = PTBTokenizer().tokenize(gts), PTBTokenizer().tokenize(res)
+    bleu, bleu_scores = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, cider_scores = Cider().compute_score(gts, res)
+    meteor = Meteor()
+    try:
+        meteor_score, meteor_scores = meteor.compute_score(gts, res)
+    finally:
+        meteor.meteor_p.kill()
+    assert (ours["bleu4"], ours["cider"], ours["meteor"]) == (bleu[3], cider, meteor_score)
+    assert ours["per_sample"]["bleu4"] == list(bleu_scores[3]) and ours["per_sample"]["cider"] == list(cider_scores)
+    assert ours["per_sample"]["meteor"] == list(meteor_scores)
+
+
+def test_a_prestarted_meteor_is_used_then_closed():
+    from alphadrive_ray.evaluation import captions
+
+    with captions.prestarted_meteor():
+        (scorer,) = captions._prestarted
+        assert scorer.meteor_p.poll() is None
+        result = compute_caption_metrics(["a red light"], [["a red light"]])
+        assert captions._prestarted == [] and scorer.meteor_p.poll() is not None  # taken, used, closed
+    assert result["meteor"] == pytest.approx(1.0, abs=0.01)
+    with captions.prestarted_meteor():
+        (unused,) = captions._prestarted
+    assert captions._prestarted == [] and unused.meteor_p.poll() is not None  # never taken: closed at exit
+    with captions.prestarted_meteor(enabled=False):
+        assert captions._prestarted == []
 
 
 def test_missing_java_is_a_user_error(monkeypatch, tmp_path):

@@ -102,7 +102,43 @@ def test_full_run_metrics_json(full_run):
     for family in ("speed", "path"):
         for value in flatten_metrics({"planning": {family: metrics["planning"][family]}}).values():
             assert value >= 0.0
-    assert set(metrics["timing_s"]) >= {"parse", "planning", "tokenize", "bleu", "cider", "meteor", "report", "total"}
+    assert set(metrics["timing_s"]) >= {"parse", "planning", "tokenize", "bleu", "cider", "nltk_bleu", "meteor", "report", "total"}
+    assert reasoning["bleu4_check"]["agree"] is True and 0 < reasoning["bleu4_check"]["n"] <= 9
+    assert 0.0 < reasoning["bleu4_nltk"] <= 1.0
+
+
+def test_full_run_scored_predictions(full_run):
+    # every prediction with its plan and per-sample scores, nltk's sentence BLEU among them,
+    # so that scenes can be sorted by reasoning quality; still a valid predictions file
+    _, out = full_run
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [sid for sid, *_ in SAMPLES]
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["s02"]["correct"] is False and by_id["s00"]["correct"] is True
+    assert by_id["s04"]["path"] is None  # a PATH miss
+    assert "sentence_bleu" not in by_id["s03"]  # no reference reasoning: no reasoning scores
+    scored = [r for r in rows if "sentence_bleu" in r]
+    assert len(scored) == 9 and all(0.0 <= r["sentence_bleu"] <= 1.0 for r in scored)
+    assert {"bleu4", "cider", "meteor"} <= set(scored[0])
+    assert by_id["s04"]["sentence_bleu"] == 0.0  # no <think>: an empty reasoning
+    best = max(scored, key=lambda r: r["sentence_bleu"])
+    assert best["sentence_bleu"] > 0.3
+    from alphadrive_ray.evaluation.predictions import load_predictions
+
+    assert load_predictions(out / "predictions.jsonl").outputs == {sid: output for sid, *_, output in SAMPLES}
+
+
+def test_scoring_a_predictions_file_in_its_own_folder_keeps_it(dataset, tmp_path):
+    # --out is the folder of the predictions: the scored file replaces it, a superset
+    references, predictions = dataset
+    copy = tmp_path / "predictions.jsonl"
+    pairs = [(sid, output) for sid, *_, output in SAMPLES] + [("not-a-reference", "<answer> KEEP, STRAIGHT </answer>")]
+    _write_predictions(copy, pairs)
+    done = _eval("--predictions", copy, "--references", references, "--out", tmp_path, "--skip-missing", "--no-reasoning-metrics")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in copy.read_text().splitlines()]
+    assert {r["id"]: r["output"] for r in rows} == dict(pairs)
+    assert rows[-1] == {"id": "not-a-reference", "output": "<answer> KEEP, STRAIGHT </answer>"}
 
 
 def test_full_run_report(full_run):

@@ -373,7 +373,7 @@ def test_off_policy_run_with_several_updates_evaluates_and_resumes_in_the_middle
     # eval.every_steps: 2 -> after step 2 (not after 4: the final evaluation follows)
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["stage"] == "eval"]
     assert len(evals) == 2 and (run_dir / "eval" / "step-000002" / "metrics.json").is_file()
-    assert not (run_dir / "eval" / "step-000004").exists() and (run_dir / "report" / "metrics.json").is_file()
+    assert not (run_dir / "eval" / "step-000004").exists() and (run_dir / "eval" / "final" / "metrics.json").is_file()
     ledger = read_jsonl(run_dir / "ledger.jsonl")
     drawn = drawn_per_step(ledger)
     ids = {r.id for r in load_records(tmp_path / "train" / "data.jsonl")}

@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     synth.set_defaults(func=run_synth)
 
     validate = sub.add_parser("validate", help="check a dataset file; one line per bad record, exit 1 if any")
-    validate.add_argument("path", help="dataset file (.jsonl or .parquet)")
+    validate.add_argument("path", help="dataset: .jsonl, .json or .parquet file, a datasets.save_to_disk folder, or hub:ORG/NAME[:SPLIT]")
     validate.add_argument("--no-images", action="store_true", help="skip opening the images (faster)")
     validate.set_defaults(func=run_validate)
 

@@ -1,12 +1,14 @@
 """The canonical dataset record, its validation, and reading/writing datasets.
 
-A dataset is a JSONL file (one record per line) or a parquet file with the same columns:
+A dataset is a JSONL file (one record per line), a JSON array, a parquet file, a folder
+written by `datasets.save_to_disk` or a Hub dataset (`hub:ORG/NAME`; see sources.py), with
+the same fields:
 
     {"id": "scene-000001", "image": "images/scene-000001.png", "speed": 8.4,
      "navigation": "turn left", "speed_action": "DECELERATE", "path_action": "LEFT_TURN",
      "reasoning": "The light ahead is red, ..."}
 
-`image` is relative to the dataset file. `navigation` is the command text, or, for the
+`image` is relative to the dataset file (or an embedded image: sources.py). `navigation` is the command text, or, for the
 AlphaDrive release's commands by distance, that dict written as `navigation_text` does:
 `{'100m': 'Straight', '200m': 'Straight'}` (a Python literal, keys in their order), which
 the prompt template renders exactly as the release's prompt shows it. Every loader in the project goes through
@@ -17,6 +19,7 @@ field); with `skip_bad=True` bad records are skipped and counted, never silently
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -373,53 +376,38 @@ def read_json_items(path: str | Path) -> Iterator[tuple[int, int | None, Any, Pr
         yield 0, index, item, None
 
 
-def _iter_parquet(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
-    import datasets
-
-    try:
-        table = datasets.Dataset.from_parquet(str(path))
-    except Exception as exc:  # noqa: BLE001 - any reader failure is the user's file
-        yield 0, None, Problem(str(path), 0, "", f"cannot read parquet file: {exc}")
-        return
-    for row_number, row in enumerate(table, start=1):
-        yield row_number, row, None
-
-
 def read_report(path: str | Path, *, check_images: bool = True) -> LoadReport:
-    """Read and validate every record of a dataset file; never raises for bad content."""
-    path = Path(path)
-    file = str(path)
-    if not path.exists():
-        return LoadReport(file, [], [Problem(file, 0, "", "dataset file not found")], 0)
-    if path.is_dir():
-        return LoadReport(file, [], [Problem(file, 0, "", "is a folder; pass the .jsonl or .parquet file")], 0)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        return LoadReport(file, [], [Problem(file, 0, "", f"cannot read: {exc}")], 0)
-    if size == 0:
-        return LoadReport(file, [], [Problem(file, 0, "", "empty file: no records")], 0)
+    """Read and validate every record of a dataset (any source of `sources.open_rows`); never raises for bad content."""
+    from alphadrive_ray.data.sources import SourceError, open_rows
 
-    rows = _iter_parquet(path) if path.suffix == ".parquet" else _iter_jsonl(path)
+    file = str(path)
+    try:
+        source = open_rows(path)
+    except SourceError as exc:
+        message = str(exc)
+        return LoadReport(file, [], [Problem(file, 0, "", message[len(file) + 2 :] if message.startswith(file + ": ") else message)], 0)
     records: list[Record] = []
     problems: list[Problem] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}
     n_lines = 0
     try:
-        for lineno, obj, problem in rows:
-            if lineno:
+        for lineno, index, obj, problem in source.rows:
+            if lineno or index is not None:
                 n_lines += 1
             if problem is not None:
                 problems.append(problem)
                 continue
-            record, found = parse_record(obj, path.parent, file, lineno, check_images)
+            record, found = parse_record(obj, source.base_dir, file, lineno, check_images)
+            if index is not None:
+                found = [dataclasses.replace(p, index=index) for p in found]
             problems.extend(found)
             if record is None:
                 continue
+            where = f"item {index}" if index is not None else f"line {lineno}"
             if record.id in seen:
-                problems.append(Problem(file, lineno, "id", f"duplicate id {record.id!r} (first on line {seen[record.id]})"))
+                problems.append(Problem(file, lineno, "id", f"duplicate id {record.id!r} (first on {seen[record.id]})", index))
                 continue
-            seen[record.id] = lineno
+            seen[record.id] = where
             records.append(record)
     except OSError as exc:
         problems.append(Problem(file, 0, "", f"cannot read: {exc}"))

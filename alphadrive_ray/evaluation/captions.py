@@ -13,8 +13,18 @@ Two gotchas of pycocoevalcap, handled here:
   forever. `sanitize_caption` turns every control or line/paragraph separator character into
   a space (checked over all code points in the tests); METEOR also runs under a watchdog.
 - `Meteor()` holds a JVM subprocess (seconds to start): one is started per call, inside the
-  calling process, before tokenisation so that its start overlaps the tokenizer's; it scores
-  in a thread while BLEU and CIDEr run, and is always shut down.
+  calling process, before tokenisation so that its start overlaps the tokenizer's (or earlier,
+  by `prestarted_meteor`, around the loading of the data); it scores in a thread while BLEU,
+  CIDEr and nltk's BLEU run, and is always shut down.
+
+How the two cores are used: METEOR's JVM scores on one core while Python computes BLEU,
+CIDEr and nltk's BLEU on the other. The library's `Meteor.compute_score` sends one line and
+waits for its answer, 10k times; a thread doing that while the main thread computes CIDEr
+waits for the GIL at every line (up to the 5 ms switch interval each), so METEOR stalled
+behind CIDEr. Here the same lines are written in one go by a writer thread and the answers
+read in large chunks: the same protocol and the same bytes, so the same scores, a few GIL
+hand-overs instead of 20k. Both sides are tokenised by one PTB tokenizer JVM (it works line
+by line, so the tokens are those of two separate calls).
 - METEOR's alignment grows faster than linearly with a text's length: a 800-token hypothesis
   took 2.3 s, and 3 hypotheses of 10,000 words (what a degenerate model writes at a large
   `max_new_tokens`) killed or stalled the JVM. So METEOR scores the first
@@ -29,12 +39,14 @@ other scores are kept.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from alphadrive_ray.errors import UserError
+from alphadrive_ray.evaluation.nltk_bleu import bleu_agreement
 
 # Characters replaced by a space: the controls (Unicode category Cc: U+0000-U+001F and
 # U+007F-U+009F) and the line and paragraph separators (Zl: U+2028, Zp: U+2029). Lone
@@ -63,10 +75,13 @@ def compute_caption_metrics(
 ) -> dict[str, Any]:
     """Corpus BLEU-4, CIDEr and METEOR of `hypotheses[i]` against the references `references[i]`.
 
-    Returns `{"n", "bleu4", "cider", "meteor", "per_sample": {"bleu4": [...], "cider": [...],
-    "meteor": [...]}, "failures": {name: why}}`; the scores are None when there is no pair,
-    and a scorer's are None when it failed (METEOR also when it does not answer within
-    `meteor_timeout_s`, by default 120 s + 20 ms per pair). Texts are sanitised with
+    Returns `{"n", "bleu4", "cider", "meteor", "bleu4_nltk", "bleu4_check", "per_sample": {"bleu4":
+    [...], "cider": [...], "meteor": [...], "sentence_bleu": [...]}, "failures": {name: why}}`; the
+    scores are None when there is no pair, and a scorer's are None when it failed (METEOR also
+    when it does not answer within `meteor_timeout_s`, by default 120 s + 20 ms per pair).
+    `sentence_bleu` is nltk's smoothed sentence BLEU-4 and `bleu4_nltk` nltk's corpus BLEU-4,
+    both on the PTB tokens the other scores use; `bleu4_check` compares nltk's and
+    pycocoevalcap's corpus BLEU-4 where they are defined alike (`nltk_bleu`). Texts are sanitised with
     `sanitize_caption` first. `on_stage(name)` is called as each stage ends (progress bars).
     Raises UserError when Java is missing.
     """
@@ -79,28 +94,25 @@ def compute_caption_metrics(
             "bleu4": None,
             "cider": None,
             "meteor": None,
-            "per_sample": {"bleu4": [], "cider": [], "meteor": []},
+            "bleu4_nltk": None,
+            "bleu4_check": bleu_agreement(None, None, 0),
+            "per_sample": {"bleu4": [], "cider": [], "meteor": [], "sentence_bleu": []},
             "failures": {},
         }
     if any(len(refs) == 0 for refs in references):
         raise ValueError("every hypothesis needs at least one reference")
     stage = on_stage or (lambda name: None)
 
-    from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from alphadrive_ray.evaluation.nltk_bleu import compute_nltk_bleu
 
     gts = {i: [{"caption": sanitize_caption(ref)} for ref in refs] for i, refs in enumerate(references)}
     res = {i: [{"caption": sanitize_caption(hyp)}] for i, hyp in enumerate(hypotheses)}
 
-    meteor = _start_meteor()  # the JVM loads its tables while the tokenizer runs
+    meteor = _take_prestarted() or _start_meteor()  # the JVM loads its tables while the tokenizer runs
     try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            gts_job = pool.submit(_java, PTBTokenizer().tokenize, gts)
-            res_job = pool.submit(_java, PTBTokenizer().tokenize, res)
-            gts_tok, res_tok = gts_job.result(), res_job.result()
-        if len(gts_tok) != n or len(res_tok) != n or any(len(gts_tok[i]) != len(gts[i]) for i in range(n)):
-            raise RuntimeError("the PTB tokenizer returned a different number of lines than it was given")
+        gts_tok, res_tok = tokenize(gts, res)
         stage("tokenize")
 
         meteor_result: dict[str, Any] = {}
@@ -116,10 +128,22 @@ def compute_caption_metrics(
         meteor_thread.start()
         failures: dict[str, str] = {}
         scores: dict[str, tuple[float | None, list]] = {}  # name -> (corpus score, per sample)
+        nltk_scores: dict[str, Any] = {"bleu4_nltk": None, "bleu4_check": bleu_agreement(None, None, 0), "sentence_bleu": [None] * n}
 
         def bleu4() -> tuple:
-            corpus, per_sample = Bleu(4).compute_score(gts_tok, res_tok, verbose=0)
-            return corpus[3], per_sample[3]
+            bleu_scorer, bleu, bleu_per_sample = coco_bleu(gts_tok, res_tok)
+            scores["bleu4"] = bleu[3], bleu_per_sample[3]
+            # nltk's sentence and corpus BLEU, cross-checked against pycocoevalcap's
+            nltk = compute_nltk_bleu([[ref.split() for ref in gts_tok[i]] for i in range(n)], [res_tok[i][0].split() for i in range(n)])
+            coco_comparable = None
+            if nltk.comparable_corpus is not None:
+                coco_comparable = bleu[3] if len(nltk.comparable) == n else coco_bleu4_of(bleu_scorer, nltk.comparable)
+            nltk_scores.update(
+                bleu4_nltk=nltk.corpus,
+                bleu4_check=bleu_agreement(nltk.comparable_corpus, coco_comparable, len(nltk.comparable)),
+                sentence_bleu=nltk.sentence,
+            )
+            return scores["bleu4"]
 
         for name, stage_name, score in (
             ("bleu4", "bleu", bleu4),
@@ -148,6 +172,8 @@ def compute_caption_metrics(
         corpus, per_sample = scores.get(name, (None, [None] * n))
         out[name] = None if corpus is None else float(corpus)
         out["per_sample"][name] = [None if x is None else float(x) for x in per_sample]
+    out["bleu4_nltk"], out["bleu4_check"] = nltk_scores["bleu4_nltk"], nltk_scores["bleu4_check"]
+    out["per_sample"]["sentence_bleu"] = nltk_scores["sentence_bleu"]
     return out
 
 
@@ -159,6 +185,84 @@ def _cap_tokens(tokenized: dict[int, list[str]]) -> dict[int, list[str]]:
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def coco_bleu(gts: dict, res: dict) -> tuple[Any, list[float], list[list[float]]]:
+    """pycocoevalcap's `Bleu(4).compute_score(gts, res)`, step by step, keeping its scorer.
+
+    Returns (scorer, [BLEU-1..4], per-sample lists); the scorer's counts give `coco_bleu4_of`.
+    """
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    scorer = BleuScorer(n=4)
+    for key in gts:
+        hypo, refs = res[key], gts[key]
+        assert isinstance(hypo, list) and len(hypo) == 1 and isinstance(refs, list) and len(refs) >= 1
+        scorer += (hypo[0], refs)
+    score, per_sample = scorer.compute_score(option="closest", verbose=0)
+    return scorer, score, per_sample
+
+
+def coco_bleu4_of(scorer: Any, indices: Sequence[int]) -> float:
+    """pycocoevalcap's corpus BLEU-4 of some of a scorer's samples (their counts are reused)."""
+    subset = scorer.copy()
+    subset.crefs = [scorer.crefs[i] for i in indices]
+    subset.ctest = [scorer.ctest[i] for i in indices]
+    score, _ = subset.compute_score(option="closest", verbose=0)
+    return float(score[3])
+
+
+def tokenize(gts: dict, res: dict) -> tuple[dict, dict]:
+    """pycocoevalcap's PTB tokenisation of both sides, in one JVM.
+
+    The tokenizer runs with `-preserveLines`, one caption per line, so the tokens of a caption
+    do not depend on the other lines: one call on both sides gives what two calls give.
+    """
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    both = {("gts", key): value for key, value in gts.items()}
+    both.update({("res", key): value for key, value in res.items()})
+    tokens = _java(PTBTokenizer().tokenize, both)
+    if len(tokens) != len(both) or any(len(tokens[key]) != len(value) for key, value in both.items()):
+        raise RuntimeError("the PTB tokenizer returned a different number of lines than it was given")
+    return {key: tokens[("gts", key)] for key in gts}, {key: tokens[("res", key)] for key in res}
+
+
+_prestarted: list = []  # METEOR scorers started ahead by `prestarted_meteor`, not yet taken
+_prestarted_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def prestarted_meteor(enabled: bool = True) -> Iterator[None]:
+    """Start METEOR's JVM now, for the next `compute_caption_metrics` of this process.
+
+    Its paraphrase tables take seconds to load; `alphadrive-ray eval` starts it before reading
+    the files so that the loading overlaps everything before the scoring. A scorer left unused
+    is shut down when the block ends. Without Java nothing is started (the metrics then fail
+    with the usual message, if they are computed at all).
+    """
+    meteor = None
+    if enabled:
+        try:
+            meteor = _start_meteor()
+        except UserError:
+            meteor = None
+    if meteor is not None:
+        with _prestarted_lock:
+            _prestarted.append(meteor)
+    try:
+        yield
+    finally:
+        if meteor is not None:
+            with _prestarted_lock:
+                if meteor in _prestarted:
+                    _prestarted.remove(meteor)
+            meteor.close()
+
+
+def _take_prestarted() -> Any:
+    with _prestarted_lock:
+        return _prestarted.pop() if _prestarted else None
 
 
 _JAVA_HINT = (
@@ -203,6 +307,55 @@ def _start_meteor() -> Any:
                 except (OSError, ValueError):
                     pass
             return f"{type(exc).__name__}: {exc}" + (f"; JVM stderr: {stderr}" if stderr else "")
+
+        def compute_score(self, gts: dict, res: dict) -> tuple[float, list[float]]:
+            """The library's `compute_score`, pipelined: the same lines, written in one go."""
+            ids = list(gts)
+            lines = []
+            for i in ids:
+                assert len(res[i]) == 1
+                hypothesis = res[i][0].replace("|||", "").replace("  ", " ")
+                lines.append(" ||| ".join(("SCORE", " ||| ".join(gts[i]), hypothesis)))
+            stats = [line.strip() for line in self._exchange(lines)]
+            answers = self._exchange(["EVAL" + "".join(f" ||| {stat}" for stat in stats)], len(ids) + 1)
+            return float(answers[-1].strip()), [float(a.strip()) for a in answers[:-1]]
+
+        def _exchange(self, lines: list[str], expect: int | None = None) -> list[str]:
+            """Send `lines` and read `expect` (default: as many) answer lines.
+
+            A writer thread sends while this one reads, so neither the JVM nor Python blocks on
+            a full pipe; reads take whatever the pipe holds (up to 1 MiB), not a line at a time.
+            """
+            expect = len(lines) if expect is None else expect
+            payload = ("\n".join(lines) + "\n").encode()
+            failure: list[BaseException] = []
+
+            def write() -> None:
+                try:
+                    self.meteor_p.stdin.write(payload)
+                    self.meteor_p.stdin.flush()
+                except (OSError, ValueError) as exc:  # the JVM died or was closed: the reader sees EOF
+                    failure.append(exc)
+
+            writer = threading.Thread(target=write, name="meteor-writer", daemon=True)
+            writer.start()
+            fd = self.meteor_p.stdout.fileno()
+            chunks, seen = [], 0
+            while seen < expect:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    raise EOFError(
+                        f"METEOR closed its output after {seen} of {expect} lines"
+                        + (f" (writing failed: {failure[0]})" if failure else "")
+                    )
+                chunks.append(chunk)
+                seen += chunk.count(b"\n")
+            writer.join()
+            text = b"".join(chunks).decode()
+            answers = text.split("\n")
+            if len(answers) != expect + 1 or answers[-1]:
+                raise RuntimeError(f"METEOR answered {len(answers) - 1} lines to {expect}")
+            return answers[:-1]
 
         def __del__(self) -> None:
             try:

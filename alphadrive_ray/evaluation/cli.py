@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Score raw model outputs against a dataset. Predictions are JSONL lines "
             '{"id": ..., "output": "<raw model text>"} with exactly the ids of the references. '
-            "Writes DIR/metrics.json and DIR/report.html (with PNG figures)."
+            "Writes DIR/metrics.json, DIR/predictions.jsonl (the predictions with their plans and "
+            "per-sample scores, nltk's sentence BLEU among them) and DIR/report.html (with PNG figures)."
         ),
     )
     parser.add_argument(
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         type=Path,
         metavar="R.jsonl",
-        help="the dataset (.jsonl or .parquet) the outputs answer",
+        help="the dataset the outputs answer (.jsonl, .json, .parquet, a save_to_disk folder or hub:ORG/NAME)",
     )
     parser.add_argument(
         "--out", required=True, type=Path, metavar="DIR", help="folder for metrics.json and report.html"
@@ -59,27 +60,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from alphadrive_ray.data.records import load_records
-    from alphadrive_ray.evaluation.predictions import load_predictions
-    from alphadrive_ray.evaluation.run import evaluate
+    from alphadrive_ray.evaluation.captions import prestarted_meteor
 
-    # Images are not needed to score text outputs; a missing one only loses its thumbnail.
-    references = load_records(args.references, check_images=False)
-    predictions = load_predictions(args.predictions)
-    metrics = evaluate(
-        predictions.outputs,
-        references,
-        args.out,
-        reasoning_metrics=not args.no_reasoning_metrics,
-        progress=sys.stderr.isatty(),
-        skip_missing=args.skip_missing,
-        n_samples=args.samples,
-        predictions_name=str(args.predictions),
-        references_name=str(args.references),
-        prediction_lines=predictions.lines,
-    )
+    # METEOR's JVM loads its tables (seconds, one core) while the files are read and parsed
+    with prestarted_meteor(enabled=not args.no_reasoning_metrics):
+        from alphadrive_ray.data.records import load_records
+        from alphadrive_ray.evaluation.predictions import load_predictions
+        from alphadrive_ray.evaluation.run import evaluate
+
+        # Images are not needed to score text outputs; a missing one only loses its thumbnail.
+        references = load_records(args.references, check_images=False)
+        predictions = load_predictions(args.predictions)
+        metrics = evaluate(
+            predictions.outputs,
+            references,
+            args.out,
+            reasoning_metrics=not args.no_reasoning_metrics,
+            progress=sys.stderr.isatty(),
+            skip_missing=args.skip_missing,
+            n_samples=args.samples,
+            predictions_name=str(args.predictions),
+            references_name=str(args.references),
+            prediction_lines=predictions.lines,
+        )
     print(format_summary(metrics))
-    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.html'}")
+    print(f"wrote {args.out / 'metrics.json'}, {args.out / 'predictions.jsonl'} (per-sample scores) and {args.out / 'report.html'}")
     return 0
 
 
@@ -119,6 +124,11 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
         )
         if reasoning["note"]:
             lines.append(f"{'':<24}{reasoning['note']}")
+        check = reasoning.get("bleu4_check") or {}
+        if check.get("agree") is False:
+            lines.append(
+                f"{'':<24}warning: nltk's corpus BLEU-4 {check['nltk']:.6f} differs from pycocoevalcap's by {check['abs_diff']:.2g}"
+            )
     else:
         lines.append(f"{'reasoning':<24}not computed: {reasoning['note']}")
     return "\n".join(lines)

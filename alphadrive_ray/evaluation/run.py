@@ -22,6 +22,9 @@ from alphadrive_ray.evaluation.metrics import ParsedOutput, compute_planning_met
 from alphadrive_ray.evaluation.predictions import align, format_ids
 
 DEFAULT_SAMPLES = 24
+REASONING_STAGES = ("tokenize", "bleu", "cider", "nltk_bleu", "meteor")  # in the order they end
+PER_SAMPLE_SCORES = ("bleu4", "cider", "meteor", "sentence_bleu")
+SCORED_PREDICTIONS = "predictions.jsonl"
 
 
 def evaluate(
@@ -52,11 +55,15 @@ def evaluate(
                             macro_f1_labels, miss_rate  (family: speed, path)
       parse                 format_ok_rate, speed_found_rate, path_found_rate, reasoning_found_rate
       reasoning             computed, n (samples with a reference reasoning), bleu4, cider,
-                            meteor (None when not computed), no_think, note
+                            meteor (None when not computed), no_think, note, bleu4_nltk
+                            (nltk's corpus BLEU-4), bleu4_check (nltk's and pycocoevalcap's
+                            corpus BLEU-4 where defined alike: n, nltk, pycocoevalcap,
+                            abs_diff, agree; see nltk_bleu)
       ids                   n_predictions, n_references, evaluated, missing, extra
       confusion.<family>    true_labels, pred_labels (last: "(none)" = miss), matrix (counts)
       timing_s              seconds per stage
-    Ids are `Record.id` strings and must match unless `skip_missing` (then the mismatches are
+    `out_dir/predictions.jsonl` gets every prediction with its plan and per-sample scores
+    (`write_scored_predictions`). Ids are `Record.id` strings and must match unless `skip_missing` (then the mismatches are
     counted under `ids`); a mismatch is a UserError naming the ids. `extra` is shown at the top
     of the report (see `report.render_extra`).
     """
@@ -68,7 +75,7 @@ def evaluate(
     stages = [
         "parse",
         "planning",
-        *(["tokenize", "bleu", "cider", "meteor"] if reasoning_metrics else []),
+        *(list(REASONING_STAGES) if reasoning_metrics else []),
         "report",
     ]
     bar = _progress_bar(len(stages), progress)
@@ -112,6 +119,7 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         samples = build_samples(alignment.records, alignment.outputs, parsed, per_sample, n_samples)
         write_json(out / "metrics.json", metrics)  # first, so that a failing report loses nothing
+        write_scored_predictions(out / SCORED_PREDICTIONS, predictions, alignment.records, parsed, per_sample)
         from alphadrive_ray.evaluation.report import write_report
 
         write_report(out, metrics, samples, extra, title=title)
@@ -164,6 +172,8 @@ def compute_reasoning_metrics(
         "bleu4": None,
         "cider": None,
         "meteor": None,
+        "bleu4_nltk": None,
+        "bleu4_check": None,
         "no_think": no_think,
         "note": "",
     }
@@ -172,7 +182,7 @@ def compute_reasoning_metrics(
         return section, {}
     if not with_reference:
         section["note"] = "no reference has a reasoning"
-        for name in ("tokenize", "bleu", "cider", "meteor"):
+        for name in REASONING_STAGES:
             if on_stage:
                 on_stage(name)
         return section, {}
@@ -187,8 +197,9 @@ def compute_reasoning_metrics(
     if scores["failures"]:  # the other scores are kept; say which one failed and why, in one line
         names = {"bleu4": "BLEU-4", "cider": "CIDEr", "meteor": "METEOR"}
         section["note"] = "; ".join(f"{names[k]} failed: {why}" for k, why in scores["failures"].items())
+    section["bleu4_nltk"], section["bleu4_check"] = scores["bleu4_nltk"], scores["bleu4_check"]
     per_sample = {
-        i: {name: scores["per_sample"][name][k] for name in ("bleu4", "cider", "meteor")}
+        i: {name: scores["per_sample"][name][k] for name in PER_SAMPLE_SCORES}
         for k, i in enumerate(with_reference)
     }
     return section, per_sample
@@ -230,6 +241,36 @@ def build_samples(
         }
         for i in chosen
     ]
+
+
+def write_scored_predictions(
+    path: Path,
+    predictions: Mapping[str, str],
+    records: Sequence[Record],
+    parsed: Sequence[ParsedOutput],
+    per_sample: Mapping[int, Mapping[str, float]],
+) -> None:
+    """The predictions with what evaluation read from them, one JSON object per line.
+
+    Evaluated ids first, in reference order: `{"id", "output", "speed", "path" (None = miss),
+    "correct", "sentence_bleu", "bleu4", "cider", "meteor"}` (the scores when the reference has a
+    reasoning and reasoning metrics ran); then the other predictions as they were (`--skip-missing`).
+    Still a predictions file (`load_predictions` ignores the other keys), so when it replaces the
+    input file nothing is lost; sort scenes by reasoning quality with e.g.
+    `jq -s 'sort_by(.sentence_bleu)' predictions.jsonl`.
+    """
+    evaluated = set()
+    lines = []
+    for i, (record, p) in enumerate(zip(records, parsed)):
+        evaluated.add(record.id)
+        row = {"id": record.id, "output": predictions[record.id], "speed": p.speed, "path": p.path}
+        row["correct"] = (p.speed, p.path) == (record.speed_action, record.path_action)
+        row.update(per_sample.get(i, {}))
+        lines.append(json.dumps(row, ensure_ascii=False))
+    lines += [json.dumps({"id": pid, "output": text}, ensure_ascii=False) for pid, text in predictions.items() if pid not in evaluated]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def spread(items: Sequence[int], k: int) -> list[int]:
