@@ -14,7 +14,10 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from alphadrive_ray.config import WandbConfig
 
 
 class Tracker:
@@ -72,7 +75,7 @@ class WandbSink:
         tracker.add_sink(WandbSink(run_dir, config.tracking.wandb, config.run.name, config.to_dict()))
     """
 
-    def __init__(self, run_dir: str | Path, wandb_config, run_name: str, config_dict: Mapping[str, Any], resume: bool = False):
+    def __init__(self, run_dir: str | Path, wandb_config: WandbConfig, run_name: str, config_dict: Mapping[str, Any], resume: bool = False):
         try:
             import wandb
         except ImportError:

@@ -354,6 +354,22 @@ def _getattr_key(node) -> str | None:
     return None
 
 
+def _section_classes() -> dict[str, set[str]]:
+    """A section's class name -> the config paths of that type ('SynthSplitConfig' -> both splits)."""
+    out: dict[str, set[str]] = {}
+
+    def walk(cls, path: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                child = _child(path, f.name)
+                out.setdefault(hints[f.name].__name__, set()).add(child)
+                walk(hints[f.name], child)
+
+    walk(Config, ROOT)
+    return out
+
+
 class _ConfigReads(ast.NodeVisitor):
     """Collects `section.key` reads; names are bound to config paths per function scope."""
 
@@ -361,6 +377,16 @@ class _ConfigReads(ast.NodeVisitor):
         self.fields = fields
         self.reads: set[str] = set()
         self.env: dict[str, set[str]] = {}
+        self.classes = _section_classes()
+
+    def visit_arguments(self, node):
+        # a parameter annotated with a section's class (`wandb_config: WandbConfig`) is that section
+        for arg in node.posonlyargs + node.args + node.kwonlyargs:
+            annotation = arg.annotation
+            name = annotation.value if isinstance(annotation, ast.Constant) else getattr(annotation, "id", getattr(annotation, "attr", None))
+            if isinstance(name, str) and name in self.classes:
+                self.env.setdefault(arg.arg, set()).update(self.classes[name])
+        self.generic_visit(node)
 
     def paths(self, node) -> set[str]:
         """The config paths an expression may denote (empty: not a config object)."""
@@ -456,9 +482,12 @@ def test_the_key_reader_follows_aliases_and_finds_unread_keys():
         "    def inner():\n"
         "        return c.lr + l.zero_stage\n"
         "    return r.top_p, getattr(self.config.sft, 'epochs')\n"
+        "def g(section: 'GRPOConfig', split: SynthSplitConfig):\n"
+        "    return section.group_size, split.seed\n"
     )
     reads = config_reads({"snippet.py": source})
     assert {"grpo.lr", "rollout.top_p", "learner.zero_stage", "data.train", "data.synth_train.n", "sft.epochs"} <= reads
+    assert {"grpo.group_size", "data.synth_train.seed", "data.synth_eval.seed"} <= reads  # annotated parameters
     assert "grpo.weight_decay" not in reads and "sft.lr" not in reads
 
 
