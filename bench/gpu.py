@@ -215,7 +215,7 @@ def sync_legs(engine, sender: dict[str, torch.Tensor], bucket_mb: int, device: t
         }
         out[way]["bucket_gb_per_s"] = nbytes / out[way]["bucket_s"] / GB
         out[way]["load_gb_per_s"] = nbytes / out[way]["load_s"] / GB
-    del staging
+    staging = None  # the pinned buffer is freed before the next configuration allocates its own
     return out
 
 

@@ -217,7 +217,7 @@ def test_training_reads_a_save_to_disk_folder(scenes, tmp_path):
     from alphadrive_ray.config import load_config
     from alphadrive_ray.trainer import prepare_data
 
-    train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
+    train_dir = tmp_path / "train"
     to_hf_dataset(scenes[:4]).save_to_disk(str(train_dir))
     eval_file = tmp_path / "eval.parquet"
     to_hf_dataset(scenes[4:]).to_parquet(str(eval_file))

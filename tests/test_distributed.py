@@ -63,7 +63,6 @@ def run_steps(group, records, micro):
 @pytest.fixture(scope="module")
 def trained(ray_cluster, tiny_vl_dir, scenes):
     """The same steps under four layouts, run concurrently: {name: (metrics, state dicts per rank)}."""
-    import ray
 
     from alphadrive_ray.workers.group import LearnerGroup, Resources
 

@@ -320,7 +320,6 @@ def _descendants(root: int) -> list[int]:
 
 @pytest.mark.slow
 def test_dead_learner_stops_cleanly_with_a_resumable_checkpoint(tmp_path, tiny_vl_dir):
-    import ray
 
     overrides = tiny_overrides(tmp_path, tiny_vl_dir, "learner-dies", 30)
     proc = subprocess.Popen(cli(tmp_path, overrides), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

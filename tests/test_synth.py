@@ -344,5 +344,5 @@ CLI_ERROR_CASES = [
 @pytest.mark.parametrize("args,words", CLI_ERROR_CASES)
 def test_cli_synth_errors(tmp_path, args, words):
     result = run_cli("data", "synth", str(tmp_path / "out"), *args)
-    assert result.returncode == 2 and f"error: " in result.stderr and words in result.stderr, result.stderr
+    assert result.returncode == 2 and "error: " in result.stderr and words in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
