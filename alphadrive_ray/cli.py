@@ -44,7 +44,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
-            words = message[len(prefix):].split()
+            words = message[len(prefix) :].split()
             options = [w.split("=", 1)[0] for w in words if w.startswith("-")]
             values = len(words) - len(options) + sum("=" in w for w in words if w.startswith("-"))
             hidden = f" (and {values} value(s), not shown)" if values else ""

@@ -581,8 +581,7 @@ def validate(c: Config, source: str = "config") -> None:
     if n >= 1:
         check(
             samples % n == 0,
-            f"grpo.prompts_per_step x grpo.group_size = {samples} completions must split evenly over "
-            f"learner.num_workers ({n})",
+            f"grpo.prompts_per_step x grpo.group_size = {samples} completions must split evenly over learner.num_workers ({n})",
         )
     if c.rollout.num_workers >= 1:
         check(

@@ -190,9 +190,7 @@ def distinct_prompts(prompts: Sequence[EncodedPrompt]) -> tuple[list[int], list[
         for u, r in enumerate(rows):
             q = prompts[r]
             same = q is p or (
-                q.input_ids == p.input_ids
-                and _same_tensor(q.pixel_values, p.pixel_values)
-                and _same_tensor(q.image_grid_thw, p.image_grid_thw)
+                q.input_ids == p.input_ids and _same_tensor(q.pixel_values, p.pixel_values) and _same_tensor(q.image_grid_thw, p.image_grid_thw)
             )
             if same:
                 index.append(u)

@@ -129,9 +129,7 @@ def release_answer_words(text: str) -> list[str]:
     return answer.split(", ")
 
 
-def parse_answer(
-    text: str, variant: str = "paper", vocabulary: Collection[str] = _ALL_ACTIONS
-) -> frozenset[str]:
+def parse_answer(text: str, variant: str = "paper", vocabulary: Collection[str] = _ALL_ACTIONS) -> frozenset[str]:
     """The set of vocabulary words in the answer of `text` (matched exactly, case-sensitive)."""
     words = paper_answer_words(text) if _check_variant(variant) == "paper" else release_answer_words(text)
     return frozenset(word for word in words if word in vocabulary)
@@ -255,9 +253,7 @@ def exact_accuracy_reward(completion: str, solution: str) -> float:
     """
     pred = parse_answer(completion)
     true = parse_answer(solution)
-    return exact_match_reward(pred & _SPEED_SET, true & _SPEED_SET) * exact_match_reward(
-        pred & _PATH_SET, true & _PATH_SET
-    )
+    return exact_match_reward(pred & _SPEED_SET, true & _SPEED_SET) * exact_match_reward(pred & _PATH_SET, true & _PATH_SET)
 
 
 # --------------------------------------------------------------------------------------
@@ -340,12 +336,8 @@ def score_group(
         zeros = [0.0] * len(completions)
         speed_parts = path_parts = (zeros, zeros, zeros, zeros)
     else:
-        speed_parts = _family_rewards(
-            speed_sets, true_words & speed_vocab, speed_weights, release, use, diversity_cap, diversity_bonus
-        )
-        path_parts = _family_rewards(
-            path_sets, true_words & path_vocab, path_weights, release, use, diversity_cap, diversity_bonus
-        )
+        speed_parts = _family_rewards(speed_sets, true_words & speed_vocab, speed_weights, release, use, diversity_cap, diversity_bonus)
+        path_parts = _family_rewards(path_sets, true_words & path_vocab, path_weights, release, use, diversity_cap, diversity_bonus)
 
     use_format = "format" in use
     out: list[dict[str, float]] = []
@@ -363,9 +355,7 @@ def score_group(
                 "speed": speed,
                 "path": path,
                 "format": fmt,
-                "total": speed_weight * speed
-                + path_weight * path
-                + (format_weight * fmt if use_format else 0.0),
+                "total": speed_weight * speed + path_weight * path + (format_weight * fmt if use_format else 0.0),
             }
         )
     return out
@@ -420,7 +410,5 @@ def _check_components(components: Collection[str] | None) -> frozenset[str]:
         raise TypeError(f"components must be a collection of names, got the string {components!r}")
     unknown = sorted(set(components) - set(ABLATION_COMPONENTS))
     if unknown:
-        raise ValueError(
-            f"unknown reward component(s) {', '.join(unknown)}; expected a subset of {', '.join(ABLATION_COMPONENTS)}"
-        )
+        raise ValueError(f"unknown reward component(s) {', '.join(unknown)}; expected a subset of {', '.join(ABLATION_COMPONENTS)}")
     return frozenset(components)

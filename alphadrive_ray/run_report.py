@@ -342,7 +342,12 @@ def draw_accuracy(run: RunData, ceilings: Mapping[str, float]) -> str | None:
     ax = fig.subplots()
     line = [e for e in evaluations if e.tag != "untrained"]
     ax.plot(
-        [e.step for e in line], [e.metrics["planning"]["accuracy"] for e in line], color="#4477aa", marker="o", markersize=4, label="held-out accuracy"
+        [e.step for e in line],
+        [e.metrics["planning"]["accuracy"] for e in line],
+        color="#4477aa",
+        marker="o",
+        markersize=4,
+        label="held-out accuracy",
     )
     for e in evaluations:
         if e.tag in MAIN_STAGES:
@@ -452,13 +457,15 @@ def _header(run: RunData, ceilings: Mapping[str, float]) -> str:
     if run.summary:
         total = (run.summary.get("seconds") or {}).get("total")
         if total is not None:
-            cards.append(("total time", f"{total / 60:.1f} min", f"SFT {run.summary.get('sft_steps', 0)} / GRPO {run.summary.get('grpo_steps', 0)} steps", ""))
+            cards.append(
+                ("total time", f"{total / 60:.1f} min", f"SFT {run.summary.get('sft_steps', 0)} / GRPO {run.summary.get('grpo_steps', 0)} steps", "")
+            )
     body = "".join(
         f'<div class="card {css}"><div class="v">{_esc(_fmt(v))}</div><div class="k">{_esc(k)}</div><div class="k">{_esc(note)}</div></div>'
         for k, v, note, css in cards
     )
     state = "" if run.summary else '<p class="note">No summary.json: the run has not finished (or stopped); this page shows what it wrote so far.</p>'
-    return f"<h1>AlphaDrive run {_esc(name)}</h1><p class=\"note\">{_esc(run.run_dir)}</p>{state}<div class=\"cards\">{body}</div>"
+    return f'<h1>AlphaDrive run {_esc(name)}</h1><p class="note">{_esc(run.run_dir)}</p>{state}<div class="cards">{body}</div>'
 
 
 def _curves(run: RunData, ceilings: Mapping[str, float]) -> str:
@@ -502,9 +509,7 @@ def _stage_table(run: RunData) -> str:
         rows.append((name, [_get(e.metrics, "reasoning", key) for e in evaluations], ""))
     rows.append(("mean sentence BLEU (nltk)", [mean_sentence_bleu(e) for e in evaluations], ""))
     rows.append(("samples", [e.metrics.get("n") for e in evaluations], ""))
-    body = "".join(
-        f'<tr class="{css}"><th>{_esc(name)}</th>' + "".join(_num(v, css=css) for v in values) + "</tr>" for name, values, css in rows
-    )
+    body = "".join(f'<tr class="{css}"><th>{_esc(name)}</th>' + "".join(_num(v, css=css) for v in values) + "</tr>" for name, values, css in rows)
     note = (
         '<p class="note">Held-out split, greedy decoding. Reasoning scores are pycocoevalcap corpus values in [0, 1] (CIDEr up to 10); '
         "the mean sentence BLEU is nltk's smoothed sentence BLEU-4 averaged over the samples with a reference reasoning.</p>"
@@ -617,9 +622,9 @@ def _scene_table(run: RunData) -> str:
     records = {r.id: r for r in run.records}
     ids = [r.id for r in run.records if r.id in final.predictions] or list(final.predictions)
     shown = ids[:MAX_TABLE_ROWS]
-    head = "<tr><th>scene</th><th>truth</th>" + "".join(
-        f"<th>{_esc(e.label)} plan</th><th>{_esc(e.label)} sentence BLEU</th>" for e in stages
-    ) + "</tr>"
+    head = (
+        "<tr><th>scene</th><th>truth</th>" + "".join(f"<th>{_esc(e.label)} plan</th><th>{_esc(e.label)} sentence BLEU</th>" for e in stages) + "</tr>"
+    )
     body = []
     for sid in shown:
         record = records.get(sid)
@@ -660,7 +665,11 @@ def _timings(run: RunData) -> str:
     per_step = []
     for stage in ("sft", "grpo"):
         rows = run.stage_rows(stage)
-        keys = [k for k in ("perf/step_s", "perf/rollout_s", "perf/reward_s", "perf/learner_s", "perf/sync_s", "perf/samples_per_s") if any(k in r for r in rows)]
+        keys = [
+            k
+            for k in ("perf/step_s", "perf/rollout_s", "perf/reward_s", "perf/learner_s", "perf/sync_s", "perf/samples_per_s")
+            if any(k in r for r in rows)
+        ]
         for key in keys:
             values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             per_step.append((stage, key, sum(values) / len(values), max(values)))

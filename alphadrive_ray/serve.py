@@ -28,21 +28,21 @@ def register(subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; no authentication!)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers on CPU or one GPU; vllm: GPU")
-    serve.add_argument(
-        "--served-model-name", default=None, metavar="NAME", help="model name clients use (default: the folder name)"
-    )
+    serve.add_argument("--served-model-name", default=None, metavar="NAME", help="model name clients use (default: the folder name)")
     serve.add_argument("--device", default="cpu", help="hf engine device, e.g. cpu or cuda (default cpu)")
+    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype (default float32)")
     serve.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype (default float32)"
-    )
-    serve.add_argument(
-        "--allowed-local-media-path", default=None, metavar="DIR",
+        "--allowed-local-media-path",
+        default=None,
+        metavar="DIR",
         help="let requests name local image files (path or file:// URL) under DIR; off by default",
     )
     serve.add_argument(
-        "--allowed-media-domains", nargs="+", default=(), metavar="HOST",
-        help="fetch http(s) image URLs of these hosts only (e.g. images.example.com); off by default: "
-        "clients send images as data URLs",
+        "--allowed-media-domains",
+        nargs="+",
+        default=(),
+        metavar="HOST",
+        help="fetch http(s) image URLs of these hosts only (e.g. images.example.com); off by default: clients send images as data URLs",
     )
     serve.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request has none (default 256)")
     serve.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default 4096)")
@@ -88,8 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
     _check_port_free(args.host, args.port)
     if args.host not in LOOPBACK_HOSTS:
         print(
-            f"warning: listening on {args.host}: anyone who can reach this machine can use the model "
-            f"(the server has no authentication)",
+            f"warning: listening on {args.host}: anyone who can reach this machine can use the model (the server has no authentication)",
             file=sys.stderr,
         )
 

@@ -106,9 +106,7 @@ def decode_image(raw: bytes, param: str):
         with Image.open(io.BytesIO(raw)) as img:
             width, height = img.size
             if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
-                raise bad_request(
-                    f"{param}: image is {width}x{height}; at most {MAX_IMAGE_SIDE} px per side", param, "image_too_large"
-                )
+                raise bad_request(f"{param}: image is {width}x{height}; at most {MAX_IMAGE_SIDE} px per side", param, "image_too_large")
             if width < 1 or height < 1:
                 raise bad_request(f"{param}: image has no pixels", param, "invalid_image")
             img.load()
@@ -121,9 +119,7 @@ def decode_image(raw: bytes, param: str):
         raise bad_request(f"{param}: corrupt or truncated image ({type(exc).__name__}: {exc})", param, "invalid_image") from None
 
 
-def load_image_url(
-    url: Any, param: str, allowed_local_media_path: Path | None = None, allowed_media_domains: Sequence[str] = ()
-):
+def load_image_url(url: Any, param: str, allowed_local_media_path: Path | None = None, allowed_media_domains: Sequence[str] = ()):
     """A PIL RGB image from a data URL, an http(s) URL of an allowed host, or an allowed local file.
 
     Remote fetching is off unless `allowed_media_domains` names hosts: a server that fetched
@@ -135,9 +131,7 @@ def load_image_url(
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or not header.endswith(";base64"):
-            raise bad_request(
-                f"{param}: only base64 data URLs are supported (data:image/png;base64,...)", param, "invalid_image_url"
-            )
+            raise bad_request(f"{param}: only base64 data URLs are supported (data:image/png;base64,...)", param, "invalid_image_url")
         if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
             raise bad_request(f"{param}: image is larger than {MAX_IMAGE_BYTES} bytes", param, "image_too_large")
         try:
@@ -152,8 +146,9 @@ def load_image_url(
         path = Path(unquote(urlparse(url).path) if scheme == "file" else url)
         if allowed_local_media_path is None:
             raise bad_request(
-                f"{param}: local image files are disabled; start serve with --allowed-local-media-path DIR "
-                f"or send the image as a data URL", param, "local_files_disabled",
+                f"{param}: local image files are disabled; start serve with --allowed-local-media-path DIR or send the image as a data URL",
+                param,
+                "local_files_disabled",
             )
         root = allowed_local_media_path.resolve()
         resolved = path.resolve()
@@ -173,13 +168,12 @@ def check_media_domain(url: str, param: str, allowed_media_domains: Sequence[str
         raise bad_request(
             f"{param}: this server does not fetch image URLs; send the image as a data URL "
             f"(data:image/png;base64,...), or start serve with --allowed-media-domains HOST",
-            param, "remote_media_disabled",
+            param,
+            "remote_media_disabled",
         )
     host = (urlparse(url).hostname or "").lower()
     if host not in {d.lower() for d in allowed_media_domains}:
-        raise bad_request(
-            f"{param}: host {host or '(none)'!r} is not in this server's --allowed-media-domains", param, "media_domain_not_allowed"
-        )
+        raise bad_request(f"{param}: host {host or '(none)'!r} is not in this server's --allowed-media-domains", param, "media_domain_not_allowed")
 
 
 def _fetch(url: str, param: str, allowed_media_domains: Sequence[str] = ()) -> bytes:
@@ -219,9 +213,7 @@ def normalise_messages(
             raise bad_request(f"{where}: expected an object with role and content", where)
         role = ROLES.get(message.get("role"))
         if role is None:
-            raise bad_request(
-                f"{where}.role: {message.get('role')!r} is not supported; use system, user or assistant", f"{where}.role"
-            )
+            raise bad_request(f"{where}.role: {message.get('role')!r} is not supported; use system, user or assistant", f"{where}.role")
         content = message.get("content")
         parts: list[dict] = []
         if content is None:
@@ -240,9 +232,7 @@ def normalise_messages(
                     images.append(load_image_url(url, f"{at}.image_url", allowed_local_media_path, allowed_media_domains))
                     parts.append({"type": "image"})
                 else:
-                    raise bad_request(
-                        f"{at}: unsupported content part {kind!r}; expected text or image_url", at, "invalid_content"
-                    )
+                    raise bad_request(f"{at}: unsupported content part {kind!r}; expected text or image_url", at, "invalid_content")
         else:
             raise bad_request(f"{where}.content: expected a string or a list of parts", f"{where}.content")
         out.append({"role": role, "content": parts})
@@ -319,9 +309,7 @@ class HFChatBackend:
             kwargs["logits_processor"] = LogitsProcessorList([SamplingTransform(1.0, 1.0, self.banned_ids)])
         else:
             kwargs["do_sample"] = True
-            kwargs["logits_processor"] = LogitsProcessorList(
-                [SamplingTransform(params.temperature, params.top_p, self.banned_ids)]
-            )
+            kwargs["logits_processor"] = LogitsProcessorList([SamplingTransform(params.temperature, params.top_p, self.banned_ids)])
         with self._lock, torch.no_grad():
             if params.seed is not None:
                 torch.manual_seed(params.seed % (2**63))
@@ -363,16 +351,11 @@ def load_vllm_backend(model_dir: str, **options) -> ChatBackend:
         from alphadrive_ray.engines import vllm_engine
     except ModuleNotFoundError as exc:
         if exc.name == "alphadrive_ray.engines.vllm_engine":
-            raise UserError(
-                "serve --engine vllm: this checkout has no alphadrive_ray/engines/vllm_engine.py; use --engine hf"
-            ) from None
+            raise UserError("serve --engine vllm: this checkout has no alphadrive_ray/engines/vllm_engine.py; use --engine hf") from None
         raise
     factory = getattr(vllm_engine, "build_chat_backend", None)
     if factory is None:
-        raise UserError(
-            "serve --engine vllm: alphadrive_ray.engines.vllm_engine has no build_chat_backend(model_dir, **options); "
-            "use --engine hf"
-        )
+        raise UserError("serve --engine vllm: alphadrive_ray.engines.vllm_engine has no build_chat_backend(model_dir, **options); use --engine hf")
     return factory(model_dir, **options)
 
 
@@ -454,16 +437,16 @@ def create_app(backend: ChatBackend, options: ServerOptions):
     async def chat_completions(request: ChatCompletionRequest):
         if request.model is not None and request.model not in (name, options.model_dir):
             raise ApiError(
-                404, f"model {request.model!r} does not exist; this server serves {name!r}",
-                param="model", code="model_not_found",
+                404,
+                f"model {request.model!r} does not exist; this server serves {name!r}",
+                param="model",
+                code="model_not_found",
             )
         if request.stream:
             raise bad_request("stream: streaming is not supported by this server; send stream=false", "stream")
         max_tokens = request.max_completion_tokens or request.max_tokens or options.default_max_tokens
         if max_tokens > options.max_tokens_limit:
-            raise bad_request(
-                f"max_tokens: {max_tokens} is above this server's limit of {options.max_tokens_limit}", "max_tokens"
-            )
+            raise bad_request(f"max_tokens: {max_tokens} is above this server's limit of {options.max_tokens_limit}", "max_tokens")
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
         params = ChatSampling(
             n=request.n,

@@ -55,7 +55,19 @@ def prepare_run_dir(config: Config, resume: bool = False) -> Path:
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not config.run.overwrite:
             raise UserError(f"run directory {run_dir} exists; pick another run.name or set run.overwrite: true")
-        for child in ("metrics.jsonl", "tensorboard", "eval", "report", "export", "export-sft", "summary.json", "ledger.jsonl", "checkpoints", "run_report.html", "wandb"):
+        for child in (
+            "metrics.jsonl",
+            "tensorboard",
+            "eval",
+            "report",
+            "export",
+            "export-sft",
+            "summary.json",
+            "ledger.jsonl",
+            "checkpoints",
+            "run_report.html",
+            "wandb",
+        ):
             target = run_dir / child
             if target.is_dir():
                 shutil.rmtree(target)
@@ -89,15 +101,23 @@ def prepare_data(config: Config, say=print) -> tuple[list[Record], list[Record]]
             raise UserError(f"data.{prefix}: {path} exists but was not made by the scene generator; set data.synth_{prefix}.n: 0 to use it as it is")
         say(f"generating {synth.n} synthetic scenes for the {prefix} split (seed {synth.seed}, {synth.labels} labels) -> {path}")
         _, stats = generate_dataset(
-            Path(path).parent, synth.n, synth.seed, size=synth.size, speed_mix=speed_mix, path_mix=path_mix,
-            labelling=labelling, id_prefix=prefix,
+            Path(path).parent,
+            synth.n,
+            synth.seed,
+            size=synth.size,
+            speed_mix=speed_mix,
+            path_mix=path_mix,
+            labelling=labelling,
+            id_prefix=prefix,
         )
         say(f"  {stats.n} scenes in {stats.seconds:.0f}s, {stats.with_reasoning} with reasoning; ceiling (most likely plan) {stats.ceiling:.3f}")
     train = load_records(config.data.train, skip_bad=config.data.skip_bad, log=say)
     held_out = load_records(config.data.eval, skip_bad=config.data.skip_bad, log=say)
     overlap = {r.id for r in train} & {r.id for r in held_out}
     if overlap:
-        raise UserError(f"{len(overlap)} id(s) are in both the train and eval splits (e.g. {sorted(overlap)[0]}); the held-out split must be disjoint")
+        raise UserError(
+            f"{len(overlap)} id(s) are in both the train and eval splits (e.g. {sorted(overlap)[0]}); the held-out split must be disjoint"
+        )
     return train, held_out
 
 
@@ -314,7 +334,9 @@ class Trainer:
             return EpochSampler(self.train_records, self.config.run.seed).take(min(c.samples, len(self.train_records)))
         with_reasoning = [r for r in self.train_records if r.reasoning and r.reasoning.strip()]
         if not with_reasoning:
-            raise UserError(f"sft.enabled is true but no record of {self.config.data.train} has a `reasoning`; run `alphadrive-ray distill`, set sft.target: answer, or disable SFT")
+            raise UserError(
+                f"sft.enabled is true but no record of {self.config.data.train} has a `reasoning`; run `alphadrive-ray distill`, set sft.target: answer, or disable SFT"
+            )
         return EpochSampler(with_reasoning, self.config.run.seed).take(min(c.samples, len(with_reasoning)))
 
     def sft_target(self, record: Record) -> str:
@@ -381,7 +403,9 @@ class Trainer:
         from alphadrive_ray.workers.learner import SFTExample
 
         if first_step == 0:
-            self.tracker.say(f"stage 1: SFT warm-up, {steps} steps on {len(subset)} samples ({'with reasoning' if c.target == 'reasoning' else 'answers only'})")
+            self.tracker.say(
+                f"stage 1: SFT warm-up, {steps} steps on {len(subset)} samples ({'with reasoning' if c.target == 'reasoning' else 'answers only'})"
+            )
             self.learners.begin_stage("sft", weight_decay=c.weight_decay)
         started = time.monotonic()
         every = self.config.checkpoint.every_steps
@@ -397,7 +421,9 @@ class Trainer:
             metrics["perf/samples_per_s"] = c.batch_size / metrics["perf/step_s"]
             self.tracker.log("sft", step + 1, metrics)
             if (step + 1) % max(1, steps // 20) == 0 or step + 1 == steps:
-                self.tracker.say(progress_line("sft", step + 1, steps, metrics, ("loss/sft", "perf/lr", "perf/samples_per_s"), started, step + 1 - first_step))
+                self.tracker.say(
+                    progress_line("sft", step + 1, steps, metrics, ("loss/sft", "perf/lr", "perf/samples_per_s"), started, step + 1 - first_step)
+                )
             if every and (step + 1) % every == 0 and step + 1 < steps:
                 self.save_checkpoint("sft", step + 1, sampler.state_dict())
         self._sft_end_sampler = sampler.state_dict()
@@ -508,7 +534,17 @@ class Trainer:
             )
             self.tracker.log("grpo", step + 1, metrics)
             if (step + 1) % max(1, c.steps // 25) == 0 or step + 1 == c.steps:
-                self.tracker.say(progress_line("grpo", step + 1, c.steps, metrics, ("reward/total", "rollout/accuracy", "loss/kl", "perf/step_s"), started, step + 1 - first_step))
+                self.tracker.say(
+                    progress_line(
+                        "grpo",
+                        step + 1,
+                        c.steps,
+                        metrics,
+                        ("reward/total", "rollout/accuracy", "loss/kl", "perf/step_s"),
+                        started,
+                        step + 1 - first_step,
+                    )
+                )
             every_eval = self.config.eval.every_steps
             if every_eval and (step + 1) % every_eval == 0 and step + 1 < c.steps:
                 self.evaluate(f"step-{step + 1:06d}")
@@ -660,11 +696,7 @@ def train(config: Config, resume: bool = False) -> RunSummary:
         trainer.accuracy["final"] = trainer.planning_accuracy(predictions)
         summary.accuracy = dict(trainer.accuracy)
         stages = stage_labels(config)
-        extra = {
-            "Planning accuracy by stage (held-out split)": [
-                {"stage": stages[k], "accuracy": round(v, 4)} for k, v in summary.accuracy.items()
-            ]
-        }
+        extra = {"Planning accuracy by stage (held-out split)": [{"stage": stages[k], "accuracy": round(v, 4)} for k, v in summary.accuracy.items()]}
         trainer.evaluate("final", predictions, extra)
         summary.ceiling = trainer.ceiling
         summary.comparisons = compare_stages(trainer.correct)

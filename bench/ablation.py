@@ -317,9 +317,7 @@ def train(spec: RunSpec, overrides: list[str], base: Path, log_path: Path) -> fl
     start = time.monotonic()
     with open(log_path, "w", encoding="utf-8", buffering=1) as log:  # line-buffered: `tail -f` works
         log.write(f"$ cd {shlex.quote(str(REPO))} && {shlex.join(command)}\n")
-        proc = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-        )
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -351,9 +349,7 @@ def load_result(result: RunResult, spec: RunSpec) -> None:
     result.curve = [r for r in rows if r["stage"] in ("grpo", "eval")]
 
 
-def run_all(
-    specs: list[RunSpec], planned: dict[str, tuple[list[str], dict]], base: Path, out: Path, reuse: bool
-) -> dict[str, RunResult]:
+def run_all(specs: list[RunSpec], planned: dict[str, tuple[list[str], dict]], base: Path, out: Path, reuse: bool) -> dict[str, RunResult]:
     """Train the runs in order (or reuse finished ones) and read their figures."""
     results: dict[str, RunResult] = {}
     started = time.monotonic()
@@ -464,7 +460,7 @@ def check_targets(figures: dict[str, list[dict]], results: dict[str, RunResult],
 
     records = {r.id: r for r in load_records(eval_path, check_images=False)}
     pairs = Counter((r.speed_action, r.path_action) for r in records.values())
-    (constant_pair, constant_n), = pairs.most_common(1)
+    ((constant_pair, constant_n),) = pairs.most_common(1)
     by_run = {f["run"]: f for rows in figures.values() for f in rows if f["evaluation"] == "final"}
     out: dict[str, Any] = {"best_constant_plan": ", ".join(constant_pair), "best_constant_accuracy": constant_n / len(records)}
     sft, both, rl = by_run.get("sft"), by_run.get("reward-all"), by_run.get("rl-only")
@@ -475,7 +471,10 @@ def check_targets(figures: dict[str, list[dict]], results: dict[str, RunResult],
         out["sft_rl_vs_sft"] = compare_paired([a[i] for i in ids], [b[i] for i in ids])
         out["sft_rl_vs_sft"]["met"] = both["accuracy"] - sft["accuracy"] >= 0.05
     if rl:
-        out["rl_only_vs_constant"] = {"margin": rl["accuracy"] - out["best_constant_accuracy"], "met": rl["accuracy"] - out["best_constant_accuracy"] >= 0.20}
+        out["rl_only_vs_constant"] = {
+            "margin": rl["accuracy"] - out["best_constant_accuracy"],
+            "met": rl["accuracy"] - out["best_constant_accuracy"] >= 0.20,
+        }
     if both and both["ceiling"]:
         out["sft_rl_vs_ceiling"] = {"share": both["share_of_ceiling"], "met": both["share_of_ceiling"] >= 0.9}
     return out
@@ -553,11 +552,11 @@ def notes(budget: dict, tables: Sequence[str], results: dict[str, RunResult]) ->
     ]
     if "reward" in tables:
         lines += [
-            "- Reward rows map onto `reward.components` (alphadrive_ray.rewards.score_group). \"Base accuracy\" is the paper's exact-match "
+            '- Reward rows map onto `reward.components` (alphadrive_ray.rewards.score_group). "Base accuracy" is the paper\'s exact-match '
             "accuracy; our components express it per family: leaving out `accuracy` replaces each family's planning F1 by an exact match "
             "of its predicted action set with the true one (1 or 0), so that reward is 0-2 (SPEED + PATH), not a single 1/0 for both actions "
             "right. The joint form (`rewards.exact_accuracy_reward`) is not selectable through `reward.components`.",
-            "- \"+ action weight\" and \"+ diversity (no weight)\" are both added to planning F1 + format, as in the paper; \"all four\" is the "
+            '- "+ action weight" and "+ diversity (no weight)" are both added to planning F1 + format, as in the paper; "all four" is the '
             "same run as the strategy table's SFT + RL.",
         ]
     if "strategy" in tables:
@@ -663,9 +662,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/out/ablation; bench/out/ablation-smoke with --smoke)")
     p.add_argument("--grpo-steps", type=int, default=None, help="GRPO steps of every RL run (default: the base config's)")
     p.add_argument("--sft-samples", type=int, default=None, help="samples of the SFT warm-up (default: the base config's)")
-    p.add_argument("--eval-samples", type=int, default=None, help="scenes in the held-out split (default: the base config's data.synth_eval.n, else 300)")
+    p.add_argument(
+        "--eval-samples", type=int, default=None, help="scenes in the held-out split (default: the base config's data.synth_eval.n, else 300)"
+    )
     p.add_argument("--only", choices=tuple(TABLES), default=None, help="run one ablation (default both)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override passed to every run (repeatable)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override passed to every run (repeatable)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny settings: 2 GRPO steps, 10 SFT steps, 20 held-out scenes, one worker each")
     p.add_argument("--reuse", action="store_true", help="keep the finished runs in --out whose resolved config is unchanged")
     p.add_argument("--docs", type=Path, default=None, help="write this invocation's tables into this markdown file, between the ablation markers")
@@ -692,11 +695,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
     out = (args.out or (DEFAULT_OUT.with_name("ablation-smoke") if args.smoke else DEFAULT_OUT)).resolve()
     check_user_overrides(args.overrides)
     base = load_config(base_path, [*(SMOKE_OVERRIDES if args.smoke else ()), *args.overrides])
-    defaults = SMOKE if args.smoke else {
-        "grpo_steps": base.grpo.steps,
-        "sft_samples": base.sft.samples,
-        "eval_samples": base.data.synth_eval.n or 300,
-    }
+    defaults = (
+        SMOKE
+        if args.smoke
+        else {
+            "grpo_steps": base.grpo.steps,
+            "sft_samples": base.sft.samples,
+            "eval_samples": base.data.synth_eval.n or 300,
+        }
+    )
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -42,20 +42,14 @@ def time_reasoning_check(text: str) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="timings per input; the median is shown (default 3)"
-    )
+    parser.add_argument("--repeats", type=int, default=3, help="timings per input; the median is shown (default 3)")
     args = parser.parse_args(argv)
     cases = [(f"rewards: {name}", time_reward_case, text) for name, text in HUGE_CASES]
-    cases.append(
-        ("distill filters: stop x 200k + <answer x 10k", time_reasoning_check, ADVERSARIAL_REASONING)
-    )
+    cases.append(("distill filters: stop x 200k + <answer x 10k", time_reasoning_check, ADVERSARIAL_REASONING))
     print(f"{'input':<60}{'MB':>6}{'median s':>10}{'max s':>8}")
     for name, measure, text in cases:
         times = [measure(text) for _ in range(args.repeats)]
-        print(
-            f"{name:<60}{len(text.encode()) / 1e6:>6.2f}{statistics.median(times):>10.3f}{max(times):>8.3f}"
-        )
+        print(f"{name:<60}{len(text.encode()) / 1e6:>6.2f}{statistics.median(times):>10.3f}{max(times):>8.3f}")
     return 0
 
 

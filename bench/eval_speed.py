@@ -170,9 +170,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each, in turn (default 3); medians are compared")
     parser.add_argument("--no-reasoning-metrics", action="store_true", help="time the CLI without BLEU / CIDEr / METEOR (no baseline)")
-    parser.add_argument(
-        "--keep", type=Path, default=None, help="write the data and report here instead of a temporary folder"
-    )
+    parser.add_argument("--keep", type=Path, default=None, help="write the data and report here instead of a temporary folder")
     parser.add_argument("--serial-baseline", type=Path, default=None, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.serial_baseline is not None:
@@ -214,9 +212,7 @@ def main() -> None:
             print(f"run {run + 1}: whole eval {walls[-1]:.1f} s; stages (s): {json.dumps(metrics['timing_s'])}")
             if args.no_reasoning_metrics:
                 continue
-            child = subprocess.run(
-                [sys.executable, __file__, "--serial-baseline", str(root)], capture_output=True, text=True
-            )
+            child = subprocess.run([sys.executable, __file__, "--serial-baseline", str(root)], capture_output=True, text=True)
             if child.returncode != 0:
                 print(child.stderr)
                 raise SystemExit("the serial pycocoevalcap baseline failed")
@@ -227,8 +223,7 @@ def main() -> None:
             same = {name: reasoning[name] == baseline[name] for name in ("bleu4", "cider", "meteor")}
             if not all(same.values()):
                 raise SystemExit(
-                    "scores differ from pycocoevalcap's: "
-                    + ", ".join(f"{k} {reasoning[k]!r} vs {baseline[k]!r}" for k, ok in same.items() if not ok)
+                    "scores differ from pycocoevalcap's: " + ", ".join(f"{k} {reasoning[k]!r} vs {baseline[k]!r}" for k, ok in same.items() if not ok)
                 )
         print(
             f"whole eval of {args.n} samples: median {_median(walls):.1f} s wall over {args.repeat} run(s) "

@@ -230,7 +230,9 @@ def engine_load_ways(engine, sender: dict[str, torch.Tensor], bucket_mb: int, de
     params = dict(engine.model.named_parameters())
     nbytes = sum(t.numel() * t.element_size() for t in sender.values())
     # pageable copies of the buckets, as a receiver holds them
-    buckets = [(m, np.array(parts[0], copy=True)) for m, parts in weight_sync.staged_buckets(sender.items(), bucket_mb * 2**20, weight_sync.HostStaging())]
+    buckets = [
+        (m, np.array(parts[0], copy=True)) for m, parts in weight_sync.staged_buckets(sender.items(), bucket_mb * 2**20, weight_sync.HostStaging())
+    ]
 
     def engine_way():
         for metas, array in buckets:
@@ -319,7 +321,12 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--generate-prompts", type=int, default=16, help="prompts per call for transformers' generate (0: skip it); its scores take B x G x T x V floats")
+    p.add_argument(
+        "--generate-prompts",
+        type=int,
+        default=16,
+        help="prompts per call for transformers' generate (0: skip it); its scores take B x G x T x V floats",
+    )
     p.add_argument("--bucket-mb", type=int, default=256)
     p.add_argument("--copy-mb", type=int, default=1024)
     p.add_argument("--nccl-backend", default="nccl", help="backend of the two-process broadcast (gloo: on CPU)")
@@ -373,14 +380,18 @@ def main() -> None:
         if prompts == min(args.prompts):
             a = logprob_agreement(engine, records[: min(4, prompts)], args.group, args.max_new_tokens, device)
             report.setdefault("logprob_agreement", {})[name] = a
-            log(f"{name:12s} |engine - learner| log-prob over {a['tokens']} tokens: mean {a['mean_abs']:.2e}, p99 {a['p99_abs']:.2e}, max {a['max_abs']:.2e}")
+            log(
+                f"{name:12s} |engine - learner| log-prob over {a['tokens']} tokens: mean {a['mean_abs']:.2e}, p99 {a['p99_abs']:.2e}, max {a['max_abs']:.2e}"
+            )
         if loop == "lean" and prompts == args.prompts[0]:
             sender = learner_like(engine)
             report["sync"] = sync_legs(engine, sender, args.bucket_mb, device, args.rounds)
             for way in ("staged", "views"):
                 w = report["sync"][way]
-                log(f"sync legs ({way}) of {report['sync']['state_dict_gb']:.2f} GB: bucketing {w['bucket_s']:.2f} s "
-                    f"({w['bucket_gb_per_s']:.1f} GB/s), engine load {w['load_s']:.2f} s ({w['load_gb_per_s']:.1f} GB/s)")
+                log(
+                    f"sync legs ({way}) of {report['sync']['state_dict_gb']:.2f} GB: bucketing {w['bucket_s']:.2f} s "
+                    f"({w['bucket_gb_per_s']:.1f} GB/s), engine load {w['load_s']:.2f} s ({w['load_gb_per_s']:.1f} GB/s)"
+                )
             report["engine_load_gb_per_s"] = engine_load_ways(engine, sender, args.bucket_mb, device, args.rounds)
             for way, v in report["engine_load_gb_per_s"].items():
                 log(f"engine load from host buckets, {way}: {v:.1f} GB/s")
@@ -421,12 +432,17 @@ def main() -> None:
     for g in report["generation"]:
         print(f"  {g['engine']:12s} {g['prompts']:3d} prompts: {g['tokens_per_s']:8.0f} tokens/s")
     for name, a in report.get("logprob_agreement", {}).items():
-        print(f"  {name:12s} |engine - learner| log-prob: mean {a['mean_abs']:.2e}, p99 {a['p99_abs']:.2e}, max {a['max_abs']:.2e} ({a['tokens']} tokens)")
+        print(
+            f"  {name:12s} |engine - learner| log-prob: mean {a['mean_abs']:.2e}, p99 {a['p99_abs']:.2e}, max {a['max_abs']:.2e} ({a['tokens']} tokens)"
+        )
     if "sync" in report:
         s, c = report["sync"], report["copy_gb_per_s"]
         share = lambda v, key: f"  ({v / c[key]:.0%} of {key} memcpy)" if key in c else ""  # noqa: E731
         print(f"  sync legs, {s['state_dict_gb']:.2f} GB in {s['bucket_mb']} MB buckets, GB/s:")
-        for way, what in (("staged", "learner buckets, one pinned buffer (the learner's way)"), ("views", "learner buckets, .cpu() per tensor (before)")):
+        for way, what in (
+            ("staged", "learner buckets, one pinned buffer (the learner's way)"),
+            ("views", "learner buckets, .cpu() per tensor (before)"),
+        ):
             print(f"    {what:55s} {s[way]['bucket_gb_per_s']:6.1f}{share(s[way]['bucket_gb_per_s'], 'device to host, pinned')}")
         for way, v in report["engine_load_gb_per_s"].items():
             print(f"    {'engine load from pageable buckets, ' + way:55s} {v:6.1f}{share(v, 'host to device, pageable')}")

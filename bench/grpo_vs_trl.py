@@ -44,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=q["rollout"]["max_new_tokens"], help="longest completion (default: the quickstart's)")
     p.add_argument("--temperature", type=float, default=q["rollout"].get("temperature", 1.0))
     p.add_argument("--top-p", type=float, default=q["rollout"].get("top_p", 1.0))
-    p.add_argument("--micro-batch", type=int, default=q["grpo"]["micro_batch_size"], help="completions per forward/backward (default: the quickstart's)")
+    p.add_argument(
+        "--micro-batch", type=int, default=q["grpo"]["micro_batch_size"], help="completions per forward/backward (default: the quickstart's)"
+    )
     p.add_argument("--lr", type=float, default=float(q["grpo"]["lr"]))
     p.add_argument("--image-size", type=int, default=224, help="rendered scene side in pixels (the quickstart's 224)")
     p.add_argument(

@@ -75,10 +75,14 @@ def main() -> None:
     rate = {}
     for loop in loops:
         rate[loop] = statistics.median(t / s for t, s in zip(tokens[loop], seconds[loop]))
-        print(f"  {loop:8s}: {rate[loop]:7.0f} tokens/s  ({statistics.median(seconds[loop]):.3f} s per call, {statistics.fmean(tokens[loop]):.0f} tokens)")
+        print(
+            f"  {loop:8s}: {rate[loop]:7.0f} tokens/s  ({statistics.median(seconds[loop]):.3f} s per call, {statistics.fmean(tokens[loop]):.0f} tokens)"
+        )
     print(f"lean / generate: {rate['lean'] / rate['generate']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "tokens_per_s": rate, "seconds": seconds, "tokens": tokens}, indent=2))
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "tokens_per_s": rate, "seconds": seconds, "tokens": tokens}, indent=2)
+        )
 
 
 if __name__ == "__main__":

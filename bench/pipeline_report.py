@@ -36,7 +36,9 @@ def main() -> None:
         print(f"SFT:  {mean('perf/step_s', sft):.3f} s/step, {mean('perf/samples_per_s', sft):.1f} samples/s ({len(sft)} steps)")
     if grpo:
         step = mean("perf/step_s")
-        print(f"GRPO: {step:.3f} s/step, {mean('perf/samples_per_s'):.1f} samples/s, {mean('perf/tokens_per_s'):.0f} tokens/s ({len(grpo)} steps after {args.skip} warm-up)")
+        print(
+            f"GRPO: {step:.3f} s/step, {mean('perf/samples_per_s'):.1f} samples/s, {mean('perf/tokens_per_s'):.0f} tokens/s ({len(grpo)} steps after {args.skip} warm-up)"
+        )
         parts = {k: mean(f"perf/{k}_s") for k in ("rollout", "reward", "learner", "sync")}
         other = step - sum(parts.values())
         print("share of GRPO step time: " + ", ".join(f"{k} {v / step:.0%}" for k, v in parts.items()) + f", driver/other {other / step:.0%}")

@@ -6,5 +6,7 @@ config's, as for the tiny model. The vocabulary is the release's, with tied inpu
 embeddings.
 """
 
-SIZES = dict(text_hidden=1536, text_layers=28, text_heads=12, text_kv_heads=2, text_intermediate=8960, vision_dim=1280, vision_depth=32, vision_heads=16)
+SIZES = dict(
+    text_hidden=1536, text_layers=28, text_heads=12, text_kv_heads=2, text_intermediate=8960, vision_dim=1280, vision_depth=32, vision_heads=16
+)
 VOCABULARY = dict(vocab_size=151936, tie_word_embeddings=True)

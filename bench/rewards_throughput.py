@@ -46,9 +46,7 @@ def make_groups(n_groups: int, group_size: int, seed: int) -> list[tuple[list[st
     groups = []
     for _ in range(n_groups):
         speed, path = rng.choice(SPEED_ACTIONS), rng.choice(PATH_ACTIONS)
-        groups.append(
-            ([random_completion(rng, speed, path) for _ in range(group_size)], format_answer(speed, path))
-        )
+        groups.append(([random_completion(rng, speed, path) for _ in range(group_size)], format_answer(speed, path)))
     return groups
 
 
@@ -74,14 +72,10 @@ def main() -> None:
     groups = make_groups(args.groups, args.group_size, args.seed)
     n = args.groups * args.group_size
     mean_chars = statistics.mean(len(c) for completions, _ in groups for c in completions)
-    print(
-        f"{args.groups} groups x {args.group_size} completions = {n} completions, mean {mean_chars:.0f} chars"
-    )
+    print(f"{args.groups} groups x {args.group_size} completions = {n} completions, mean {mean_chars:.0f} chars")
     for variant in VARIANTS:
         rates = time_variant(groups, variant, args.repeats)
-        print(
-            f"{variant:>8}: best {max(rates):,.0f} completions/s, median {statistics.median(rates):,.0f} completions/s (single process)"
-        )
+        print(f"{variant:>8}: best {max(rates):,.0f} completions/s, median {statistics.median(rates):,.0f} completions/s (single process)")
 
 
 if __name__ == "__main__":

@@ -246,7 +246,9 @@ def main() -> None:
     store = 2 * nbytes + 2**29
     print("weight sync through the Ray object store vs memcpy")
     layout = "separate allocations" if args.separate else "views of one flat buffer, as a DeepSpeed ZeRO-1/2 learner holds them"
-    print(f"  state dict: {len(shapes)} bf16 tensors of Qwen2-VL-2B ({params / 1e9:.2f}B params, {nbytes / GB:.2f} GB), {layout}; buckets of {args.bucket_mb} MB")
+    print(
+        f"  state dict: {len(shapes)} bf16 tensors of Qwen2-VL-2B ({params / 1e9:.2f}B params, {nbytes / GB:.2f} GB), {layout}; buckets of {args.bucket_mb} MB"
+    )
     print(f"  machine: {os.cpu_count()} CPUs, {avail:.1f} GB available; load average {open('/proc/loadavg').read().split()[:3]}")
     print(
         f"  torch {torch.__version__}, ray {ray.__version__}; object store {store / GB:.1f} GB, preallocated; "

@@ -63,8 +63,9 @@ class LocalHead:
         """Fresh ports and a fresh temp dir (a failed start leaves neither usable)."""
         # short: Ray's unix socket paths live under it (108 bytes at most)
         self.temp_dir = tempfile.mkdtemp(prefix="adr-head-", dir="/tmp")
-        (self.gcs_port, self.dashboard_port, self.agent_port, self.agent_grpc_port, self.client_port,
-         self.metrics_port, self.runtime_env_port) = free_ports(7)
+        (self.gcs_port, self.dashboard_port, self.agent_port, self.agent_grpc_port, self.client_port, self.metrics_port, self.runtime_env_port) = (
+            free_ports(7)
+        )
         self.log_path = Path(self.temp_dir) / "head.log"
 
     @property
@@ -88,7 +89,11 @@ class LocalHead:
 
     def _start(self, timeout_s: float) -> "LocalHead":
         cmd = [
-            os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", "--disable-usage-stats",
+            os.path.join(VENV_BIN, "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
             f"--num-cpus={self.num_cpus}",
             f"--port={self.gcs_port}",
             "--dashboard-host=127.0.0.1",
@@ -121,7 +126,10 @@ class LocalHead:
         """Run the `ray` CLI against this head (jobs API on the dashboard port)."""
         return subprocess.run(
             [os.path.join(VENV_BIN, "ray"), *args],
-            capture_output=True, text=True, timeout=timeout, cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
             env=client_env(RAY_API_SERVER_ADDRESS=self.dashboard_url, **(env or {})),
         )
 

@@ -122,10 +122,7 @@ def test_per_rank_losses_sum_to_the_global_loss(mode):
     mask[:, 0] = 1.0
     whole = algo.aggregate_loss(per_token, mask, mode)
     tokens, seqs = float(mask.sum()), 8
-    parts = sum(
-        algo.aggregate_loss(per_token[i : i + 2], mask[i : i + 2], mode, total_tokens=tokens, total_sequences=seqs)
-        for i in range(0, 8, 2)
-    )
+    parts = sum(algo.aggregate_loss(per_token[i : i + 2], mask[i : i + 2], mode, total_tokens=tokens, total_sequences=seqs) for i in range(0, 8, 2))
     assert parts.item() == pytest.approx(whole.item(), rel=1e-6)
 
 
@@ -312,9 +309,7 @@ def test_policy_loss_and_gradient_equal_trls(rewards, group_size, loss_agg, loss
     with torch.no_grad():
         logp[pad] = junk[pad] * 0.5
     advantages = algo.compute_group_advantages(torch.tensor(rewards), group_size)
-    ours, _ = algo.compute_policy_loss(
-        logp, old, advantages, mask, eps_low=0.2, eps_high=0.28, ref_logp=ref, beta=beta, loss_agg=loss_agg
-    )
+    ours, _ = algo.compute_policy_loss(logp, old, advantages, mask, eps_low=0.2, eps_high=0.28, ref_logp=ref, beta=beta, loss_agg=loss_agg)
     logp64 = logp.detach().double().requires_grad_()
     theirs = trl_loss(logp64, old, ref, advantages, mask, beta, 0.2, 0.28, loss_type)
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-7)

@@ -14,8 +14,30 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_bench_gpu_runs_on_cpu_and_reports_every_figure(tmp_path):
     out = tmp_path / "gpu.json"
-    cmd = [sys.executable, str(REPO / "bench" / "gpu.py"), "--size", "tiny", "--device", "cpu", "--prompts", "2", "--generate-prompts", "2",
-           "--rounds", "1", "--max-new-tokens", "6", "--nccl-backend", "gloo", "--copy-mb", "16", "--workdir", str(tmp_path), "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "gpu.py"),
+        "--size",
+        "tiny",
+        "--device",
+        "cpu",
+        "--prompts",
+        "2",
+        "--generate-prompts",
+        "2",
+        "--rounds",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--nccl-backend",
+        "gloo",
+        "--copy-mb",
+        "16",
+        "--workdir",
+        str(tmp_path),
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())

@@ -74,12 +74,8 @@ def test_there_are_key_options_to_check():
     assert {"--api-key", "--api-key-env"} <= {option for _, _, option in key_options()}
 
 
-@pytest.mark.parametrize(
-    "path, parser, option", key_options(), ids=[" ".join((*p, o)) for p, _, o in key_options()]
-)
-def test_no_command_prints_a_value_given_to_a_key_option(
-    path, parser, option, tmp_path, capsys, dataset, monkeypatch
-):
+@pytest.mark.parametrize("path, parser, option", key_options(), ids=[" ".join((*p, o)) for p, _, o in key_options()])
+def test_no_command_prints_a_value_given_to_a_key_option(path, parser, option, tmp_path, capsys, dataset, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # the commands get as far as looking for a key
     base = argv_for(path, parser, tmp_path, dataset)
     for argv in (base + [option, SECRET], base + [f"{option}={SECRET}"]):

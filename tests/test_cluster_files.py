@@ -36,6 +36,7 @@ def dockerfile_ray_version(name: str) -> str:
 
 def bundles(c: Config) -> list[tuple[str, str, list[dict[str, float]]]]:
     """(role, strategy, bundles) of every placement group a job reserves, in start order."""
+
     def shape(cpus, gpus):
         return {"CPU": cpus, "GPU": gpus}
 

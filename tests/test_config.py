@@ -64,7 +64,9 @@ def test_every_job_file_loads(job):
 
 
 def test_yaml_values_and_their_types(tmp_path):
-    config = load_text(tmp_path, """
+    config = load_text(
+        tmp_path,
+        """
 run: {name: demo, seed: 3}
 grpo:
   steps: 4.0          # a whole float is an integer
@@ -74,7 +76,8 @@ reward:
   components: accuracy, format   # a comma-separated list
 data:
   synth_eval: {n: 10, speed_mix: {STOP: 2, KEEP: 1}}
-""")
+""",
+    )
     assert (config.run.name, config.run.seed) == ("demo", 3)
     assert config.grpo.steps == 4 and isinstance(config.grpo.steps, int)
     assert config.grpo.lr == 1e-6 and config.grpo.beta == 0.0 and isinstance(config.grpo.beta, float)
@@ -153,10 +156,15 @@ COMBINATION_CASES = [
     # 3 prompts cannot be shared by 2 rollout workers in whole groups
     (["grpo.prompts_per_step=3", "rollout.num_workers=2"], "grpo.prompts_per_step (3) must be a multiple of rollout.num_workers (2)"),
     # 3 x 3 = 9 completions do not split over 2 learners
-    (["grpo.prompts_per_step=3", "grpo.group_size=3", "rollout.num_workers=1", "learner.num_workers=2"],
-     "grpo.prompts_per_step x grpo.group_size = 9 completions must split evenly over learner.num_workers (2)"),
+    (
+        ["grpo.prompts_per_step=3", "grpo.group_size=3", "rollout.num_workers=1", "learner.num_workers=2"],
+        "grpo.prompts_per_step x grpo.group_size = 9 completions must split evenly over learner.num_workers (2)",
+    ),
     # 16 samples over 2 learners is 8 each, not a multiple of micro-batches of 3; the message proposes a value
-    (["sft.micro_batch_size=3"], "sft.batch_size (16) must split evenly over learner.num_workers (2) into micro-batches of sft.micro_batch_size (3); e.g. set sft.batch_size to 18"),
+    (
+        ["sft.micro_batch_size=3"],
+        "sft.batch_size (16) must split evenly over learner.num_workers (2) into micro-batches of sft.micro_batch_size (3); e.g. set sft.batch_size to 18",
+    ),
     # an engine batch smaller than one group
     (["rollout.batch_size=4"], "rollout.batch_size (4) must hold at least one group (grpo.group_size = 8)"),
     # NCCL weight sync needs vLLM engines
@@ -274,8 +282,7 @@ def test_docs_config_md_is_current():
     path = REPO / "docs" / "config.md"
     assert path.is_file(), "docs/config.md is missing: run `alphadrive-ray config-docs > docs/config.md`"
     assert path.read_text() == expected, (
-        "docs/config.md is out of date with alphadrive_ray/config.py: regenerate it with "
-        "`alphadrive-ray config-docs > docs/config.md` and commit it"
+        "docs/config.md is out of date with alphadrive_ray/config.py: regenerate it with `alphadrive-ray config-docs > docs/config.md` and commit it"
     )
     for section in dataclasses.fields(Config):
         assert f"## `{section.name}`" in expected
@@ -468,8 +475,13 @@ def config_reads(sources: dict[str, str]) -> set[str]:
 
 
 def all_keys() -> set[str]:
-    return {_child(path, name) for path, names in _section_fields().items() if path != ROOT for name in names
-            if _child(path, name) not in _section_fields()}
+    return {
+        _child(path, name)
+        for path, names in _section_fields().items()
+        if path != ROOT
+        for name in names
+        if _child(path, name) not in _section_fields()
+    }
 
 
 def test_the_key_reader_follows_aliases_and_finds_unread_keys():

@@ -67,7 +67,12 @@ def exported(tmp_path_factory):
     with LocalHead(num_cpus=1) as head:
         driver = subprocess.Popen(
             [sys.executable, "-c", DRIVER, f"127.0.0.1:{head.gcs_port}", str(tmp_path_factory.mktemp("tracker"))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=client_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=client_env(),
         )
         try:
             assert driver.stdout.readline().strip() == "logged", driver.stderr.read()

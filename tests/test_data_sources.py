@@ -130,7 +130,10 @@ def test_every_source_reports_the_same_problems(scenes, tmp_path):
     as_dataset(rows).to_parquet(str(parquet))
     folder = tmp_path / "bad-hf"
     as_dataset(rows).save_to_disk(str(folder))
-    expected = [(3, "speed_action", "unknown label 'FLY'; expected one of KEEP, ACCELERATE, DECELERATE, STOP"), (5, "navigation", "missing required field")]
+    expected = [
+        (3, "speed_action", "unknown label 'FLY'; expected one of KEEP, ACCELERATE, DECELERATE, STOP"),
+        (5, "navigation", "missing required field"),
+    ]
     for source in (jsonl, parquet, folder, f"hub:{folder.parent / 'hub-bad'}"):
         if str(source).startswith("hub:"):
             (folder.parent / "hub-bad").mkdir()
@@ -206,7 +209,10 @@ def test_unreachable_hub_is_a_clear_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     done = subprocess.run(
         [sys.executable, "-m", "alphadrive_ray", "data", "validate", "hub:someone/driving-scenes:validation"],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr + done.stdout
     assert "cannot load the Hub dataset 'someone/driving-scenes' (split 'validation')" in done.stdout

@@ -42,13 +42,41 @@ CASES = [
     ("cannot view image", "As the scene is unclear, I cannot view the image well enough to explain.", "KEEP", "STRAIGHT", "go straight", ["refusal"]),
     ("as an AI", "As an AI I do not drive, but the road ahead looks clear to me.", "KEEP", "STRAIGHT", "go straight", ["refusal"]),
     # "I cannot <driving verb>" is reasoning, not a refusal
-    ("cannot accelerate is reasoning", "I cannot accelerate because the car ahead is close, so I slow down.", "DECELERATE", "STRAIGHT", "go straight", []),
+    (
+        "cannot accelerate is reasoning",
+        "I cannot accelerate because the car ahead is close, so I slow down.",
+        "DECELERATE",
+        "STRAIGHT",
+        "go straight",
+        [],
+    ),
     # --- answer leak -------------------------------------------------------------------
-    ("answer tag", "The road is clear so I speed up. <answer> ACCELERATE, STRAIGHT </answer>", "ACCELERATE", "STRAIGHT", "go straight", ["answer_leak"]),
+    (
+        "answer tag",
+        "The road is clear so I speed up. <answer> ACCELERATE, STRAIGHT </answer>",
+        "ACCELERATE",
+        "STRAIGHT",
+        "go straight",
+        ["answer_leak"],
+    ),
     ("think tag", "<think> The road ahead is clear, so I keep my speed. </think>", "KEEP", "STRAIGHT", "go straight", ["answer_leak"]),
     ("vocabulary token", "The navigation says turn left at the junction, so LEFT_TURN is right.", "KEEP", "LEFT_TURN", "turn left", ["answer_leak"]),
-    ("capitalised action word", "A pedestrian is on the crossing ahead, so I must STOP here now.", "STOP", "STRAIGHT", "go straight", ["answer_leak"]),
-    ("lower-case token with underscore", "The plan is a right_change because cones close my lane ahead.", "DECELERATE", "RIGHT_CHANGE", "go straight", ["answer_leak"]),
+    (
+        "capitalised action word",
+        "A pedestrian is on the crossing ahead, so I must STOP here now.",
+        "STOP",
+        "STRAIGHT",
+        "go straight",
+        ["answer_leak"],
+    ),
+    (
+        "lower-case token with underscore",
+        "The plan is a right_change because cones close my lane ahead.",
+        "DECELERATE",
+        "RIGHT_CHANGE",
+        "go straight",
+        ["answer_leak"],
+    ),
     ("SPEED label", "SPEED: slow, because the light ahead of me is yellow now.", "DECELERATE", "STRAIGHT", "go straight", ["answer_leak"]),
     # ordinary words that look like vocabulary are fine in lower case
     ("lower-case words are fine", "I keep straight and stop behind the car ahead at the light.", "STOP", "STRAIGHT", "go straight", []),
@@ -65,7 +93,14 @@ CASES = [
     ("decimal points are not sentence ends", "At 8.4 m/s the light ahead is red, so I slow down.", "DECELERATE", "STRAIGHT", "go straight", []),
     # --- contradictions: SPEED -----------------------------------------------------------
     ("accelerate vs STOP", "The road ahead is clear, so I accelerate to cruising speed.", "STOP", "STRAIGHT", "go straight", ["contradiction"]),
-    ("speed up vs DECELERATE", "The light turned green, so I speed up through the intersection.", "DECELERATE", "STRAIGHT", "go straight", ["contradiction"]),
+    (
+        "speed up vs DECELERATE",
+        "The light turned green, so I speed up through the intersection.",
+        "DECELERATE",
+        "STRAIGHT",
+        "go straight",
+        ["contradiction"],
+    ),
     ("slow down vs ACCELERATE", "A car is merging ahead of me, so I slow down a little.", "ACCELERATE", "STRAIGHT", "go straight", ["contradiction"]),
     ("stop vs KEEP", "The pedestrian is crossing, so I stop before the crossing.", "KEEP", "STRAIGHT", "go straight", ["contradiction"]),
     ("keep speed vs STOP", "Traffic is flowing well, so I maintain my current speed.", "STOP", "STRAIGHT", "go straight", ["contradiction"]),
@@ -74,21 +109,68 @@ CASES = [
     ("instead of accelerating", "Instead of accelerating I slow down, as the car ahead brakes.", "DECELERATE", "STRAIGHT", "go straight", []),
     ("don't speed up", "The light may change soon, so I don't speed up and I slow down.", "DECELERATE", "STRAIGHT", "go straight", []),
     # scene words are not actions
-    ("stop sign is a scene word", "There is a stop sign far ahead, but the road is clear, so I speed up.", "ACCELERATE", "STRAIGHT", "go straight", []),
-    ("stopping vs DECELERATE is no contradiction", "The light is yellow, so I decelerate and prepare for stopping.", "DECELERATE", "STRAIGHT", "go straight", []),
+    (
+        "stop sign is a scene word",
+        "There is a stop sign far ahead, but the road is clear, so I speed up.",
+        "ACCELERATE",
+        "STRAIGHT",
+        "go straight",
+        [],
+    ),
+    (
+        "stopping vs DECELERATE is no contradiction",
+        "The light is yellow, so I decelerate and prepare for stopping.",
+        "DECELERATE",
+        "STRAIGHT",
+        "go straight",
+        [],
+    ),
     # --- contradictions: PATH ------------------------------------------------------------
     ("turn left vs RIGHT_TURN", "The intersection is clear, so I turn left at the corner.", "KEEP", "RIGHT_TURN", "turn right", ["contradiction"]),
-    ("turning right vs STRAIGHT", "The road ahead is clear, so I keep my speed while turning right.", "KEEP", "STRAIGHT", "go straight", ["contradiction"]),
-    ("left lane change vs RIGHT_CHANGE", "Cones close my lane, so I move into the left lane to pass.", "DECELERATE", "RIGHT_CHANGE", "go straight", ["contradiction"]),
-    ("go straight vs LEFT_TURN", "The light is green, so I go straight through the intersection.", "KEEP", "LEFT_TURN", "turn left", ["contradiction"]),
+    (
+        "turning right vs STRAIGHT",
+        "The road ahead is clear, so I keep my speed while turning right.",
+        "KEEP",
+        "STRAIGHT",
+        "go straight",
+        ["contradiction"],
+    ),
+    (
+        "left lane change vs RIGHT_CHANGE",
+        "Cones close my lane, so I move into the left lane to pass.",
+        "DECELERATE",
+        "RIGHT_CHANGE",
+        "go straight",
+        ["contradiction"],
+    ),
+    (
+        "go straight vs LEFT_TURN",
+        "The light is green, so I go straight through the intersection.",
+        "KEEP",
+        "LEFT_TURN",
+        "turn left",
+        ["contradiction"],
+    ),
     # quoting the navigation command is not the plan
-    ("quoting navigation", "The navigation says turn left ahead, but cones close my lane, so I change to the right lane.",
-     "DECELERATE", "RIGHT_CHANGE", "turn left", []),
+    (
+        "quoting navigation",
+        "The navigation says turn left ahead, but cones close my lane, so I change to the right lane.",
+        "DECELERATE",
+        "RIGHT_CHANGE",
+        "turn left",
+        [],
+    ),
     # a lane change to the left does not contradict a left turn label, by design
     ("left change vs LEFT_TURN is allowed", "I move to the left lane and turn left at the intersection ahead.", "KEEP", "LEFT_TURN", "turn left", []),
     # --- several filters at once ---------------------------------------------------------
-    ("leak and contradiction", "<answer> ACCELERATE, STRAIGHT </answer> because I accelerate now.", "STOP", "STRAIGHT", "go straight",
-     ["answer_leak", "contradiction"]),
+    (
+        "leak and contradiction",
+        "<answer> ACCELERATE, STRAIGHT </answer> because I accelerate now.",
+        "STOP",
+        "STRAIGHT",
+        "go straight",
+        ["answer_leak", "contradiction"],
+    ),
 ]
 
 
@@ -133,9 +215,17 @@ def test_each_contradiction_rule_fires():
         "right_change": "so I change to the right lane now",
         "straight": "so I go straight now",
     }
-    own = {"KEEP": "keep_speed", "ACCELERATE": "accelerate", "DECELERATE": "slow_down", "STOP": "stop",
-           "STRAIGHT": "straight", "LEFT_TURN": "left_turn", "RIGHT_TURN": "right_turn",
-           "LEFT_CHANGE": "left_change", "RIGHT_CHANGE": "right_change"}
+    own = {
+        "KEEP": "keep_speed",
+        "ACCELERATE": "accelerate",
+        "DECELERATE": "slow_down",
+        "STOP": "stop",
+        "STRAIGHT": "straight",
+        "LEFT_TURN": "left_turn",
+        "RIGHT_TURN": "right_turn",
+        "LEFT_CHANGE": "left_change",
+        "RIGHT_CHANGE": "right_change",
+    }
     for label, ruled_out in CONTRADICTIONS.items():
         other = "KEEP" if label in PATH_ACTIONS else "STRAIGHT"
         speed, path = (other, label) if label in PATH_ACTIONS else (label, other)
@@ -273,8 +363,10 @@ def test_backoff_honours_retry_after():
 @pytest.mark.parametrize(
     "body,expected",
     [
-        ('{"choices":[{"message":{"content":"Clear road."},"finish_reason":"stop"}],'
-         '"usage":{"prompt_tokens":10,"completion_tokens":3}}', ("Clear road.", "stop", 10, 3)),
+        (
+            '{"choices":[{"message":{"content":"Clear road."},"finish_reason":"stop"}],"usage":{"prompt_tokens":10,"completion_tokens":3}}',
+            ("Clear road.", "stop", 10, 3),
+        ),
         # no usage block: zero tokens, not an error
         ('{"choices":[{"message":{"content":"x"}}]}', ("x", None, 0, 0)),
         # a structured refusal is the teacher's answer (the refusal filter then drops it)

@@ -44,8 +44,16 @@ def out(tmp_path) -> Path:
         else:
             review.update(status="failed", error="HTTP 500")
         records.append(
-            Record(id=sid, image=str(image), speed=9.0, navigation="go straight", speed_action="DECELERATE",
-                   path_action="STRAIGHT", reasoning=text if i < 4 else None, extra={"review": review, "scene": {"k": i}})
+            Record(
+                id=sid,
+                image=str(image),
+                speed=9.0,
+                navigation="go straight",
+                speed_action="DECELERATE",
+                path_action="STRAIGHT",
+                reasoning=text if i < 4 else None,
+                extra={"review": review, "scene": {"k": i}},
+            )
         )
     path = tmp_path / "out.jsonl"
     write_records(path, records)
@@ -55,7 +63,10 @@ def out(tmp_path) -> Path:
 def review_cli(out: Path, stdin: str, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "alphadrive_ray", "distill", "review", str(out), *flags],
-        input=stdin, capture_output=True, text=True, timeout=120,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -95,7 +106,10 @@ def test_quit_then_resume(out):
 def test_a_killed_session_loses_no_decision(out):
     proc = subprocess.Popen(
         [sys.executable, "-m", "alphadrive_ray", "distill", "review", str(out)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     proc.stdin.write("a\nr\n")
     proc.stdin.flush()

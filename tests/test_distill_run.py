@@ -42,8 +42,7 @@ def sensible_reply(prompt: str) -> str:
 class Teacher:
     """A chat-completions server with scripted faults per sample (see the module docstring)."""
 
-    def __init__(self, faults=None, default_faults=(), reply=sensible_reply, delay=0.0, slow_s=2.0, retry_after="0.05",
-                 gate_after=None):
+    def __init__(self, faults=None, default_faults=(), reply=sensible_reply, delay=0.0, slow_s=2.0, retry_after="0.05", gate_after=None):
         self.faults = {k: list(v) for k, v in (faults or {}).items()}
         self.default_faults = list(default_faults)
         self.reply = reply
@@ -110,7 +109,9 @@ class Teacher:
                     self.gate.wait(timeout=60)
             text = self.reply(prompt)
             payload = {
-                "id": "x", "object": "chat.completion", "model": body["model"],
+                "id": "x",
+                "object": "chat.completion",
+                "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
             }
@@ -179,8 +180,21 @@ def api_key(monkeypatch):
 
 def distill_args(dataset: Path, out: Path, url: str, *extra: str) -> list[str]:
     return [
-        "distill", "run", str(dataset), str(out), "--base-url", url, "--model", "teacher-1",
-        "--timeout", "0.5", "--backoff-base", "0.01", "--backoff-max", "0.2", *extra,
+        "distill",
+        "run",
+        str(dataset),
+        str(out),
+        "--base-url",
+        url,
+        "--model",
+        "teacher-1",
+        "--timeout",
+        "0.5",
+        "--backoff-base",
+        "0.01",
+        "--backoff-max",
+        "0.2",
+        *extra,
     ]
 
 
@@ -307,7 +321,10 @@ def test_a_killed_run_resumes_without_duplicates(sig, dataset, keys, teacher, tm
     args = distill_args(dataset, out, t.url, "--concurrency", "2", "--timeout", "5", "--cache", str(cache))
     proc = subprocess.Popen(
         [sys.executable, "-m", "alphadrive_ray", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OPENAI_API_KEY": KEY},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OPENAI_API_KEY": KEY},
     )
     deadline = time.monotonic() + 60
     while (len(cached_ids(cache)) < 4 or len(t.log) < 6) and time.monotonic() < deadline:
@@ -345,8 +362,14 @@ def test_api_key_never_leaks(dataset, keys, teacher, tmp_path, monkeypatch):
     runs = [
         subprocess.run(base, capture_output=True, text=True, env=env, timeout=120),
         subprocess.run(base + ["--dry-run"], capture_output=True, text=True, env=env, timeout=120),
-        subprocess.run([sys.executable, "-m", "alphadrive_ray", "distill", "review", str(out)],
-                       input="a\nr\ne\nThe light is red, so I stop now.\nq\n", capture_output=True, text=True, env=env, timeout=120),
+        subprocess.run(
+            [sys.executable, "-m", "alphadrive_ray", "distill", "review", str(out)],
+            input="a\nr\ne\nThe light is red, so I stop now.\nq\n",
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        ),
     ]
     assert runs[0].returncode == 1  # the 400 sample failed
     assert "HTTP 400" in runs[0].stderr and "***" in runs[0].stderr  # its message, redacted
@@ -402,7 +425,10 @@ def test_bad_inputs_are_clear_errors(kind, message, dataset, teacher, tmp_path):
     bad = _write_bad(tmp_path, dataset, kind)
     proc = subprocess.run(
         [sys.executable, "-m", "alphadrive_ray", *distill_args(bad, tmp_path / "out.jsonl", t.url)],
-        capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": KEY}, timeout=120,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OPENAI_API_KEY": KEY},
+        timeout=120,
     )
     assert proc.returncode == 2
     assert message in proc.stderr and "bad.jsonl:3" in proc.stderr
@@ -442,8 +468,15 @@ def test_filters_are_counted_in_the_summary(dataset, teacher, tmp_path, capsys):
     }
     images = [r.image for r in load_records(dataset)]
     records = [
-        Record(id=f"s{i}", image=images[i], speed=float(i + 1), navigation="go straight",
-               speed_action="STOP", path_action="STRAIGHT", reasoning="rule-based text")
+        Record(
+            id=f"s{i}",
+            image=images[i],
+            speed=float(i + 1),
+            navigation="go straight",
+            speed_action="STOP",
+            path_action="STRAIGHT",
+            reasoning="rule-based text",
+        )
         for i in range(len(answers))
     ]
     data = tmp_path / "in.jsonl"
@@ -453,8 +486,7 @@ def test_filters_are_counted_in_the_summary(dataset, teacher, tmp_path, capsys):
     rc = main(distill_args(data, out, t.url, "--price-in", "1000", "--price-out", "2000"))
     printed = capsys.readouterr().out
     assert rc == 0
-    assert ("filters:  6 of 7 answer(s) filtered out; empty 1, refusal 1, answer_leak 1, "
-            "wrong_language 1, too_long 1, contradiction 1") in printed
+    assert ("filters:  6 of 7 answer(s) filtered out; empty 1, refusal 1, answer_leak 1, wrong_language 1, too_long 1, contradiction 1") in printed
     assert "estimated cost $0.8400" in printed  # 700 * 1000 / 1e6 + 70 * 2000 / 1e6
     assert "review:   pending 1" in printed and "filtered 6" in printed
     result = {r.id: r for r in load_records(out)}
@@ -499,8 +531,9 @@ def test_a_changed_teacher_answer_is_reviewed_again():
     opts = DistillOptions("in", "out", TeacherSettings("http://x/v1", "t"), template="{decision}")
     record = Record(id="a", image="/i.png", speed=3.0, navigation="go straight", speed_action="KEEP", path_action="STRAIGHT")
     old_text = "The road ahead is clear, so I keep my speed in my lane."
-    accepted = Record(**{**record.__dict__, "reasoning": old_text,
-                         "extra": {"review": {"status": "accepted", "teacher_reasoning": old_text, "teacher_model": "t"}}})
+    accepted = Record(
+        **{**record.__dict__, "reasoning": old_text, "extra": {"review": {"status": "accepted", "teacher_reasoning": old_text, "teacher_model": "t"}}}
+    )
     same, _ = output_record(record, TeacherResponse(old_text, "stop", 1, 1), None, opts, "h", accepted)
     assert same.extra["review"]["status"] == "accepted"
     new_text = "Traffic flows freely ahead, so I keep my speed in this lane."

@@ -39,8 +39,7 @@ def grpo_samples(records, vocab_size):
 
     rng = random.Random(0)
     return [
-        GRPOSample(records[i // 2], [rng.randrange(100, vocab_size) for _ in range(rng.randrange(3, 9))], [], rng.uniform(-1, 1))
-        for i in range(8)
+        GRPOSample(records[i // 2], [rng.randrange(100, vocab_size) for _ in range(rng.randrange(3, 9))], [], rng.uniform(-1, 1)) for i in range(8)
     ]
 
 
@@ -53,8 +52,15 @@ def run_steps(group, records, micro):
     group.begin_stage("grpo", 0.0)
     out.append(
         group.grpo_step(
-            grpo_samples(records, 600), micro, LR,
-            eps_low=0.2, eps_high=0.2, beta=0.0, kl_estimator="k3", loss_agg="token_mean", use_engine_logprobs=False,
+            grpo_samples(records, 600),
+            micro,
+            LR,
+            eps_low=0.2,
+            eps_high=0.2,
+            beta=0.0,
+            kl_estimator="k3",
+            loss_agg="token_mean",
+            use_engine_logprobs=False,
         )
     )
     return out

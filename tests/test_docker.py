@@ -73,8 +73,13 @@ def test_gpu_image_installs_the_gpu_extra_of_pyproject():
 
 
 def test_install_gpu_script_installs_exactly_the_extra():
-    proc = subprocess.run(["bash", str(REPO / "docker" / "install-gpu.sh"), "--dry-run"], capture_output=True, text=True,
-                          timeout=60, env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+    proc = subprocess.run(
+        ["bash", str(REPO / "docker" / "install-gpu.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr
     commands = proc.stdout.splitlines()
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
@@ -89,8 +94,7 @@ def test_install_gpu_script_installs_exactly_the_extra():
 
 
 def test_images_pin_the_same_ray():
-    versions = {re.search(r"^ARG RAY_VERSION=(\S+)$", (REPO / "docker" / n).read_text(), re.M).group(1)
-                for n in ("cpu.Dockerfile", "gpu.Dockerfile")}
+    versions = {re.search(r"^ARG RAY_VERSION=(\S+)$", (REPO / "docker" / n).read_text(), re.M).group(1) for n in ("cpu.Dockerfile", "gpu.Dockerfile")}
     assert len(versions) == 1
     for name in ("cpu.Dockerfile", "gpu.Dockerfile"):
         text = (REPO / "docker" / name).read_text()

@@ -96,8 +96,10 @@ def test_same_scene_different_labels_at_default_noise():
         # at cruising speed on an empty road: keeps it
         ({"speed": 11.5}, ("KEEP", "STRAIGHT")),
         # a turn at the intersection just ahead, at turning speed
-        ({"speed": 6.0, "navigation": "turn right", "num_lanes": 1, "intersection": "near", "light": "green",
-          "intersection_distance": 7.0}, ("KEEP", "RIGHT_TURN")),
+        (
+            {"speed": 6.0, "navigation": "turn right", "num_lanes": 1, "intersection": "near", "light": "green", "intersection_distance": 7.0},
+            ("KEEP", "RIGHT_TURN"),
+        ),
         # cones in the ego lane, a lane on the right: slows and changes lanes
         ({"speed": 12.0, "cones_distance": 20.0}, ("DECELERATE", "RIGHT_CHANGE")),
         # moving over early for a right turn the navigation announces
@@ -203,7 +205,9 @@ def test_reasoning_share(driven_split):
     assert stats.with_reasoning == len(with_reasoning)
     assert 0.20 * len(records) < len(with_reasoning) < 0.30 * len(records)
     for r in with_reasoning:  # the reasoning explains the logged action, not the most likely one
-        assert r.reasoning == explain(Scene(**{**r.extra["scene"], "others": tuple(map(tuple, r.extra["scene"]["others"]))}), r.speed_action, r.path_action)
+        assert r.reasoning == explain(
+            Scene(**{**r.extra["scene"], "others": tuple(map(tuple, r.extra["scene"]["others"]))}), r.speed_action, r.path_action
+        )
 
 
 def test_rule_labels_remain_a_setting(tmp_path):
@@ -235,14 +239,18 @@ def test_cli_synth_driver_labels(tmp_path):
     out = tmp_path / "cli"
     ok = subprocess.run(
         [sys.executable, "-m", "alphadrive_ray", "data", "synth", str(out), "--n", "30", "--size", "64", "--reasoning-share", "0.5"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert ok.returncode == 0, ok.stderr
     assert "with reasoning; ceiling (always the most likely plan)" in ok.stdout
     assert json.loads((out / "synth.json").read_text())["reasoning_share"] == 0.5
     bad = subprocess.run(
         [sys.executable, "-m", "alphadrive_ray", "data", "synth", str(tmp_path / "bad"), "--n", "3", "--reasoning-share", "2"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode != 0 and "reasoning_share must be in [0, 1]" in bad.stderr
     assert "Traceback" not in bad.stderr

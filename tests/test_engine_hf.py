@@ -236,7 +236,11 @@ def test_generation_never_writes_parameters(tiny_vl_dir, scenes, loop, tmp_path)
     script.write_text(READ_ONLY_GENERATION)
     proc = subprocess.run(
         [sys.executable, str(script), tiny_vl_dir, str(data), TEST_PROMPT, loop],
-        capture_output=True, text=True, timeout=300, cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 0 and "generated from read-only parameters" in proc.stdout, proc.stderr[-3000:]
 

@@ -31,10 +31,7 @@ PAIRS = [
     ("Café crossing, piétons: ralentir", "Pedestrians at the café crossing, slow down."),  # non-ASCII
     ("I ||| keep ||||| going", "Keep going straight ||| at constant speed."),  # METEOR's field separator
     ("Stop. Stop. Stop.", "Stop because the light is red."),
-] + [
-    (f"The vehicle ahead is slowing down number {i}, so I decelerate.", f"Vehicle {i} ahead slows, so I decelerate.")
-    for i in range(20)
-]
+] + [(f"The vehicle ahead is slowing down number {i}, so I decelerate.", f"Vehicle {i} ahead slows, so I decelerate.") for i in range(20)]
 
 
 def _direct_pycocoevalcap(hypotheses, references):
@@ -138,7 +135,11 @@ def test_sanitised_captions_keep_the_tokenizer_aligned_for_every_code_point():
 
 def test_no_pairs_start_no_jvm():
     assert compute_caption_metrics([], []) == {
-        "n": 0, "bleu4": None, "cider": None, "meteor": None, "bleu4_nltk": None,
+        "n": 0,
+        "bleu4": None,
+        "cider": None,
+        "meteor": None,
+        "bleu4_nltk": None,
         "bleu4_check": {"n": 0, "nltk": None, "pycocoevalcap": None, "abs_diff": None, "agree": None},
         "per_sample": {"bleu4": [], "cider": [], "meteor": [], "sentence_bleu": []},
         "failures": {},

@@ -20,13 +20,25 @@ pytestmark = pytest.mark.timeout(180)
 # (id, true speed, true path, reference reasoning, raw model output)
 SAMPLES = [
     ("s00", "STOP", "STRAIGHT", "The light is red, so I stop.", "<think> The light is red, so I stop. </think>\n<answer> STOP, STRAIGHT </answer>"),
-    ("s01", "KEEP", "LEFT_TURN", "Clear road; turn left as navigated.", "<think> Clear road, turn left. </think>\n<answer> KEEP, LEFT_TURN </answer>"),
+    (
+        "s01",
+        "KEEP",
+        "LEFT_TURN",
+        "Clear road; turn left as navigated.",
+        "<think> Clear road, turn left. </think>\n<answer> KEEP, LEFT_TURN </answer>",
+    ),
     ("s02", "DECELERATE", "STRAIGHT", "A pedestrian crosses ahead.", "<think> A pedestrian\ncrosses. </think><answer> KEEP, STRAIGHT </answer>"),
     ("s03", "ACCELERATE", "RIGHT_CHANGE", None, "<think> Fast lane free. </think><answer> ACCELERATE, RIGHT_CHANGE </answer>"),
     ("s04", "KEEP", "STRAIGHT", "Steady traffic, keep going.", "<answer> KEEP </answer>"),
     ("s05", "STOP", "LEFT_TURN", "Red light at the junction.", "I would stop and turn left."),
     ("s06", "KEEP", "RIGHT_TURN", "Turn right at the next street.", "<think> <script>alert(1)</script> </think><answer> KEEP, RIGHT_TURN </answer>"),
-    ("s07", "DECELERATE", "LEFT_CHANGE", "Slow car ahead, change left.", "<think> Slow car. </think><answer> DECELERATE, LEFT_CHANGE, STRAIGHT </answer>"),
+    (
+        "s07",
+        "DECELERATE",
+        "LEFT_CHANGE",
+        "Slow car ahead, change left.",
+        "<think> Slow car. </think><answer> DECELERATE, LEFT_CHANGE, STRAIGHT </answer>",
+    ),
     ("s08", "KEEP", "STRAIGHT", "Nothing ahead.", "<think> Nothing ahead. </think><answer> KEEP, STRAIGHT"),
     ("s09", "STOP", "STRAIGHT", "Stop sign.", "<think> Stop sign. </think><answer> STOP, STRAIGHT </answer>"),
 ]
@@ -304,8 +316,21 @@ def test_degenerate_outputs_give_every_metric(tmp_path):
     # wrote no metrics at all
     references, predictions = _degenerate_dataset(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "alphadrive_ray", "eval", "--predictions", str(predictions), "--references", str(references),
-         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=390,
+        [
+            sys.executable,
+            "-m",
+            "alphadrive_ray",
+            "eval",
+            "--predictions",
+            str(predictions),
+            "--references",
+            str(references),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=390,
     )
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())

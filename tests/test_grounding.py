@@ -105,8 +105,18 @@ def test_language_pretraining_lowers_the_loss(tmp_path):
     from alphadrive_ray.models.grounding import pretrain_language
     from alphadrive_ray.models.tiny import TinySpec, build_config, build_processor, default_corpus, train_tokenizer
 
-    spec = TinySpec(vocab_size=1024, text_hidden=128, text_layers=1, text_heads=2, text_kv_heads=1, text_intermediate=256,
-                    vision_dim=32, vision_depth=1, vision_heads=1, image_pixels=112 * 112)
+    spec = TinySpec(
+        vocab_size=1024,
+        text_hidden=128,
+        text_layers=1,
+        text_heads=2,
+        text_kv_heads=1,
+        text_intermediate=256,
+        vision_dim=32,
+        vision_depth=1,
+        vision_heads=1,
+        image_pixels=112 * 112,
+    )
     tokenizer = train_tokenizer(default_corpus(), spec.vocab_size)
     processor = build_processor(tokenizer, spec)
     torch.manual_seed(0)

@@ -76,12 +76,21 @@ def job(head, tmp_path_factory, tiny_vl_dir):
     work = tmp_path_factory.mktemp("job")
     submission_id = f"alphadrive-test-{uuid.uuid4().hex[:8]}"
     args = [
-        "job", "submit",
-        "--working-dir", ".",
-        "--runtime-env", "jobs/runtime_env.yaml",
-        "--entrypoint-num-cpus", "1",
-        "--submission-id", submission_id,
-        "--", "python", "-m", "alphadrive_ray.train", "jobs/quickstart_cpu.yaml",
+        "job",
+        "submit",
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "jobs/runtime_env.yaml",
+        "--entrypoint-num-cpus",
+        "1",
+        "--submission-id",
+        submission_id,
+        "--",
+        "python",
+        "-m",
+        "alphadrive_ray.train",
+        "jobs/quickstart_cpu.yaml",
     ]
     for item in tiny_overrides(work, tiny_vl_dir):
         args += ["--set", item]
@@ -149,8 +158,9 @@ def test_run_metrics_reach_the_prometheus_endpoint(head, job):
 def test_secrets_in_the_environment_reach_no_output(head, job):
     """A key in the nodes' environment is in no file of the run, no job log line and no metric."""
     # the jobs of this cluster do see the key (so the checks below can fail): its hash, not the key
-    probe = head.ray("job", "submit", "--", "python", "-c",
-                     "import hashlib, os; print('key', hashlib.sha256(os.environ['OPENAI_API_KEY'].encode()).hexdigest())")
+    probe = head.ray(
+        "job", "submit", "--", "python", "-c", "import hashlib, os; print('key', hashlib.sha256(os.environ['OPENAI_API_KEY'].encode()).hexdigest())"
+    )
     assert probe.returncode == 0 and f"key {hashlib.sha256(SECRET.encode()).hexdigest()}" in probe.stdout, probe.stdout[-2000:]
     secret = SECRET.encode()
     leaked = [str(p) for p in job["run_dir"].rglob("*") if p.is_file() and secret in p.read_bytes()]

@@ -92,10 +92,22 @@ def package_names(directory: Path, tmp_path: Path) -> tuple[list[str], int]:
 def test_working_dir_excludes_environments_outputs_and_large_files(tmp_path):
     checkout = tmp_path / "checkout"
     # what a checkout holds besides code: environments, runs, generated data, weights, caches
-    for rel in (".venv/bin/python", ".venv-vllm-cpu/bin/python", ".git/HEAD", "runs/quickstart/metrics.jsonl",
-                "artifacts/tiny-qwen2vl/model.safetensors", "alphadrive_ray/__pycache__/x.cpython-311.pyc",
-                "alphadrive_ray.egg-info/PKG-INFO", "weights/policy.bin", "data/train.parquet", "ckpt/optim.pt",
-                "alphadrive_ray/trainer.py", "jobs/qwen2vl_2b.yaml", "pyproject.toml", "README.md"):
+    for rel in (
+        ".venv/bin/python",
+        ".venv-vllm-cpu/bin/python",
+        ".git/HEAD",
+        "runs/quickstart/metrics.jsonl",
+        "artifacts/tiny-qwen2vl/model.safetensors",
+        "alphadrive_ray/__pycache__/x.cpython-311.pyc",
+        "alphadrive_ray.egg-info/PKG-INFO",
+        "weights/policy.bin",
+        "data/train.parquet",
+        "ckpt/optim.pt",
+        "alphadrive_ray/trainer.py",
+        "jobs/qwen2vl_2b.yaml",
+        "pyproject.toml",
+        "README.md",
+    ):
         (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
         (checkout / rel).write_text("x")
     names, _ = package_names(checkout, tmp_path)

@@ -23,9 +23,7 @@ TOP_P = 0.3
 def learner_spec(model_dir, **kw):
     from alphadrive_ray.workers.learner import LearnerSpec
 
-    return LearnerSpec(
-        model_path=model_dir, prompt_template=TEST_PROMPT, backend="gloo", cpus=1, seed=0, **kw
-    )
+    return LearnerSpec(model_path=model_dir, prompt_template=TEST_PROMPT, backend="gloo", cpus=1, seed=0, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +74,7 @@ def grpo_step(learner, samples, beta, use_engine_logprobs, lr=1e-3):
     )
 
 
-def test_top_p_batches_from_the_engine_give_a_finite_loss_gradient_and_weights(
-    learner, engine, scenes, tiny_vl_dir, tmp_path
-):
+def test_top_p_batches_from_the_engine_give_a_finite_loss_gradient_and_weights(learner, engine, scenes, tiny_vl_dir, tmp_path):
     from safetensors.torch import save_file
 
     from alphadrive_ray.models.loading import load_model
@@ -94,12 +90,8 @@ def test_top_p_batches_from_the_engine_give_a_finite_loss_gradient_and_weights(
     enc = engine.encoder
     batch = enc.collate([enc.encode(s.record) for s in samples], [s.token_ids for s in samples])
     with torch.no_grad():
-        ref_trunc = algo.compute_token_logprobs(
-            completion_logits(other, batch), batch["completion_ids"], top_p=TOP_P
-        )
-    assert torch.isinf(ref_trunc[batch["response_mask"].bool()]).any(), (
-        "no sampled token outside the reference's nucleus"
-    )
+        ref_trunc = algo.compute_token_logprobs(completion_logits(other, batch), batch["completion_ids"], top_p=TOP_P)
+    assert torch.isinf(ref_trunc[batch["response_mask"].bool()]).any(), "no sampled token outside the reference's nucleus"
 
     learner.begin_stage("grpo", 0.04, str(reference))
     for use_engine_logprobs in (False, True):
@@ -144,9 +136,7 @@ def test_weight_decay_reaches_adamw(learner, scenes, tmp_path):
     learner.sft_step(batch, 4, lr)
     decayed = learner.state_dict_cpu()
     for name, value in start.items():
-        torch.testing.assert_close(
-            decayed[name] - plain[name], -lr * decay * value, rtol=0, atol=2e-6, msg=name
-        )
+        torch.testing.assert_close(decayed[name] - plain[name], -lr * decay * value, rtol=0, atol=2e-6, msg=name)
     assert max((decayed[n] - plain[n]).abs().max().item() for n in start) > 1e-4  # it did something
 
 
@@ -163,9 +153,7 @@ def test_the_hf_export_holds_the_learners_weights(ray_cluster, tiny_vl_dir, scen
     group = LearnerGroup.start(learner_spec(tiny_vl_dir, zero_stage=3), 2, Resources(cpus=1))
     try:
         group.begin_stage("sft")
-        batch = [
-            SFTExample(r, format_completion(r.reasoning, r.speed_action, r.path_action)) for r in scenes[:4]
-        ]
+        batch = [SFTExample(r, format_completion(r.reasoning, r.speed_action, r.path_action)) for r in scenes[:4]]
         group.sft_step(batch, 2, 1e-2)
         learned = group.state_dict_cpu()
         out = group.save_hf(str(tmp_path / "export"))

@@ -45,8 +45,17 @@ def scene_image():
     """A rendered 96 px scene (the processor resizes it to 224 x 224)."""
     from alphadrive_ray.data.synth import Scene, render_scene
 
-    scene = Scene(speed=8.4, navigation="turn left", num_lanes=2, ego_lane=1, intersection="near", light="red",
-                  lead_distance=None, pedestrian_distance=None, cones_distance=None)
+    scene = Scene(
+        speed=8.4,
+        navigation="turn left",
+        num_lanes=2,
+        ego_lane=1,
+        intersection="near",
+        light="red",
+        lead_distance=None,
+        pedestrian_distance=None,
+        cones_distance=None,
+    )
     return render_scene(scene, size=96, seed=0)
 
 
@@ -75,8 +84,10 @@ def test_loads_with_the_standard_classes_and_generates(tiny_vl, scene_image):
 def test_chat_template_renders_the_image_pads(tiny_vl, scene_image):
     processor = load_processor(tiny_vl)
     text, inputs = vl_inputs(processor, scene_image)
-    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                           "<|vision_start|><|image_pad|><|vision_end|>You are an expert driving assistant.")
+    assert text.startswith(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>You are an expert driving assistant."
+    )
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
     # the processor expands the one pad into one token per 2x2 merged patch: 224 px / 14 = 16 -> 16 x 16 / 4 = 64
     pad_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")

@@ -50,8 +50,9 @@ def cluster():
     temp_dir = tempfile.mkdtemp(prefix="adr-mn-", dir="/tmp")  # short: unix socket paths live under it
     env = {**os.environ, "RAY_TMPDIR": temp_dir}
     env.pop("RAY_ADDRESS", None)
-    host = subprocess.Popen([sys.executable, "-c", HOST, str(NODES)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
+    host = subprocess.Popen(
+        [sys.executable, "-c", HOST, str(NODES)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
         line = host.stdout.readline()
         assert line, "the simulated cluster did not start"
@@ -68,8 +69,9 @@ def cluster():
 
 def run_driver(code: str, address: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, *(["-c", code] if code else []), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, *(["-c", code] if code else []), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
 
 
 # A driver: 1 learner, 2 rollout workers placed with SPREAD, one SFT step with a large learning

@@ -48,9 +48,7 @@ def test_every_imported_distribution_is_declared():
     by_module = importlib.metadata.packages_distributions()
     missing = []
     for module, where in imported_modules().items():
-        dists = [
-            _dist(d) for d in by_module.get(module, [module])
-        ]  # not installed (vllm): named like the module
+        dists = [_dist(d) for d in by_module.get(module, [module])]  # not installed (vllm): named like the module
         if not any(d in required or d in optional for d in dists):
             missing.append(f"{module} ({'/'.join(dists)}, imported by {where})")
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
@@ -61,9 +59,7 @@ def test_package_data_names_files_that_exist():
     for package, patterns in package_data.items():
         root = REPO / package.replace(".", "/")
         for pattern in patterns:
-            assert list(root.glob(pattern)), (
-                f"package-data of {package} names {pattern!r}, which matches no file"
-            )
+            assert list(root.glob(pattern)), f"package-data of {package} names {pattern!r}, which matches no file"
 
 
 # --- docs/architecture.md ---------------------------------------------------------------------
@@ -95,9 +91,7 @@ def _definitions() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
 
 def _config_keys() -> set[str]:
     hints = typing.get_type_hints(Config)
-    return {
-        f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(hints[s.name])
-    }
+    return {f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(hints[s.name])}
 
 
 METRIC_NAMESPACES = ("rollout", "reward", "loss", "perf", "eval")  # `rollout/logp_diff` is a metric
@@ -110,9 +104,7 @@ def unknown_names(text: str) -> list[str]:
     modules, classes = _definitions()
     keys = _config_keys()
     bad = []
-    text = re.sub(
-        r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE
-    )  # fenced blocks: diagrams and commands
+    text = re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)  # fenced blocks: diagrams and commands
     for span in re.findall(r"`([^`]+)`", text):
         name = re.split(r"[(\s]", span.strip(), maxsplit=1)[0]
         if not re.fullmatch(r"[A-Za-z_][\w./]*\w", name) or not ("." in name or "/" in name):

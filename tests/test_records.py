@@ -296,8 +296,16 @@ def test_parquet_round_trip(scene_file, tmp_path):
 
     loaded = load_records(scene_file)
     # the first record has no reasoning and an extra field the others lack: columns are the union
-    first = Record(loaded[0].id, loaded[0].image, loaded[0].speed, loaded[0].navigation,
-                   loaded[0].speed_action, loaded[0].path_action, reasoning=None, extra={"source": "hand"})
+    first = Record(
+        loaded[0].id,
+        loaded[0].image,
+        loaded[0].speed,
+        loaded[0].navigation,
+        loaded[0].speed_action,
+        loaded[0].path_action,
+        reasoning=None,
+        extra={"source": "hand"},
+    )
     records = [first, *loaded[1:]]
     ds = to_hf_dataset(records)
     assert set(ds.column_names) >= {"id", "image", "speed", "reasoning", "scene", "source"}

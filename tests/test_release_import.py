@@ -48,10 +48,10 @@ SPEED_CASES = [
     ("Your current speed is 3.25 m/s, ...", 3.25),  # a space before the unit
     ("YOUR CURRENT SPEED IS 7m/s", 7.0),  # upper case
     ("Your current speed is -2.0m/s", -2.0),  # negative parses here; the record check rejects it
-    ("Your current speed is 8.4km/h, ...", "no \"Your current speed is"),  # another unit
+    ("Your current speed is 8.4km/h, ...", 'no "Your current speed is'),  # another unit
     ("Your current speed is fastm/s", "not a number"),  # not a number
     ("Your current speed is m/s", "not a number"),  # no number at all
-    ("You are an expert driving assistant.", "no \"Your current speed is"),  # no speed phrase
+    ("You are an expert driving assistant.", 'no "Your current speed is'),  # no speed phrase
 ]
 
 
@@ -68,7 +68,7 @@ def test_parse_speed(prompt, expected):
 NAVIGATION_CASES = [
     (RELEASE_PROMPT.format("8.4", "turn left"), "turn left"),  # the release prompt
     (planning_prompt(3.0, "turn right"), "turn right"),  # our own prompt parses back
-    ("the navigation command is \"go straight 100m, then turn left\", ...", "go straight 100m, then turn left"),  # double quotes
+    ('the navigation command is "go straight 100m, then turn left", ...', "go straight 100m, then turn left"),  # double quotes
     ("the navigation command is ' keep lane '", "keep lane"),  # surrounding spaces are dropped
     ("The Navigation Command Is 'go straight'", "go straight"),  # case of the phrase
     ("the navigation command is ''", ""),  # empty: the record check rejects it later
@@ -76,18 +76,18 @@ NAVIGATION_CASES = [
     # the release's commands by distance: a dict inside the quotes, kept whole and normalised
     (RELEASE_PROMPT.format("3.2", "{'100m': 'Straight', '200m': 'Straight'}"), "{'100m': 'Straight', '200m': 'Straight'}"),
     ("the navigation command is \"{ '100m' : 'Turn Left' }\", ...", "{'100m': 'Turn Left'}"),  # spacing normalised
-    ("the navigation command is '{\"100m\": \"Straight\"}', ...", "{'100m': 'Straight'}"),  # JSON-style quotes
+    ('the navigation command is \'{"100m": "Straight"}\', ...', "{'100m': 'Straight'}"),  # JSON-style quotes
     ("the navigation command is '{'100m': 'Straight', '200m': 'Straight''", "never closed"),  # truncated
     ("the navigation command is '{'100m': 5}', ...", "not a dict of distances to commands"),  # not a command
     ("the navigation command is '{'100m': 'Straight'} then left', ...", "not followed by its closing"),
     ("the navigation command is 'turn left", "no closing"),  # an unclosed quote
-    ("Your current speed is 8.4m/s.", "no \"the navigation command is"),  # no navigation phrase
+    ("Your current speed is 8.4m/s.", 'no "the navigation command is'),  # no navigation phrase
 ]
 
 
 @pytest.mark.parametrize("prompt,expected", NAVIGATION_CASES)
 def test_parse_navigation(prompt, expected):
-    errors = ("quoted", "no \"the navigation command is", "never closed", "not a dict", "not followed", "no closing")
+    errors = ("quoted", 'no "the navigation command is', "never closed", "not a dict", "not followed", "no closing")
     if expected.startswith(errors):
         with pytest.raises(ValueError, match=expected):
             parse_navigation(prompt)
@@ -163,7 +163,9 @@ def release_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def release_record(k: int = 0, speed="8.4", nav="turn left", answer=("DECELERATE", "LEFT_TURN"), thinking="<think> red light </think>", **changes) -> dict:
+def release_record(
+    k: int = 0, speed="8.4", nav="turn left", answer=("DECELERATE", "LEFT_TURN"), thinking="<think> red light </think>", **changes
+) -> dict:
     out = {
         "image": f"samples/{k}.jpg",
         "problem": RELEASE_PROMPT.format(speed, nav),
@@ -201,7 +203,11 @@ def test_cli_round_trip(release_dir, tmp_path, jsonl):
     assert [r.id for r in records] == [f"{src.stem}-{first:06d}", f"{src.stem}-{first + 1:06d}", "clip-42", f"{src.stem}-{first + 3:06d}"]
     assert [(r.speed, r.navigation) for r in records] == [(8.4, "turn left"), (0.0, "go straight"), (15.2, "turn right"), (3.0, "go straight")]
     assert [(r.speed_action, r.path_action) for r in records] == [
-        ("DECELERATE", "LEFT_TURN"), ("STOP", "STRAIGHT"), ("KEEP", "RIGHT_CHANGE"), ("ACCELERATE", "STRAIGHT")]
+        ("DECELERATE", "LEFT_TURN"),
+        ("STOP", "STRAIGHT"),
+        ("KEEP", "RIGHT_CHANGE"),
+        ("ACCELERATE", "STRAIGHT"),
+    ]
     assert [r.reasoning for r in records] == ["red light", None, None, "red light"]
     assert [Path(r.image) for r in records] == [release_dir / "samples" / f"{k}.jpg" for k in range(4)]
     assert records[3].extra == {"scene_token": "abc123"}  # other fields are kept
@@ -269,8 +275,11 @@ BAD_RECORD_CASES = [
     # the id of the good first record
     ("duplicate_id", release_record(id="good"), [("id", "duplicate id 'good'")]),
     # every problem of a record is listed, not only the first
-    ("several_problems", release_record(image="samples/9.jpg", speed="-1", solution="KEEP"),
-     [("problem", "parsed speed"), ("solution", "no <answer>"), ("image", "not found")]),
+    (
+        "several_problems",
+        release_record(image="samples/9.jpg", speed="-1", solution="KEEP"),
+        [("problem", "parsed speed"), ("solution", "no <answer>"), ("image", "not found")],
+    ),
     # not an object
     ("not_an_object", ["samples/0.jpg", "prompt", "answer"], [("", "expected a JSON object")]),
 ]
@@ -420,8 +429,14 @@ def test_a_navigation_that_does_not_parse_names_the_record_and_field(release_dir
 
 def test_validate_refuses_a_truncated_navigation_dict(release_dir, tmp_path):
     # what an earlier import wrote for the release's example given as one JSONL line
-    row = {"id": "a", "image": str(release_dir / "samples" / "0.jpg"), "speed": 3.2, "navigation": "{",
-           "speed_action": "KEEP", "path_action": "STRAIGHT"}
+    row = {
+        "id": "a",
+        "image": str(release_dir / "samples" / "0.jpg"),
+        "speed": 3.2,
+        "navigation": "{",
+        "speed_action": "KEEP",
+        "path_action": "STRAIGHT",
+    }
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "id": "b", "navigation": NAV_BY_DISTANCE}) + "\n")
     result = run_cli("data", "validate", str(path))

@@ -167,9 +167,9 @@ def test_trainer_state_holds_only_what_a_resume_restores(tmp_path):
     manager = CheckpointManager(tmp_path)
     old = manager.root / "grpo-000003"
     old.mkdir(parents=True)
-    (old / "trainer.json").write_text(json.dumps(
-        {"stage": "grpo", "step": 3, "version": 4, "samplers": {}, "accuracy": {}, "rng": {"python": "(3, ())"}}
-    ))
+    (old / "trainer.json").write_text(
+        json.dumps({"stage": "grpo", "step": 3, "version": 4, "samplers": {}, "accuracy": {}, "rng": {"python": "(3, ())"}})
+    )
     assert manager.load_state(old) == TrainerState("grpo", 3, 4, {}, {})
 
 
@@ -226,7 +226,9 @@ def test_resume_without_the_kl_reference_stops_before_starting_anything(tmp_path
 
 
 def test_resume_without_checkpoints_is_a_clear_error(tmp_path, tiny_vl_dir):
-    proc = subprocess.run(cli(tmp_path, tiny_overrides(tmp_path, tiny_vl_dir, "never", 2), "--resume"), env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cli(tmp_path, tiny_overrides(tmp_path, tiny_vl_dir, "never", 2), "--resume"), env=env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2 and "no checkpoints" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -344,9 +346,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def drawn_per_step(ledger: list[dict]) -> dict[int, list]:
     """GRPO step -> the prompts drawn from the data order for it (trained or dropped)."""
     return {
-        row["step"]: sorted(tuple(item) for item in row["items"] + row["dropped"] if item[0] is not None)
-        for row in ledger
-        if row["stage"] == "grpo"
+        row["step"]: sorted(tuple(item) for item in row["items"] + row["dropped"] if item[0] is not None) for row in ledger if row["stage"] == "grpo"
     }
 
 
@@ -383,8 +383,8 @@ def test_off_policy_run_with_several_updates_evaluates_and_resumes_in_the_middle
     resumed = subprocess.run(cli(tmp_path, overrides, "--resume"), env=env(), capture_output=True, text=True, timeout=1200)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from grpo-000002" in resumed.stdout
-    again = read_jsonl(run_dir / "ledger.jsonl")[len(ledger):]
+    again = read_jsonl(run_dir / "ledger.jsonl")[len(ledger) :]
     assert drawn_per_step(again) == {3: drawn[3], 4: drawn[4]}  # the same data position: nothing skipped or repeated
-    after = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["stage"] == "grpo"][len(grpo):]
+    after = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["stage"] == "grpo"][len(grpo) :]
     # documented: the prefetched batch is generated again on the checkpoint's weights (lag 0)
     assert [r["step"] for r in after] == [3, 4] and [r["rollout/weight_version_lag"] for r in after] == [0, 1]

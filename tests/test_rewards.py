@@ -436,8 +436,31 @@ def test_ablation_components_names():
 # --------------------------------------------------------------------------------------
 
 FRAGMENTS = [
-    "<answer>", "</answer>", "<think>", "</think>", "<answer", "answer>", "</", "<", ">", "/",
-    "\n", "\r", " ", "\t", "\u00a0", "\u2028", ",", ", ", "KEEP", "STOP", "STRAIGHT", "LEFT_TURN", "x", "é", "|||",
+    "<answer>",
+    "</answer>",
+    "<think>",
+    "</think>",
+    "<answer",
+    "answer>",
+    "</",
+    "<",
+    ">",
+    "/",
+    "\n",
+    "\r",
+    " ",
+    "\t",
+    "\u00a0",
+    "\u2028",
+    ",",
+    ", ",
+    "KEEP",
+    "STOP",
+    "STRAIGHT",
+    "LEFT_TURN",
+    "x",
+    "é",
+    "|||",
 ]
 tagged_text = st.one_of(
     st.lists(st.sampled_from(FRAGMENTS), max_size=30).map("".join),

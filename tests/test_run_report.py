@@ -77,7 +77,15 @@ def build_run(root: Path, *, ceiling: float | None, name: str = "report-test") -
         for folder in (run_dir / "eval").iterdir():
             _add_ceiling(folder / "metrics.json", ceiling)
         _add_ceiling(run_dir / "eval" / "final" / "metrics.json", ceiling)
-    summary = {"run_dir": str(run_dir), "accuracy": {"untrained": 0.1, "sft": 0.3, "final": 0.5}, "seconds": {"startup": 3.0, "sft": 4.0, "grpo": 12.0, "total": 25.0}, "grpo_steps": GRPO_STEPS, "sft_steps": 8, "export_dir": None, "peak_memory_mb": {"learner": 900.0}}
+    summary = {
+        "run_dir": str(run_dir),
+        "accuracy": {"untrained": 0.1, "sft": 0.3, "final": 0.5},
+        "seconds": {"startup": 3.0, "sft": 4.0, "grpo": 12.0, "total": 25.0},
+        "grpo_steps": GRPO_STEPS,
+        "sft_steps": 8,
+        "export_dir": None,
+        "peak_memory_mb": {"learner": 900.0},
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
@@ -108,8 +116,19 @@ def test_page_has_every_section(run_with_ceiling):
     from alphadrive_ray.run_report import load_run
 
     page = _page(run_with_ceiling)
-    for heading in ("Curves", "SFT loss", "GRPO rewards", "KL, clip fraction, dropped groups", "held-out accuracy",
-                    "Stages side by side", "Confusion matrices", "Sample scenes", "Every held-out scene", "Timings", "Resolved config"):
+    for heading in (
+        "Curves",
+        "SFT loss",
+        "GRPO rewards",
+        "KL, clip fraction, dropped groups",
+        "held-out accuracy",
+        "Stages side by side",
+        "Confusion matrices",
+        "Sample scenes",
+        "Every held-out scene",
+        "Timings",
+        "Resolved config",
+    ):
         assert f">{heading}" in page, heading
     # self-contained: figures and scene images inline, nothing fetched from elsewhere
     assert page.count('src="data:image/png;base64,') == 4 + 8
@@ -148,7 +167,7 @@ def test_ceiling_is_a_line_on_the_accuracy_curve_and_a_row_beside_accuracy(run_w
     assert run_ceilings(without) == {}
     page = _page(run_with_ceiling)
     assert '<tr class="ceiling"><th>ceiling</th>' in page and page.count('<td class="num ceiling">0.830</td>') == 3
-    assert 'No ceiling metric' not in page
+    assert "No ceiling metric" not in page
     # the line is drawn: the same run's curve differs only by it
     assert draw_accuracy(with_ceiling, {"ceiling": 0.83}) != draw_accuracy(with_ceiling, {})
     plain = _page(run_without_ceiling)
@@ -162,7 +181,10 @@ def test_find_ceilings():
     cases = [
         ({"planning": {"accuracy": 0.5}}, {}),  # none
         ({"ceiling": 0.9}, {"ceiling": 0.9}),  # top level
-        ({"planning": {"accuracy": 0.5, "ceiling": 0.8, "speed": {"ceiling_acc": 0.95}}}, {"planning.ceiling": 0.8, "planning.speed.ceiling_acc": 0.95}),
+        (
+            {"planning": {"accuracy": 0.5, "ceiling": 0.8, "speed": {"ceiling_acc": 0.95}}},
+            {"planning.ceiling": 0.8, "planning.speed.ceiling_acc": 0.95},
+        ),
         ({"ceiling": True, "ceiling_note": "n/a", "x_ceiling": float("nan")}, {}),  # not numbers
     ]
     for metrics, expected in cases:

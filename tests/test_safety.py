@@ -68,8 +68,9 @@ def test_credentials_in_a_config_are_refused_without_echoing_them(override, key)
     assert "SECRET" not in message and "hunter2" not in message
 
 
-@pytest.mark.parametrize("override", ["ray.address=ray://head:10001", "ray.address=10.0.0.1:6379", "ray.address=auto",
-                                      "data.train=/data/a@b/train.jsonl"])
+@pytest.mark.parametrize(
+    "override", ["ray.address=ray://head:10001", "ray.address=10.0.0.1:6379", "ray.address=auto", "data.train=/data/a@b/train.jsonl"]
+)
 def test_addresses_without_credentials_are_fine(override):
     load_config(None, [override])
 

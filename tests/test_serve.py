@@ -46,9 +46,22 @@ def server(tiny_vl_dir, dataset, tmp_path_factory):
     port = free_port()
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "alphadrive_ray", "serve", tiny_vl_dir, "--port", str(port),
-             "--served-model-name", NAME, "--allowed-local-media-path", str(dataset.parent / "images")],
-            stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            [
+                sys.executable,
+                "-m",
+                "alphadrive_ray",
+                "serve",
+                tiny_vl_dir,
+                "--port",
+                str(port),
+                "--served-model-name",
+                NAME,
+                "--allowed-local-media-path",
+                str(dataset.parent / "images"),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -79,10 +92,15 @@ def data_url(path: str) -> str:
 
 
 def planning_messages(record, image_url: str | None = None) -> list[dict]:
-    return [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": image_url or data_url(record.image)}},
-        {"type": "text", "text": planning_prompt(record.speed, record.navigation)},
-    ]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image_url or data_url(record.image)}},
+                {"type": "text", "text": planning_prompt(record.speed, record.navigation)},
+            ],
+        }
+    ]
 
 
 def test_health_and_models(server, client):
@@ -95,7 +113,12 @@ def test_sampling_n_seed_and_usage(client, dataset):
 
     def ask(seed):
         return client.chat.completions.create(
-            model=NAME, messages=planning_messages(record), n=2, max_tokens=6, temperature=1.0, seed=seed,
+            model=NAME,
+            messages=planning_messages(record),
+            n=2,
+            max_tokens=6,
+            temperature=1.0,
+            seed=seed,
         )
 
     first, again, other = ask(11), ask(11), ask(12)
@@ -208,8 +231,22 @@ def test_distill_through_serve(server, dataset, tmp_path, capsys, monkeypatch):
     """
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     out = tmp_path / "out.jsonl"
-    argv = ["distill", "run", str(dataset), str(out), "--base-url", f"{server['url']}/v1", "--model", NAME,
-            "--max-tokens", "8", "--concurrency", "2", "--timeout", "120"]
+    argv = [
+        "distill",
+        "run",
+        str(dataset),
+        str(out),
+        "--base-url",
+        f"{server['url']}/v1",
+        "--model",
+        NAME,
+        "--max-tokens",
+        "8",
+        "--concurrency",
+        "2",
+        "--timeout",
+        "120",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "requests: 3 sent, 3 answered, 0 retried, 0 failed" in printed

@@ -135,8 +135,15 @@ def test_parse_mix(text, expected):
 
 # A free two-lane road, ego in the left lane, 10 m/s, going straight: KEEP, STRAIGHT.
 BASE = Scene(
-    speed=10.0, navigation="go straight", num_lanes=2, ego_lane=0, intersection=None, light=None,
-    lead_distance=None, pedestrian_distance=None, cones_distance=None,
+    speed=10.0,
+    navigation="go straight",
+    num_lanes=2,
+    ego_lane=0,
+    intersection=None,
+    light=None,
+    lead_distance=None,
+    pedestrian_distance=None,
+    cones_distance=None,
 )
 
 # (changes to BASE, SPEED, PATH, speed rule that fired)

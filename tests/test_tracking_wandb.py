@@ -78,7 +78,11 @@ def test_offline_run_holds_every_step_and_no_key(wandb_env, tmp_path, capfd):
     kinds = [r.WhichOneof("record_type") for r in records]
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.project == "tests" and run.display_name == "wandb-offline"
-    history = [{item.key or "/".join(item.nested_key): item.value_json for item in r.history.item} for r in records if r.WhichOneof("record_type") == "history"]
+    history = [
+        {item.key or "/".join(item.nested_key): item.value_json for item in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
     grpo = [h for h in history if "grpo/reward/total" in h]
     assert [float(h["grpo/reward/total"]) for h in grpo] == [0.5, 1.0, 1.5]
     assert [int(h["grpo/step"]) for h in grpo] == [1, 2, 3]  # each stage against its own step

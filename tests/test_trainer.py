@@ -46,10 +46,7 @@ class FakeRollout:
 
     def generate(self, records, params):
         self.asked.append([r.id for r in records])
-        return [
-            Group(r, [Completion(str(k), [k], [0.0], "stop", 0) for k in range(self.group_size)])
-            for r in records
-        ]
+        return [Group(r, [Completion(str(k), [k], [0.0], "stop", 0) for k in range(self.group_size)]) for r in records]
 
 
 class FakeRewards:
@@ -57,16 +54,7 @@ class FakeRewards:
         self.rollout = rollout
 
     def score(self, groups):
-        return [
-            totals(
-                *(
-                    [1.0] * len(g.completions)
-                    if g.record.id in self.rollout.uniform_ids
-                    else range(len(g.completions))
-                )
-            )
-            for g in groups
-        ]
+        return [totals(*([1.0] * len(g.completions) if g.record.id in self.rollout.uniform_ids else range(len(g.completions)))) for g in groups]
 
 
 def make_trainer(tmp_path, uniform_ids, prompts=4, group_size=2, rounds=3, rollout_workers=1, learners=1):
@@ -115,9 +103,7 @@ def test_uniform_groups_are_replaced_by_refills(tmp_path):
     kept, kept_scores, dropped, rounds = trainer._dynamic_sampling(groups, scores, step=0)
     assert len(kept) == 4 and ids(kept)[:2] == ["r00", "r02"] and ids(dropped)[:2] == ["r01", "r03"]
     assert all(not uniform_group(s) for s in kept_scores)
-    assert (
-        rounds >= 1 and trainer.rollout.asked[0] and len(trainer.rollout.asked[0]) == 2
-    )  # asked for the 2 missing
+    assert rounds >= 1 and trainer.rollout.asked[0] and len(trainer.rollout.asked[0]) == 2  # asked for the 2 missing
     # every refill group is either kept or dropped; none vanishes
     refills = [rid for asked in trainer.rollout.asked for rid in asked]
     assert sorted(ids(kept)[2:] + ids(dropped)[2:]) == sorted(refills)
@@ -172,6 +158,4 @@ def test_the_ledger_records_what_was_trained_and_what_was_dropped(tmp_path):
     (row,) = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
     refill = ids(kept)[3]
     assert row["items"] == [[0, "r00"], [0, "r02"], [0, "r03"], [None, refill]]  # refills: no epoch
-    assert row["dropped"][0] == [0, "r01"] and all(
-        epoch is None for epoch, _ in row["dropped"][1:]
-    )  # uniform refills
+    assert row["dropped"][0] == [0, "r01"] and all(epoch is None for epoch, _ in row["dropped"][1:])  # uniform refills

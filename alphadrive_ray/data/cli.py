@@ -1,9 +1,9 @@
 """`alphadrive-ray data ...`: generate, validate and convert datasets.
 
-    alphadrive-ray data synth artifacts/scenes --n 2000 --seed 0
-    alphadrive-ray data validate artifacts/scenes/data.jsonl
-    alphadrive-ray data import-release release/train.json data/train.jsonl     # see release.py
-    alphadrive-ray data from-trajectories samples.json data/train.jsonl       # see trajectory.py
+alphadrive-ray data synth artifacts/scenes --n 2000 --seed 0
+alphadrive-ray data validate artifacts/scenes/data.jsonl
+alphadrive-ray data import-release release/train.json data/train.jsonl     # see release.py
+alphadrive-ray data from-trajectories samples.json data/train.jsonl       # see trajectory.py
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ def register(subparsers) -> None:
     synth.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
     synth.add_argument("--speed-mix", default="", help="SPEED class weights, e.g. KEEP=1,ACCELERATE=1,DECELERATE=2,STOP=1")
     synth.add_argument("--path-mix", default="", help="PATH class weights, e.g. STRAIGHT=4,LEFT_TURN=1,...")
-    synth.add_argument("--labels", choices=("driver", "rule"), default="driver",
-                       help="driver: what one of many drivers did, read off its trajectory (default); rule: the rule-based planner")
+    synth.add_argument(
+        "--labels",
+        choices=("driver", "rule"),
+        default="driver",
+        help="driver: what one of many drivers did, read off its trajectory (default); rule: the rule-based planner",
+    )
     synth.add_argument("--driver-noise", type=float, default=1.0, help="spread of the drivers around the typical one (default 1; 0: deterministic)")
     synth.add_argument("--label-draws", type=int, default=64, help="drivers per scene for its label distribution (default 64)")
     synth.add_argument("--reasoning-share", type=float, default=1.0, help="share of the scenes that carry reasoning (default 1)")
@@ -66,8 +70,14 @@ def run_synth(args: argparse.Namespace) -> int:
 
     bar = tqdm(total=args.n, unit="scene", disable=not sys.stderr.isatty(), desc="rendering")
     path, stats = generate_dataset(
-        args.out_dir, args.n, args.seed, size=args.size, speed_mix=speed_mix, path_mix=path_mix,
-        labelling=labelling, progress=lambda done, total: bar.update(1),
+        args.out_dir,
+        args.n,
+        args.seed,
+        size=args.size,
+        speed_mix=speed_mix,
+        path_mix=path_mix,
+        labelling=labelling,
+        progress=lambda done, total: bar.update(1),
     )
     bar.close()
     print(f"wrote {stats.n} scenes to {path} in {stats.seconds:.1f}s ({stats.n / max(stats.seconds, 1e-9) * 60:.0f} scenes/min)")

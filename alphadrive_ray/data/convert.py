@@ -72,12 +72,9 @@ def add_io_arguments(parser, what: str) -> None:
     """The arguments every converter shares: input, output, --image-root, --skip-bad, --no-images."""
     parser.add_argument("input", help=f"{what} file: a JSON array, JSONL, or JSON objects (e.g. one pretty-printed)")
     parser.add_argument("output", help="canonical JSONL to write (image paths relative to it)")
-    parser.add_argument("--image-root", default=None,
-                        help="folder the input's image paths are relative to (default: the input file's folder)")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="convert the good records and report how many bad ones were skipped")
-    parser.add_argument("--no-images", action="store_true",
-                        help="do not open the images (faster; `data validate` can check them later)")
+    parser.add_argument("--image-root", default=None, help="folder the input's image paths are relative to (default: the input file's folder)")
+    parser.add_argument("--skip-bad", action="store_true", help="convert the good records and report how many bad ones were skipped")
+    parser.add_argument("--no-images", action="store_true", help="do not open the images (faster; `data validate` can check them later)")
 
 
 def check_paths(in_path: str | Path, out_path: str | Path, image_root: str | Path | None) -> Path:
@@ -109,8 +106,10 @@ def finish(conversion: Conversion, out_path: str | Path, skip_bad: bool) -> int:
         print(f"{summary}; nothing converted, {out_path} not written", file=sys.stderr)
         return 1
     if conversion.problems and not skip_bad:
-        print(f"{summary}; {out_path} not written (fix them, or pass --skip-bad to convert the "
-              f"{len(conversion.records)} good record(s))", file=sys.stderr)
+        print(
+            f"{summary}; {out_path} not written (fix them, or pass --skip-bad to convert the {len(conversion.records)} good record(s))",
+            file=sys.stderr,
+        )
         return 1
     n = write_records(out_path, conversion.records)
     skipped = ""

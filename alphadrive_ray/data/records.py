@@ -273,7 +273,7 @@ def _iter_jsonl(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield lineno, None, Problem(str(path), lineno, "", f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})")
+                yield lineno, None, Problem(str(path), lineno, "", f"not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})")
                 continue
             if not text.strip():
                 continue
@@ -350,7 +350,7 @@ def read_json_items(path: str | Path) -> Iterator[tuple[int, int | None, Any, Pr
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        yield 0, None, None, Problem(file, line, "", f"not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})")
+        yield 0, None, None, Problem(file, line, "", f"not valid UTF-8 (byte {exc.start}: {data[exc.start : exc.start + 1]!r})")
         return
     if not array:
         documents = list(_iter_json_documents(path, text))

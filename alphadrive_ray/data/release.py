@@ -79,11 +79,11 @@ def parse_speed(prompt: str) -> float:
     """The ego speed (m/s) in the prompt's "Your current speed is {x}m/s"; ValueError if absent or not a number."""
     match = _SPEED_RE.search(prompt)
     if match is None:
-        raise ValueError("no \"Your current speed is {x}m/s\" in the prompt")
+        raise ValueError('no "Your current speed is {x}m/s" in the prompt')
     try:
         return float(match["value"])
     except ValueError:
-        raise ValueError(f"the speed in \"current speed is {match['value']}m/s\" is not a number") from None
+        raise ValueError(f'the speed in "current speed is {match["value"]}m/s" is not a number') from None
 
 
 def parse_navigation(prompt: str) -> str:
@@ -100,7 +100,7 @@ def parse_navigation(prompt: str) -> str:
         return _navigation_dict(prompt, prompt.index("{", start), quote)
     end = prompt.find(quote, start)
     if end < 0:
-        raise ValueError(f"the navigation command after \"navigation command is {quote}\" has no closing {quote}")
+        raise ValueError(f'the navigation command after "navigation command is {quote}" has no closing {quote}')
     return prompt[start:end].strip()
 
 
@@ -248,8 +248,6 @@ def run_import_release(args: argparse.Namespace) -> int:
     image_root = check_paths(args.input, args.output, args.image_root)
 
     def convert_one(obj: Any, line: int, index: int | None):
-        return convert_release_item(
-            obj, file=args.input, line=line, index=index, image_root=image_root, check_images=not args.no_images
-        )
+        return convert_release_item(obj, file=args.input, line=line, index=index, image_root=image_root, check_images=not args.no_images)
 
     return finish(convert_items(args.input, convert_one), args.output, args.skip_bad)

@@ -317,7 +317,16 @@ def reasoning_corpus() -> list[str]:
 # The element each proposal is built around; every planner rule gets a fair share of
 # scenes, so rare situations (a yellow light, cones) are not starved of examples.
 SCENARIOS: tuple[str, ...] = (
-    "free", "pedestrian", "red", "yellow", "green", "lead_hazard", "lead_close", "lead_follow", "cones", "turn",
+    "free",
+    "pedestrian",
+    "red",
+    "yellow",
+    "green",
+    "lead_hazard",
+    "lead_close",
+    "lead_follow",
+    "cones",
+    "turn",
 )
 
 
@@ -719,8 +728,10 @@ def generate_dataset(
 
             # draw 0 is the logged drive; the others estimate the scene's label distribution
             drawn, paths = label_scenes(
-                [scenes[i] for i in chunk], 1 + labelling.label_draws,
-                [np.random.default_rng(label_seeds[i]) for i in chunk], labelling.driver_noise,
+                [scenes[i] for i in chunk],
+                1 + labelling.label_draws,
+                [np.random.default_rng(label_seeds[i]) for i in chunk],
+                labelling.driver_noise,
             )
         for j, i in enumerate(chunk):
             scene = scenes[i]

@@ -95,9 +95,7 @@ def interval_speeds(points: Any, dt: float = DT) -> list[float]:
     return [math.hypot(x1 - x0, y1 - y0) / dt for (x0, y0), (x1, y1) in zip(pts, pts[1:])]
 
 
-def speed_action_from_trajectory(
-    points: Any, dt: float = DT, stop_speed: float = STOP_SPEED, accel_delta: float = ACCEL_DELTA
-) -> str:
+def speed_action_from_trajectory(points: Any, dt: float = DT, stop_speed: float = STOP_SPEED, accel_delta: float = ACCEL_DELTA) -> str:
     """KEEP / ACCELERATE / DECELERATE / STOP by the rules of the module docstring."""
     speeds = interval_speeds(points, dt)
     if max(speeds) < stop_speed:
@@ -117,9 +115,7 @@ def end_point_angle_deg(points: Any) -> float:
     return angle + 360.0 if angle <= -180.0 else angle
 
 
-def path_action_from_trajectory(
-    points: Any, lateral_threshold: float = LATERAL_THRESHOLD, angle_threshold_deg: float = ANGLE_THRESHOLD_DEG
-) -> str:
+def path_action_from_trajectory(points: Any, lateral_threshold: float = LATERAL_THRESHOLD, angle_threshold_deg: float = ANGLE_THRESHOLD_DEG) -> str:
     """STRAIGHT / LEFT_TURN / RIGHT_TURN / LEFT_CHANGE / RIGHT_CHANGE by the rules of the module docstring."""
     x_end, _ = as_points(points)[-1]
     if abs(x_end) < lateral_threshold:
@@ -168,7 +164,8 @@ def label_trajectories(
     speeds = np.hypot(*np.moveaxis(np.diff(full, axis=1), 2, 0)) / dt  # [K, n]
     change = speeds[:, -1] - speeds[:, 0]
     speed = np.where(
-        speeds.max(axis=1) < stop_speed, "STOP",
+        speeds.max(axis=1) < stop_speed,
+        "STOP",
         np.where(change >= accel_delta, "ACCELERATE", np.where(change <= -accel_delta, "DECELERATE", "KEEP")),
     )
     x_end, y_end = pts[:, -1, 0], pts[:, -1, 1]
@@ -215,10 +212,15 @@ def convert_trajectory_item(
             problems.append(Problem(file, line, "trajectory", str(exc), index))
         else:
             if len(points) != num_points:
-                problems.append(Problem(
-                    file, line, "trajectory",
-                    f"expected {num_points} waypoints (the planning horizon; see --num-points), got {len(points)}", index,
-                ))
+                problems.append(
+                    Problem(
+                        file,
+                        line,
+                        "trajectory",
+                        f"expected {num_points} waypoints (the planning horizon; see --num-points), got {len(points)}",
+                        index,
+                    )
+                )
             else:
                 labels = label_trajectory(points, **thresholds)
                 trajectory = [list(p) for p in points]
@@ -240,20 +242,36 @@ def register(subparsers) -> None:
     add = parser.add_argument
     add("--num-points", type=int, default=NUM_POINTS, help=f"waypoints per trajectory (default {NUM_POINTS})")
     add("--dt", type=float, default=DT, help=f"seconds between waypoints (default {DT})")
-    add("--stop-speed", type=float, default=STOP_SPEED,
-        help=f"STOP when every interval speed is below this, m/s (default {STOP_SPEED})")
-    add("--accel-delta", type=float, default=ACCEL_DELTA,
-        help=f"ACCELERATE / DECELERATE when v_last - v_first reaches +/- this, m/s (default {ACCEL_DELTA})")
-    add("--lateral-threshold", type=float, default=LATERAL_THRESHOLD,
-        help=f"end-point lateral offset that leaves the lane, m (default {LATERAL_THRESHOLD})")
-    add("--angle-threshold", type=float, default=ANGLE_THRESHOLD_DEG,
-        help=f"end-point bearing that makes a lateral move a turn, degrees (default {ANGLE_THRESHOLD_DEG})")
+    add("--stop-speed", type=float, default=STOP_SPEED, help=f"STOP when every interval speed is below this, m/s (default {STOP_SPEED})")
+    add(
+        "--accel-delta",
+        type=float,
+        default=ACCEL_DELTA,
+        help=f"ACCELERATE / DECELERATE when v_last - v_first reaches +/- this, m/s (default {ACCEL_DELTA})",
+    )
+    add(
+        "--lateral-threshold",
+        type=float,
+        default=LATERAL_THRESHOLD,
+        help=f"end-point lateral offset that leaves the lane, m (default {LATERAL_THRESHOLD})",
+    )
+    add(
+        "--angle-threshold",
+        type=float,
+        default=ANGLE_THRESHOLD_DEG,
+        help=f"end-point bearing that makes a lateral move a turn, degrees (default {ANGLE_THRESHOLD_DEG})",
+    )
     parser.set_defaults(func=run_from_trajectories)
 
 
 def run_from_trajectories(args: argparse.Namespace) -> int:
-    thresholds = dict(dt=args.dt, stop_speed=args.stop_speed, accel_delta=args.accel_delta,
-                      lateral_threshold=args.lateral_threshold, angle_threshold_deg=args.angle_threshold)
+    thresholds = dict(
+        dt=args.dt,
+        stop_speed=args.stop_speed,
+        accel_delta=args.accel_delta,
+        lateral_threshold=args.lateral_threshold,
+        angle_threshold_deg=args.angle_threshold,
+    )
     flags = ("--dt", "--stop-speed", "--accel-delta", "--lateral-threshold", "--angle-threshold")
     for flag, value in zip(flags, thresholds.values()):
         if not (math.isfinite(value) and value > 0):
@@ -263,7 +281,15 @@ def run_from_trajectories(args: argparse.Namespace) -> int:
     image_root = check_paths(args.input, args.output, args.image_root)
 
     def convert_one(obj: Any, line: int, index: int | None):
-        return convert_trajectory_item(obj, file=args.input, line=line, index=index, image_root=image_root,
-                                       num_points=args.num_points, check_images=not args.no_images, **thresholds)
+        return convert_trajectory_item(
+            obj,
+            file=args.input,
+            line=line,
+            index=index,
+            image_root=image_root,
+            num_points=args.num_points,
+            check_images=not args.no_images,
+            **thresholds,
+        )
 
     return finish(convert_items(args.input, convert_one), args.output, args.skip_bad)

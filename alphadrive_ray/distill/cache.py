@@ -61,14 +61,10 @@ class ResponseCache:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
-            raise UserError(
-                f"cannot open the distill cache at {self.path}: {exc}; pass --cache DIR to use another folder"
-            ) from None
+            raise UserError(f"cannot open the distill cache at {self.path}: {exc}; pass --cache DIR to use another folder") from None
 
     def get(self, key: str) -> TeacherResponse | None:
-        row = self._db.execute(
-            "SELECT content, finish_reason, prompt_tokens, completion_tokens FROM responses WHERE key = ?", (key,)
-        ).fetchone()
+        row = self._db.execute("SELECT content, finish_reason, prompt_tokens, completion_tokens FROM responses WHERE key = ?", (key,)).fetchone()
         return TeacherResponse(*row) if row else None
 
     def put(self, key: str, sample_id: str, model: str, request_hash: str, response: TeacherResponse) -> None:

@@ -47,21 +47,22 @@ def register(subparsers) -> None:
     run.add_argument("--base-url", default="https://api.openai.com/v1", help="OpenAI-compatible API root (default: OpenAI)")
     run.add_argument("--model", required=True, help="teacher model name, e.g. gpt-4o")
     run.add_argument(
-        "--api-key-env", default="OPENAI_API_KEY", metavar="NAME",
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        metavar="NAME",
         help="environment variable holding the API key (default OPENAI_API_KEY); the key is never printed",
     )
     run.add_argument(
-        "--api-key", action=_EnvironmentOnly, nargs="?", metavar="KEY",
+        "--api-key",
+        action=_EnvironmentOnly,
+        nargs="?",
+        metavar="KEY",
         help="not accepted: keys are read from the environment only (see --api-key-env)",
     )
     run.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
     run.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
-    run.add_argument(
-        "--max-retries", type=int, default=6, help="retries per sample on 429/5xx/timeouts/connection errors (default 6)"
-    )
-    run.add_argument(
-        "--backoff-base", type=float, default=1.0, help="first retry delay in seconds, doubled each retry (default 1)"
-    )
+    run.add_argument("--max-retries", type=int, default=6, help="retries per sample on 429/5xx/timeouts/connection errors (default 6)")
+    run.add_argument("--backoff-base", type=float, default=1.0, help="first retry delay in seconds, doubled each retry (default 1)")
     run.add_argument("--backoff-max", type=float, default=60.0, help="longest retry delay in seconds (default 60)")
     run.add_argument("--cache", default=None, metavar="DIR", help="response cache folder (default: OUT's folder/.distill-cache)")
     run.add_argument("--dry-run", action="store_true", help="print the exact request for one sample and exit; sends nothing")
@@ -71,9 +72,7 @@ def register(subparsers) -> None:
     run.add_argument("--max-tokens", type=int, default=160, help="teacher token limit per answer (default 160)")
     run.add_argument("--seed", type=int, default=None, help="teacher sampling seed, where the server supports it")
     run.add_argument("--image-detail", choices=("auto", "low", "high"), default=None, help="OpenAI image detail (low is cheaper)")
-    run.add_argument(
-        "--price-in", type=float, default=0.0, metavar="USD", help="price per 1M prompt tokens, for the cost estimate"
-    )
+    run.add_argument("--price-in", type=float, default=0.0, metavar="USD", help="price per 1M prompt tokens, for the cost estimate")
     run.add_argument("--price-out", type=float, default=0.0, metavar="USD", help="price per 1M completion tokens")
     run.add_argument("--max-words", type=int, default=60, help="longer reasoning is filtered as too_long (default 60)")
     run.add_argument("--max-sentences", type=int, default=3, help="more sentences are filtered as too_long (default 3)")
@@ -99,18 +98,23 @@ def _check_args(args: argparse.Namespace) -> None:
         (1 <= args.concurrency <= 256, f"--concurrency must be 1-256, got {args.concurrency}"),
         (args.timeout > 0, f"--timeout must be > 0 seconds, got {args.timeout}"),
         (0 <= args.max_retries <= 50, f"--max-retries must be 0-50, got {args.max_retries}"),
-        (args.backoff_base >= 0 and args.backoff_max >= args.backoff_base,
-         f"need 0 <= --backoff-base <= --backoff-max, got {args.backoff_base} and {args.backoff_max}"),
+        (
+            args.backoff_base >= 0 and args.backoff_max >= args.backoff_base,
+            f"need 0 <= --backoff-base <= --backoff-max, got {args.backoff_base} and {args.backoff_max}",
+        ),
         (args.limit is None or args.limit >= 1, f"--limit must be at least 1, got {args.limit}"),
         (args.max_tokens >= 1, f"--max-tokens must be at least 1, got {args.max_tokens}"),
         (0 <= args.temperature <= 2, f"--temperature must be 0-2, got {args.temperature}"),
         (args.price_in >= 0 and args.price_out >= 0, "--price-in / --price-out must be >= 0"),
         (args.max_words >= 1 and args.max_sentences >= 1, "--max-words and --max-sentences must be at least 1"),
-        (args.base_url.startswith(("http://", "https://")),
-         f"--base-url must start with http:// or https://, got {args.base_url!r}"),
-        (_ENV_NAME.fullmatch(args.api_key_env) is not None,
-         ("--api-key-env takes the NAME of an environment variable (letters, digits and _, e.g. OPENAI_API_KEY), "
-          "not the key itself; the value given is not shown")),
+        (args.base_url.startswith(("http://", "https://")), f"--base-url must start with http:// or https://, got {args.base_url!r}"),
+        (
+            _ENV_NAME.fullmatch(args.api_key_env) is not None,
+            (
+                "--api-key-env takes the NAME of an environment variable (letters, digits and _, e.g. OPENAI_API_KEY), "
+                "not the key itself; the value given is not shown"
+            ),
+        ),
         (args.out.endswith(".jsonl"), f"OUT must be a .jsonl file, got {args.out!r}"),
     ]
     for ok, message in checks:

@@ -175,9 +175,7 @@ CONTRADICTIONS: dict[str, tuple[str, ...]] = {
 # The maneuver a navigation command names; quoting it is never a contradiction.
 NAVIGATION_MANEUVER: dict[str, str] = {"turn left": "left_turn", "turn right": "right_turn", "go straight": "straight"}
 
-NEGATIONS: frozenset[str] = frozenset(
-    "not no never without nor cannot instead rather neither avoid avoiding unnecessary needn't".split()
-)
+NEGATIONS: frozenset[str] = frozenset("not no never without nor cannot instead rather neither avoid avoiding unnecessary needn't".split())
 NEGATION_WINDOW_WORDS = 4
 
 

@@ -70,14 +70,10 @@ def check_template(template: str, source: str = "prompt template") -> str:
     unknown = sorted(f for f in fields if f not in TEMPLATE_SLOTS)
     if unknown:
         raise UserError(
-            f"{source}: unknown slot(s) {', '.join('{' + f + '}' for f in unknown)}; "
-            f"available: {', '.join('{' + s + '}' for s in TEMPLATE_SLOTS)}"
+            f"{source}: unknown slot(s) {', '.join('{' + f + '}' for f in unknown)}; available: {', '.join('{' + s + '}' for s in TEMPLATE_SLOTS)}"
         )
     if "decision" not in fields and not {"speed_action", "path_action"} <= fields:
-        raise UserError(
-            f"{source}: the teacher must be told the true plan; use {{decision}} "
-            f"(or both {{speed_action}} and {{path_action}})"
-        )
+        raise UserError(f"{source}: the teacher must be told the true plan; use {{decision}} (or both {{speed_action}} and {{path_action}})")
     return template
 
 

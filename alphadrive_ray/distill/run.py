@@ -116,18 +116,18 @@ def output_record(
         return replace(record, reasoning=None, extra={**extra, "review": review}), []
     text = normalise_reasoning(response.content)
     flags = check_reasoning(
-        text, record.speed_action, record.path_action, record.navigation,
-        finish_reason=response.finish_reason, limits=opts.limits,
+        text,
+        record.speed_action,
+        record.path_action,
+        record.navigation,
+        finish_reason=response.finish_reason,
+        limits=opts.limits,
     )
     review.update(status="filtered" if flags else "pending", teacher_reasoning=text, filters=[str(f) for f in flags])
     reasoning = None if flags else text
     if previous is not None:
         old = review_of(previous)
-        if (
-            old.get("status") in DECIDED
-            and old.get("teacher_reasoning") == text
-            and old.get("teacher_model") == opts.teacher.model
-        ):
+        if old.get("status") in DECIDED and old.get("teacher_reasoning") == text and old.get("teacher_model") == opts.teacher.model:
             review = {**review, **{k: v for k, v in old.items() if k not in ("request_hash", "filters")}}
             reasoning = previous.reasoning
     return replace(record, reasoning=reasoning, extra={**extra, "review": review}), flags
@@ -204,9 +204,7 @@ def run_distill(opts: DistillOptions, out: IO[str] | None = None, err: IO[str] |
     results = []
     flag_counts: Counter = Counter()
     for record in records:
-        new, flags = output_record(
-            record, responses.get(record.id), failures.get(record.id), opts, hashes[record.id], previous.get(record.id)
-        )
+        new, flags = output_record(record, responses.get(record.id), failures.get(record.id), opts, hashes[record.id], previous.get(record.id))
         results.append(new)
         flag_counts.update({f.filter for f in flags})
     write_records(out_path, results)
@@ -216,8 +214,7 @@ def run_distill(opts: DistillOptions, out: IO[str] | None = None, err: IO[str] |
     if failures:
         first_id, first = next(iter(failures.items()))
         print(
-            f"error: {len(failures)} sample(s) got no answer (first: {first_id}: {first}); "
-            f"rerun the same command to retry only those",
+            f"error: {len(failures)} sample(s) got no answer (first: {first_id}: {first}); rerun the same command to retry only those",
             file=err,
         )
         return 1
@@ -243,8 +240,7 @@ def _print_summary(out, opts, records, results, stats: CallStats, from_cache, as
         ),
         f"  filters:  {status['filtered']} of {len(results) - len(failures)} answer(s) filtered out; "
         + ", ".join(f"{name} {flag_counts[name]}" for name in FILTERS),
-        f"  review:   {format_counts(status)}"
-        + (f" -> alphadrive-ray distill review {opts.out_path}" if status["pending"] else ""),
+        f"  review:   {format_counts(status)}" + (f" -> alphadrive-ray distill review {opts.out_path}" if status["pending"] else ""),
         f"wrote {len(results)} record(s) to {opts.out_path}",
     ]
     print("\n".join(lines), file=out)

@@ -220,9 +220,7 @@ async def call_teacher(
                     "http 403": " Check the key's permissions for this model.",
                     "http 404": " Check --model and --base-url (it usually ends in /v1).",
                 }.get(attempt.cause, "")
-                raise FatalTeacherError(
-                    f"the teacher at {settings.base_url} refused the request: {message}.{hint}"
-                ) from None
+                raise FatalTeacherError(f"the teacher at {settings.base_url} refused the request: {message}.{hint}") from None
             if not attempt.retryable or retry == settings.max_retries:
                 stats.failed += 1
                 tries = retry + 1

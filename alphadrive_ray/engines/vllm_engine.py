@@ -479,9 +479,7 @@ class VLLMChatBackend:
         )
         request = self.prompt(messages, images)
         with self._lock:
-            (out,) = self.llm.generate(
-                [request], VLLMSamplingParams(**kwargs), use_tqdm=False, tokenization_kwargs={"add_special_tokens": False}
-            )
+            (out,) = self.llm.generate([request], VLLMSamplingParams(**kwargs), use_tqdm=False, tokenization_kwargs={"add_special_tokens": False})
         choices = []
         for o in out.outputs:
             text = o.text if params.stop else self.tokenizer.decode(list(o.token_ids), skip_special_tokens=True)

@@ -345,8 +345,7 @@ def _start_meteor() -> Any:
                 chunk = os.read(fd, 1 << 20)
                 if not chunk:
                     raise EOFError(
-                        f"METEOR closed its output after {seen} of {expect} lines"
-                        + (f" (writing failed: {failure[0]})" if failure else "")
+                        f"METEOR closed its output after {seen} of {expect} lines" + (f" (writing failed: {failure[0]})" if failure else "")
                     )
                 chunks.append(chunk)
                 seen += chunk.count(b"\n")

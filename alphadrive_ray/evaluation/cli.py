@@ -40,9 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="R.jsonl",
         help="the dataset the outputs answer (.jsonl, .json, .parquet, a save_to_disk folder or hub:ORG/NAME)",
     )
-    parser.add_argument(
-        "--out", required=True, type=Path, metavar="DIR", help="folder for metrics.json and report.html"
-    )
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for metrics.json and report.html")
     parser.add_argument(
         "--skip-missing",
         action="store_true",
@@ -53,9 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip BLEU-4 / CIDEr / METEOR (they need Java and take ~15 s for 10k samples)",
     )
-    parser.add_argument(
-        "--samples", type=int, default=24, metavar="N", help="sample outputs shown in the report (default 24)"
-    )
+    parser.add_argument("--samples", type=int, default=24, metavar="N", help="sample outputs shown in the report (default 24)")
     parser.set_defaults(func=run_eval)
 
 
@@ -98,9 +94,7 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
     )
     lines = [f"evaluated {metrics['n']} samples"]
     if ids["missing"] or ids["extra"]:
-        lines[0] += (
-            f" (skipped: {ids['missing']} reference id(s) without prediction, {ids['extra']} extra prediction id(s))"
-        )
+        lines[0] += f" (skipped: {ids['missing']} reference id(s) without prediction, {ids['extra']} extra prediction id(s))"
     lines += [
         f"{'planning accuracy':<24}{planning['accuracy']:.4f}",
         f"{'format ok rate':<24}{parse['format_ok_rate']:.4f}",
@@ -110,25 +104,16 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
         block = planning[family]
         for label in labels:
             m = block[label]
-            lines.append(
-                f"{family.upper() + ' ' + label:<24}{m['precision']:>7.4f}{m['recall']:>8.4f}{m['f1']:>8.4f}{m['support']:>9d}"
-            )
-        lines.append(
-            f"{family.upper() + ' macro F1':<24}{'':>15}{block['macro_f1']:>8.4f}   (accuracy {block['accuracy']:.4f})"
-        )
+            lines.append(f"{family.upper() + ' ' + label:<24}{m['precision']:>7.4f}{m['recall']:>8.4f}{m['f1']:>8.4f}{m['support']:>9d}")
+        lines.append(f"{family.upper() + ' macro F1':<24}{'':>15}{block['macro_f1']:>8.4f}   (accuracy {block['accuracy']:.4f})")
     if reasoning["computed"]:
         shown = {k: "failed" if reasoning[k] is None else f"{reasoning[k]:.4f}" for k in ("bleu4", "cider", "meteor")}
-        lines.append(
-            f"{'reasoning (n=' + str(reasoning['n']) + ')':<24}BLEU-4 {shown['bleu4']}  CIDEr {shown['cider']}  "
-            f"METEOR {shown['meteor']}"
-        )
+        lines.append(f"{'reasoning (n=' + str(reasoning['n']) + ')':<24}BLEU-4 {shown['bleu4']}  CIDEr {shown['cider']}  METEOR {shown['meteor']}")
         if reasoning["note"]:
             lines.append(f"{'':<24}{reasoning['note']}")
         check = reasoning.get("bleu4_check") or {}
         if check.get("agree") is False:
-            lines.append(
-                f"{'':<24}warning: nltk's corpus BLEU-4 {check['nltk']:.6f} differs from pycocoevalcap's by {check['abs_diff']:.2g}"
-            )
+            lines.append(f"{'':<24}warning: nltk's corpus BLEU-4 {check['nltk']:.6f} differs from pycocoevalcap's by {check['abs_diff']:.2g}")
     else:
         lines.append(f"{'reasoning':<24}not computed: {reasoning['note']}")
     return "\n".join(lines)

@@ -37,9 +37,7 @@ def parse_output(text: str) -> ParsedOutput:
     return ParsedOutput(speed, path, format_reward(text) == 1.0, find_reasoning(text))
 
 
-def compute_class_metrics(
-    y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]
-) -> dict[str, dict[str, float | int]]:
+def compute_class_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]) -> dict[str, dict[str, float | int]]:
     """One-vs-rest precision, recall, F1 and support for each label.
 
     `precision = TP / (TP + FP)`, `recall = TP / (TP + FN)`, `F1 = 2TP / (2TP + FP + FN)`,
@@ -91,9 +89,7 @@ def compute_accuracy(y_true: Sequence[str], y_pred: Sequence[str | None]) -> flo
     return sum(1 for true, pred in zip(y_true, y_pred) if pred == true) / len(y_true) if y_true else 0.0
 
 
-def compute_confusion(
-    y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]
-) -> list[list[int]]:
+def compute_confusion(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]) -> list[list[int]]:
     """Counts `[i][j]` of true `labels[i]` predicted as `labels[j]`; the last column counts misses.
 
     Predictions outside `labels` (None or anything else) are misses.
@@ -108,9 +104,7 @@ def compute_confusion(
     return matrix
 
 
-def compute_family_metrics(
-    y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]
-) -> dict[str, Any]:
+def compute_family_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]) -> dict[str, Any]:
     """Per-class metrics (keyed by class name) plus `accuracy`, `macro_f1`, `macro_f1_labels`, `miss_rate`."""
     per_class = compute_class_metrics(y_true, y_pred, labels)
     present = present_labels(y_true, y_pred, labels)
@@ -122,9 +116,7 @@ def compute_family_metrics(
     return out
 
 
-def compute_planning_metrics(
-    parsed: Sequence[ParsedOutput], true_speed: Sequence[str], true_path: Sequence[str]
-) -> dict[str, Any]:
+def compute_planning_metrics(parsed: Sequence[ParsedOutput], true_speed: Sequence[str], true_path: Sequence[str]) -> dict[str, Any]:
     """The `planning`, `parse` and `confusion` sections of metrics.json for aligned samples."""
     if not (len(parsed) == len(true_speed) == len(true_path)):
         raise ValueError(f"{len(parsed)} outputs, {len(true_speed)} SPEED and {len(true_path)} PATH labels")

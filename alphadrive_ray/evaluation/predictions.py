@@ -30,11 +30,7 @@ class PredictionsError(UserError):
     def __init__(self, path: str | Path, problems: Sequence[Problem]):
         self.problems = list(problems)
         shown = "\n".join(f"  {p}" for p in self.problems[:MAX_PROBLEMS_SHOWN])
-        more = (
-            f"\n  ... and {len(self.problems) - MAX_PROBLEMS_SHOWN} more"
-            if len(self.problems) > MAX_PROBLEMS_SHOWN
-            else ""
-        )
+        more = f"\n  ... and {len(self.problems) - MAX_PROBLEMS_SHOWN} more" if len(self.problems) > MAX_PROBLEMS_SHOWN else ""
         super().__init__(
             f"{path}: {len(self.problems)} problem(s) in the predictions file:\n{shown}{more}\n"
             'Each line must be a JSON object {"id": <reference id>, "output": "<raw model text>"}.'
@@ -89,9 +85,7 @@ def load_predictions(path: str | Path) -> Predictions:
                 continue
             pid, output = parsed
             if pid in lines:
-                problems.append(
-                    Problem(file, lineno, "id", f"duplicate id {pid!r} (first on line {lines[pid]})")
-                )
+                problems.append(Problem(file, lineno, "id", f"duplicate id {pid!r} (first on line {lines[pid]})"))
                 continue
             outputs[pid] = output
             lines[pid] = lineno
@@ -172,9 +166,7 @@ def align(
         if missing:
             parts.append(f"{len(missing)} reference id(s) have no prediction: {format_ids(missing)}")
         if extra:
-            parts.append(
-                f"{len(extra)} prediction id(s) are not in {references_name}: {format_ids(extra, prediction_lines)}"
-            )
+            parts.append(f"{len(extra)} prediction id(s) are not in {references_name}: {format_ids(extra, prediction_lines)}")
         raise UserError(
             f"{predictions_name}: ids do not match {references_name}:\n  " + "\n  ".join(parts) + "\n"
             "Pass --skip-missing (skip_missing=True) to evaluate only the ids in both; the skipped ids are counted."

@@ -227,9 +227,7 @@ def render_extra(extra: Mapping[str, Any]) -> str:
             columns: list[str] = []
             for _, row in rows:
                 columns.extend(str(c) for c in row if str(c) not in columns)
-            head = ("<th></th>" if any(key for key, _ in rows) else "") + "".join(
-                f"<th>{_esc(c)}</th>" for c in columns
-            )
+            head = ("<th></th>" if any(key for key, _ in rows) else "") + "".join(f"<th>{_esc(c)}</th>" for c in columns)
             body = "".join(
                 "<tr>"
                 + (f"<th>{_esc(key)}</th>" if any(k for k, _ in rows) else "")
@@ -250,11 +248,7 @@ def _cards(metrics: Mapping[str, Any]) -> str:
     planning, parse, reasoning = metrics["planning"], metrics["parse"], metrics.get("reasoning") or {}
     cards = [
         ("planning accuracy", planning["accuracy"], "SPEED and PATH both right"),
-        *(
-            [("ceiling", planning["ceiling"], "accuracy of always answering the most likely plan")]
-            if "ceiling" in planning
-            else []
-        ),
+        *([("ceiling", planning["ceiling"], "accuracy of always answering the most likely plan")] if "ceiling" in planning else []),
         ("SPEED macro F1", planning["speed"]["macro_f1"], f"accuracy {planning['speed']['accuracy']:.3f}"),
         ("PATH macro F1", planning["path"]["macro_f1"], f"accuracy {planning['path']['accuracy']:.3f}"),
         ("format ok", parse["format_ok_rate"], "<think>…</think><answer>…</answer>"),
@@ -289,11 +283,7 @@ def _class_table(metrics: Mapping[str, Any]) -> str:
             f"<tr><td>{family.upper()}</td><td><i>macro F1 / miss rate</i></td><td></td><td></td>"
             f'{_cell(block["macro_f1"])}<td class="num">{block["miss_rate"]:.1%} missed</td></tr>'
         )
-    return (
-        "<table><tr><th>family</th><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
-        + "".join(rows)
-        + "</table>"
-    )
+    return "<table><tr><th>family</th><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>" + "".join(rows) + "</table>"
 
 
 def _verdict(pred: Any, true: Any) -> str:
@@ -306,18 +296,12 @@ def _sample_rows(samples: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for sample in samples:
         uri = thumbnail_data_uri(sample.get("image"))
-        image = (
-            f'<img src="{uri}" alt="{_esc(sample.get("id"))}">'
-            if uri
-            else '<span class="note">(image not readable)</span>'
-        )
+        image = f'<img src="{uri}" alt="{_esc(sample.get("id"))}">' if uri else '<span class="note">(image not readable)</span>'
         scores = sample.get("scores") or {}
         score_text = " · ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, (int, float)))
         reasoning = sample.get("reasoning")
         reference = sample.get("reference_reasoning")
-        predicted = (
-            _esc(reasoning) if reasoning is not None else '<span class="note">(no &lt;think&gt;)</span>'
-        )
+        predicted = _esc(reasoning) if reasoning is not None else '<span class="note">(no &lt;think&gt;)</span>'
         if score_text:
             predicted += f'</pre><div class="note">{_esc(score_text)}</div><pre>'
         cells = [
@@ -377,18 +361,12 @@ def render_html(
         sections.append("<h2>Summary</h2>" + render_extra(extra))
     sections += [
         "<h2>Overview</h2>" + _cards(metrics) + f'<p class="note">{reasoning_note}</p>',
-        "<h2>Per-class F1</h2>"
-        + f'<img class="fig" src="{FIGURES["f1"]}" alt="per-class F1">'
-        + _class_table(metrics),
+        "<h2>Per-class F1</h2>" + f'<img class="fig" src="{FIGURES["f1"]}" alt="per-class F1">' + _class_table(metrics),
         "<h2>Confusion matrices</h2>"
-        + "".join(
-            f'<img class="fig" src="{FIGURES[f"confusion_{family}"]}" alt="{family} confusion"> '
-            for family in FAMILIES
-        ),
+        + "".join(f'<img class="fig" src="{FIGURES[f"confusion_{family}"]}" alt="{family} confusion"> ' for family in FAMILIES),
         "<h2>Output format</h2>" + f'<img class="fig" src="{FIGURES["format"]}" alt="format rate">',
         f"<h2>Sample outputs ({len(samples)})</h2>"
-        '<p class="note">Wrong plans first, then right ones. Prediction / truth: green = right, red = wrong.</p>'
-        + _sample_rows(samples),
+        '<p class="note">Wrong plans first, then right ones. Prediction / truth: green = right, red = wrong.</p>' + _sample_rows(samples),
     ]
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'

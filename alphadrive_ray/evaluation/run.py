@@ -100,18 +100,14 @@ def evaluate(
         parsed = [parse_output(text) for text in alignment.outputs]
         stage("parse")
         metrics: dict[str, Any] = {"n": len(parsed)}
-        planning = compute_planning_metrics(
-            parsed, [r.speed_action for r in alignment.records], [r.path_action for r in alignment.records]
-        )
+        planning = compute_planning_metrics(parsed, [r.speed_action for r in alignment.records], [r.path_action for r in alignment.records])
         metrics["planning"] = planning["planning"]
         ceiling = ceiling_of(alignment.records, parsed)
         if ceiling is not None:
             metrics["planning"].update({k: ceiling[k] for k in ("ceiling", "ceiling_expected", "bayes_agreement")})
         metrics["parse"] = planning["parse"]
         stage("planning")
-        metrics["reasoning"], per_sample = compute_reasoning_metrics(
-            parsed, alignment.records, enabled=reasoning_metrics, on_stage=stage
-        )
+        metrics["reasoning"], per_sample = compute_reasoning_metrics(parsed, alignment.records, enabled=reasoning_metrics, on_stage=stage)
         metrics["ids"] = alignment.summary(len(predictions), len(references))
         metrics["confusion"] = planning["confusion"]
 
@@ -198,10 +194,7 @@ def compute_reasoning_metrics(
         names = {"bleu4": "BLEU-4", "cider": "CIDEr", "meteor": "METEOR"}
         section["note"] = "; ".join(f"{names[k]} failed: {why}" for k, why in scores["failures"].items())
     section["bleu4_nltk"], section["bleu4_check"] = scores["bleu4_nltk"], scores["bleu4_check"]
-    per_sample = {
-        i: {name: scores["per_sample"][name][k] for name in PER_SAMPLE_SCORES}
-        for k, i in enumerate(with_reference)
-    }
+    per_sample = {i: {name: scores["per_sample"][name][k] for name in PER_SAMPLE_SCORES} for k, i in enumerate(with_reference)}
     return section, per_sample
 
 
@@ -214,16 +207,8 @@ def build_samples(
 ) -> list[dict[str, Any]]:
     """Rows for the report's sample table: up to n/2 wrong plans, then right ones (more wrong
     ones if there are too few right), each group spread evenly over the evaluation set."""
-    wrong = [
-        i
-        for i, (r, p) in enumerate(zip(records, parsed))
-        if (p.speed, p.path) != (r.speed_action, r.path_action)
-    ]
-    right = [
-        i
-        for i, (r, p) in enumerate(zip(records, parsed))
-        if (p.speed, p.path) == (r.speed_action, r.path_action)
-    ]
+    wrong = [i for i, (r, p) in enumerate(zip(records, parsed)) if (p.speed, p.path) != (r.speed_action, r.path_action)]
+    right = [i for i, (r, p) in enumerate(zip(records, parsed)) if (p.speed, p.path) == (r.speed_action, r.path_action)]
     n_wrong = min(len(wrong), max(n - len(right), n // 2 + n % 2))
     chosen = spread(wrong, n_wrong) + spread(right, min(len(right), n - n_wrong))
     return [

@@ -1,7 +1,7 @@
 """`alphadrive-ray model ...`: build the tiny default model, inspect a checkpoint.
 
-    alphadrive-ray model init-tiny artifacts/tiny-qwen2vl --seed 0
-    alphadrive-ray model info artifacts/tiny-qwen2vl
+alphadrive-ray model init-tiny artifacts/tiny-qwen2vl --seed 0
+alphadrive-ray model info artifacts/tiny-qwen2vl
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ def run_info(args: argparse.Namespace) -> int:
     tokenizer = getattr(processor, "tokenizer", processor)
     n = sum(p.numel() for p in model.parameters())
     print(f"{args.path}: {model_type}, {n / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
-    print(f"load with: Qwen2VLForConditionalGeneration.from_pretrained({args.path!r}) / AutoProcessor.from_pretrained({args.path!r})"
-          if model_type.endswith("_vl") else f"load with: AutoModelForCausalLM.from_pretrained({args.path!r})")
+    print(
+        f"load with: Qwen2VLForConditionalGeneration.from_pretrained({args.path!r}) / AutoProcessor.from_pretrained({args.path!r})"
+        if model_type.endswith("_vl")
+        else f"load with: AutoModelForCausalLM.from_pretrained({args.path!r})"
+    )
     return 0

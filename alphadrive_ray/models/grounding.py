@@ -89,7 +89,9 @@ def make_example(scene, rng: random.Random, task: str | None = None) -> Example:
             return Example(task, f"{question} Answer in one word.", answer)
         return Example(task, f"{question} {_ANSWER_FORMAT}", f"<think> {caption} </think>\n<answer> {answer} </answer>")
     if task == "speed":
-        return Example(task, f"Speed {speed}m/s. How fast are you going? {_ANSWER_FORMAT}", f"<think> At {speed} m/s. </think>\n<answer> {speed} </answer>")
+        return Example(
+            task, f"Speed {speed}m/s. How fast are you going? {_ANSWER_FORMAT}", f"<think> At {speed} m/s. </think>\n<answer> {speed} </answer>"
+        )
     speed_action, path_action = rng.choice(SPEED_ACTIONS), rng.choice(PATH_ACTIONS)
     plan = f"{_SPEED_WORDS[speed_action]} and {_PATH_WORDS[path_action]}"
     prompt = WORDING_PROMPT.format(speed=speed, navigation=scene.navigation, plan=plan)
@@ -101,8 +103,14 @@ def corpus() -> Iterator[str]:
     """The tasks' fixed text, for the tokenizer."""
     yield "Describe the scene."
     yield "Answer in one word."
-    for question in ("What colour is the traffic light?", "How far ahead is the car in my lane?", "Is there a pedestrian on the road?",
-                     "Are there cones in my lane?", "On which side is there another lane?", "Is there an intersection ahead?"):
+    for question in (
+        "What colour is the traffic light?",
+        "How far ahead is the car in my lane?",
+        "Is there a pedestrian on the road?",
+        "Are there cones in my lane?",
+        "On which side is there another lane?",
+        "Is there an intersection ahead?",
+    ):
         yield f"{question} {_ANSWER_FORMAT}"
     for answer in ("RED", "YELLOW", "GREEN", "NONE", "VERY_CLOSE", "CLOSE", "AT_A_SAFE_DISTANCE", "FAR", "YES", "NO", "BOTH", "LEFT", "RIGHT"):
         yield f"<answer> {answer} </answer>"

@@ -84,13 +84,13 @@ class TinySpec:
     patch_size: int = 14
     # Images are resized to this many pixels (224 x 224 -> 16 x 16 patches -> 64 tokens).
     # At 112 x 112 (16 tokens) a car 30 m ahead and one 50 m ahead differ by a pixel or two,
-    # and the planner's distance bands were the tiny model's main error (docs/results.md).
+    # and the planner's distance bands were the tiny model's main error (docs/results-rule-labels.md).
     image_pixels: int = 224 * 224
     # Steps of vision pretraining on synthetic scenes (0: a random vision tower too).
     vision_pretrain_steps: int = 1000
     # Steps of language pretraining on image-grounded text without driving decisions, after
     # the vision pretraining (models/grounding.py; 0: a random language half).
-    language_pretrain_steps: int = 400
+    language_pretrain_steps: int = 300
     seed: int = 0
 
     @property
@@ -377,9 +377,7 @@ def build_tiny_qwen2(out_dir: str | Path, spec: TinySpec = TinySpec(), corpus: I
     )
     torch.manual_seed(spec.seed)
     model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-    )
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")

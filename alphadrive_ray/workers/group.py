@@ -177,9 +177,7 @@ class RolloutGroup(_ActorGroup):
     def start(cls, spec, n: int, resources: Resources, max_restarts: int = 3, placement: str = "PACK") -> "RolloutGroup":
         from alphadrive_ray.workers.rollout import RolloutWorker
 
-        actors, pg = spawn(
-            RolloutWorker, [(spec, i) for i in range(n)], resources, name="rollout", strategy=placement, max_restarts=max_restarts
-        )
+        actors, pg = spawn(RolloutWorker, [(spec, i) for i in range(n)], resources, name="rollout", strategy=placement, max_restarts=max_restarts)
         ray.get([a.ping.remote() for a in actors])
         return cls(actors, pg, max_retries=max_restarts)
 
@@ -273,9 +271,7 @@ class RewardPool(_ActorGroup):
     def start(cls, spec, n: int, resources: Resources, timeout_s: float, max_restarts: int = 3, placement: str = "PACK") -> "RewardPool":
         from alphadrive_ray.workers.reward import RewardWorker
 
-        actors, pg = spawn(
-            RewardWorker, [(spec, i) for i in range(n)], resources, name="reward", strategy=placement, max_restarts=max_restarts
-        )
+        actors, pg = spawn(RewardWorker, [(spec, i) for i in range(n)], resources, name="reward", strategy=placement, max_restarts=max_restarts)
         ray.get([a.ping.remote() for a in actors])
         return cls(actors, timeout_s, pg)
 
@@ -307,9 +303,7 @@ class LearnerGroup(_ActorGroup):
         group_name = _pg_name("learner")
         pg = placement_group([resources.bundle() for _ in range(n)], strategy=placement, name=group_name)
         wait_for_placement(pg, f"{n} learner worker(s)")
-        addr, port = ray.get(
-            _free_address.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)).remote()
-        )
+        addr, port = ray.get(_free_address.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)).remote())
         remote_cls = ray.remote(LearnerWorker)
         actors = [
             remote_cls.options(

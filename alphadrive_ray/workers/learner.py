@@ -140,9 +140,7 @@ class LearnerWorker(ProcessInfo):
         import deepspeed
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, model_parameters=params, config=self.ds_config(weight_decay)
-        )
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.model, model_parameters=params, config=self.ds_config(weight_decay))
         self.model = self.engine.module
         if self.engine.checkpoint_engine is not None:
             self.engine.checkpoint_engine.load = _safe_torch_load
@@ -331,7 +329,9 @@ class LearnerWorker(ProcessInfo):
         """Log-probs of the given completions under the current policy (for tests and diagnostics)."""
         self.engine.eval() if self.engine is not None else self.model.eval()
         model = self.engine if self.engine is not None else self.model
-        batch = self._to_device(self.encoder.collate([self.encoder.encode(s.record) for s in samples], [s.token_ids for s in samples], self.share_prompts))
+        batch = self._to_device(
+            self.encoder.collate([self.encoder.encode(s.record) for s in samples], [s.token_ids for s in samples], self.share_prompts)
+        )
         logp = algo.compute_token_logprobs(
             completion_logits(model, batch), batch["completion_ids"], self.spec.temperature, self.spec.top_p, self.encoder.banned_token_ids
         )

@@ -22,9 +22,7 @@ GREEDY = SamplingParams(n=1, max_new_tokens=24, greedy=True)
 
 # A chat prompt longer than a KV block (128 tokens on CPU), so that vLLM's prefix cache keeps it:
 # answered before and after the sync, it checks that the sync drops KV computed with old weights.
-LONG_CHAT = [
-    {"role": "user", "content": [{"type": "text", "text": "Speed 4.0m/s, navigation 'turn left'. " * 30 + "Plan:"}]}
-]
+LONG_CHAT = [{"role": "user", "content": [{"type": "text", "text": "Speed 4.0m/s, navigation 'turn left'. " * 30 + "Plan:"}]}]
 CHAT_GREEDY = dict(n=1, temperature=0.0, max_tokens=16)
 
 # Largest |engine log-prob - learner log-prob| per token accepted, float32 on both sides (see
@@ -99,9 +97,7 @@ def test_prompts_are_the_learners_tokens(engine, scenes):
     """vLLM tokenises the chat-formatted prompt exactly as the learner's PromptEncoder does."""
     from alphadrive_ray.engines.vllm_engine import build_requests
 
-    outputs = engine.llm.generate(
-        build_requests(engine.encoder, scenes[:3]), use_tqdm=False, tokenization_kwargs={"add_special_tokens": False}
-    )
+    outputs = engine.llm.generate(build_requests(engine.encoder, scenes[:3]), use_tqdm=False, tokenization_kwargs={"add_special_tokens": False})
     for record, out in zip(scenes[:3], outputs):
         assert list(out.prompt_token_ids) == list(engine.encoder.encode(record).input_ids)
 
