@@ -48,11 +48,12 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"run directory: {summary.run_dir}")
     print("held-out planning accuracy:")
+    width = max(len(label) for label in stage_labels(config).values())
     for stage, label in stage_labels(config).items():
         if stage in acc:
-            print(f"  {label:20s} {acc[stage]:.3f}")
+            print(f"  {label:{width}s} {acc[stage]:.3f}")
     if summary.ceiling is not None:
-        print(f"  {'ceiling':20s} {summary.ceiling:.3f}  (always the most likely plan: the best any planner can expect on these noisy labels)")
+        print(f"  {'ceiling':{width}s} {summary.ceiling:.3f}  (always the most likely plan: the best any planner can expect on these noisy labels)")
     labels = stage_labels(config)
     for name, c in summary.comparisons.items():
         later, earlier = name.split("_vs_")
