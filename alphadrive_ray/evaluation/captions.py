@@ -130,24 +130,30 @@ def compute_caption_metrics(
         scores: dict[str, tuple[float | None, list]] = {}  # name -> (corpus score, per sample)
         nltk_scores: dict[str, Any] = {"bleu4_nltk": None, "bleu4_check": bleu_agreement(None, None, 0), "sentence_bleu": [None] * n}
 
+        kept: dict[str, Any] = {}  # pycocoevalcap's BLEU scorer, for the nltk cross-check
+
         def bleu4() -> tuple:
-            bleu_scorer, bleu, bleu_per_sample = coco_bleu(gts_tok, res_tok)
-            scores["bleu4"] = bleu[3], bleu_per_sample[3]
+            kept["scorer"], bleu, bleu_per_sample = coco_bleu(gts_tok, res_tok)
+            return bleu[3], bleu_per_sample[3]
+
+        def nltk_bleu() -> tuple:
             # nltk's sentence and corpus BLEU, cross-checked against pycocoevalcap's
             nltk = compute_nltk_bleu([[ref.split() for ref in gts_tok[i]] for i in range(n)], [res_tok[i][0].split() for i in range(n)])
             coco_comparable = None
-            if nltk.comparable_corpus is not None:
-                coco_comparable = bleu[3] if len(nltk.comparable) == n else coco_bleu4_of(bleu_scorer, nltk.comparable)
+            if nltk.comparable_corpus is not None and "bleu4" in scores:
+                everything = len(nltk.comparable) == n
+                coco_comparable = scores["bleu4"][0] if everything else coco_bleu4_of(kept["scorer"], nltk.comparable)
             nltk_scores.update(
                 bleu4_nltk=nltk.corpus,
                 bleu4_check=bleu_agreement(nltk.comparable_corpus, coco_comparable, len(nltk.comparable)),
                 sentence_bleu=nltk.sentence,
             )
-            return scores["bleu4"]
+            return nltk.corpus, nltk.sentence
 
         for name, stage_name, score in (
             ("bleu4", "bleu", bleu4),
             ("cider", "cider", lambda: Cider().compute_score(gts_tok, res_tok)),
+            ("bleu4_nltk", "nltk_bleu", nltk_bleu),
         ):
             try:
                 scores[name] = score()

@@ -191,7 +191,7 @@ def compute_reasoning_metrics(
     )
     section.update(computed=True, bleu4=scores["bleu4"], cider=scores["cider"], meteor=scores["meteor"])
     if scores["failures"]:  # the other scores are kept; say which one failed and why, in one line
-        names = {"bleu4": "BLEU-4", "cider": "CIDEr", "meteor": "METEOR"}
+        names = {"bleu4": "BLEU-4", "cider": "CIDEr", "meteor": "METEOR", "bleu4_nltk": "nltk's BLEU"}
         section["note"] = "; ".join(f"{names[k]} failed: {why}" for k, why in scores["failures"].items())
     section["bleu4_nltk"], section["bleu4_check"] = scores["bleu4_nltk"], scores["bleu4_check"]
     per_sample = {i: {name: scores["per_sample"][name][k] for name in PER_SAMPLE_SCORES} for k, i in enumerate(with_reference)}
