@@ -81,7 +81,7 @@ def test_top_p_batches_from_the_engine_give_a_finite_loss_gradient_and_weights(l
     from alphadrive_ray.models.tiny import TinySpec, build_tiny_qwen2vl
 
     # a reference that is another model, so that some sampled tokens are outside its nucleus
-    other = load_model(str(build_tiny_qwen2vl(tmp_path / "other", TinySpec(seed=1, vision_pretrain_steps=0))))
+    other = load_model(str(build_tiny_qwen2vl(tmp_path / "other", TinySpec(seed=1, vision_pretrain_steps=0, language_pretrain_steps=0))))
     reference = tmp_path / "reference.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(reference))
 

@@ -126,7 +126,7 @@ def test_same_logits_after_save_and_reload(tiny_vl, scene_image, tmp_path):
 def test_same_seed_same_weights_other_seed_other_weights(tiny_vl, tmp_path):
     # the loader's init_tiny path builds the same model as build_tiny_qwen2vl for the same seed
     again = ensure_model(tmp_path / "again", init_tiny=True, spec=tiny_test_spec())
-    other = build_tiny_qwen2vl(tmp_path / "other", TinySpec(seed=1, vision_pretrain_steps=0))
+    other = build_tiny_qwen2vl(tmp_path / "other", TinySpec(seed=1, vision_pretrain_steps=0, language_pretrain_steps=0))
     reference, same, different = state(tiny_vl), state(again), state(other)
     assert reference.keys() == same.keys() == different.keys()
     assert all(torch.equal(reference[k], same[k]) for k in reference)
@@ -274,7 +274,7 @@ def test_missing_folder_hint_and_cli(tmp_path):
 
 
 def test_pretraining_does_not_depend_on_the_callers_thread_count(tmp_path):
-    spec = TinySpec(seed=0, vision_pretrain_steps=3)
+    spec = TinySpec(seed=0, vision_pretrain_steps=3, language_pretrain_steps=3)
     threads = torch.get_num_threads()
     built = []
     try:
