@@ -41,6 +41,7 @@ def tiny_overrides(work: Path, model: str) -> list[str]:
         f"data.train={work / 'train' / 'data.jsonl'}",
         f"data.eval={work / 'eval' / 'data.jsonl'}",
         "data.synth_train.n=16",
+        "data.synth_train.reasoning_share=1.0",
         "data.synth_train.size=96",
         "data.synth_eval.n=4",
         "data.synth_eval.size=96",
