@@ -6,6 +6,7 @@ DeepSpeed, Ray actors), only small.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -26,6 +27,25 @@ def tiny_test_spec():
     from alphadrive_ray.models.tiny import TinySpec
 
     return TinySpec(seed=0, vision_pretrain_steps=100, language_pretrain_steps=10)
+
+
+def open_road(**changes):
+    """A scene with nothing in it (a two-lane road, 10 m/s, go straight) with `changes` applied:
+    the starting point of the scene-by-scene tests."""
+    from alphadrive_ray.data.synth import Scene
+
+    road = Scene(
+        speed=10.0,
+        navigation="go straight",
+        num_lanes=2,
+        ego_lane=0,
+        intersection=None,
+        light=None,
+        lead_distance=None,
+        pedestrian_distance=None,
+        cones_distance=None,
+    )
+    return dataclasses.replace(road, **changes)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 
@@ -21,23 +20,12 @@ from alphadrive_ray.data.driver import (
 from alphadrive_ray.data.records import load_records
 from alphadrive_ray.data.synth import Labelling, Scene, explain, generate_dataset, random_scene
 from alphadrive_ray.data.trajectory import label_trajectories, label_trajectory
+from tests.conftest import open_road
+
 
 # An empty two-lane road, ego in the left lane; each test changes what it needs.
-ROAD = Scene(
-    speed=11.0,
-    navigation="go straight",
-    num_lanes=2,
-    ego_lane=0,
-    intersection=None,
-    light=None,
-    lead_distance=None,
-    pedestrian_distance=None,
-    cones_distance=None,
-)
-
-
-def scene(**changes) -> Scene:
-    return dataclasses.replace(ROAD, **changes)
+def scene(**changes):
+    return open_road(**{"speed": 11.0, **changes})
 
 
 # --- the labeller, vectorised ------------------------------------------------------------

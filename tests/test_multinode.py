@@ -143,8 +143,8 @@ def test_weight_sync_crosses_nodes(spread_and_sync):
 
 def test_tiny_run_passes_on_the_cluster(cluster, tiny_vl_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("multinode-run")
-    overrides = [o for o in tiny_overrides(work) if not o.startswith(("model.path=", "run.name="))]
-    overrides += [f"model.path={tiny_vl_dir}", "run.name=multinode", "rollout.placement=SPREAD", "reward.placement=SPREAD"]
+    overrides = [o for o in tiny_overrides(work, tiny_vl_dir) if not o.startswith("run.name=")]
+    overrides += ["run.name=multinode", "rollout.placement=SPREAD", "reward.placement=SPREAD"]
     args = ["-m", "alphadrive_ray.train", str(REPO / "jobs" / "quickstart_cpu.yaml")]
     for item in overrides:
         args += ["--set", item]

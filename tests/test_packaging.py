@@ -40,11 +40,13 @@ def imported_modules() -> dict[str, str]:
 
 
 def test_every_imported_distribution_is_declared():
-    # required, or in the [gpu] extra (GPU-only code imports vLLM lazily); the dev and bench
-    # extras do not count: the package runs without them
+    # required, or in a feature extra that the importing code asks for lazily ([gpu]: vLLM,
+    # [wandb]: the W&B tracker); the dev and bench extras do not count: the package runs without them
     project = PYPROJECT["project"]
     required = {_dist(r) for r in project["dependencies"]}
-    optional = {_dist(r) for r in project["optional-dependencies"]["gpu"]}
+    features = {name: reqs for name, reqs in project["optional-dependencies"].items() if name not in ("dev", "bench")}
+    assert set(features) == {"gpu", "wandb"}, features
+    optional = {_dist(r) for reqs in features.values() for r in reqs}
     by_module = importlib.metadata.packages_distributions()
     missing = []
     for module, where in imported_modules().items():

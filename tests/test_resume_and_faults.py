@@ -34,9 +34,11 @@ def tiny_overrides(work: Path, model_dir: str, name: str, grpo_steps: int) -> li
         f"run.name={name}",
         f"run.output_dir={work / 'runs'}",
         f"model.path={model_dir}",
+        "model.init_tiny=false",  # the tests' tiny model as it is (the demo's base takes minutes to build)
         f"data.train={work / 'train' / 'data.jsonl'}",
         f"data.eval={work / 'eval' / 'data.jsonl'}",
         "data.synth_train.n=16",
+        "data.synth_train.reasoning_share=1.0",  # SFT's 16 samples need 16 scenes with reasoning
         "data.synth_train.size=96",
         "data.synth_eval.n=4",
         "data.synth_eval.size=96",

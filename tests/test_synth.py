@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import subprocess
@@ -18,7 +17,6 @@ from alphadrive_ray.data.synth import (
     DEFAULT_PATH_MIX,
     DEFAULT_SPEED_MIX,
     Labelling,
-    Scene,
     generate_dataset,
     parse_mix,
     plan_scene,
@@ -27,6 +25,7 @@ from alphadrive_ray.data.synth import (
     sample_scene,
     scene_from_json,
 )
+from tests.conftest import open_road
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -134,19 +133,8 @@ def test_parse_mix(text, expected):
 # --- the planner's rules -------------------------------------------------------------------
 
 # A free two-lane road, ego in the left lane, 10 m/s, going straight: KEEP, STRAIGHT.
-BASE = Scene(
-    speed=10.0,
-    navigation="go straight",
-    num_lanes=2,
-    ego_lane=0,
-    intersection=None,
-    light=None,
-    lead_distance=None,
-    pedestrian_distance=None,
-    cones_distance=None,
-)
 
-# (changes to BASE, SPEED, PATH, speed rule that fired)
+# (changes to an open road, SPEED, PATH, speed rule that fired)
 RULE_CASES = [
     # SPEED rule 1, hazard: a pedestrian; slow enough to stop (just below 4 m/s)
     (dict(pedestrian_distance=12.0, speed=3.9), "STOP", "STRAIGHT", "pedestrian"),
@@ -217,7 +205,7 @@ RULE_CASES = [
 
 @pytest.mark.parametrize("changes,speed_action,path_action,rule", RULE_CASES)
 def test_planner_rules(changes, speed_action, path_action, rule):
-    plan = plan_scene(dataclasses.replace(BASE, **changes))
+    plan = plan_scene(open_road(**changes))
     assert (plan.speed_action, plan.path_action, plan.speed_reason) == (speed_action, path_action, rule)
 
 
@@ -251,14 +239,14 @@ def test_reasoning_states_the_decision(dataset):
 
 
 def test_reasoning_of_a_constructed_scene():
-    scene = dataclasses.replace(BASE, intersection="near", light="red", speed=2.0)
+    scene = open_road(intersection="near", light="red", speed=2.0)
     assert reasoning_for(scene, plan_scene(scene)) == (
         "I see a red light at an intersection close ahead and a lane on my right. "
         "At 2.0 m/s, the traffic light at the intersection ahead is red, so I stop. I stay in my lane."
     )
 
 
-# (changes to BASE, the scene description): every planning-relevant element is named
+# (changes to an open road, the scene description): every planning-relevant element is named
 DESCRIPTION_CASES = [
     # nothing in view but the lane to the right
     ({}, "I see a lane on my right."),
@@ -284,14 +272,14 @@ DESCRIPTION_CASES = [
 def test_scene_description(changes, expected):
     from alphadrive_ray.data.synth import describe_scene
 
-    assert describe_scene(dataclasses.replace(BASE, **changes)) == expected
+    assert describe_scene(open_road(**changes)) == expected
 
 
 # --- rendering -----------------------------------------------------------------------------
 
 LIGHT_RED, LIGHT_GREEN, SKIN, CONE = (255, 30, 30), (40, 230, 60), (230, 190, 150), (255, 120, 0)
 
-# (changes to BASE, a colour the renderer uses only for one element, whether it must appear)
+# (changes to an open road, a colour the renderer uses only for one element, whether it must appear)
 VISIBLE_CASES = [
     (dict(intersection="near", light="red"), LIGHT_RED, True),  # a red light is drawn lit red
     (dict(intersection="near", light="red"), LIGHT_GREEN, False),  # ... and not green
@@ -305,14 +293,14 @@ VISIBLE_CASES = [
 
 @pytest.mark.parametrize("changes,colour,present", VISIBLE_CASES)
 def test_what_decides_the_label_is_drawn(changes, colour, present):
-    image = render_scene(dataclasses.replace(BASE, **changes), size=224, seed=0)
+    image = render_scene(open_road(**changes), size=224, seed=0)
     assert image.size == (224, 224) and image.mode == "RGB"
     colours = {c for _, c in image.getcolors(224 * 224)}
     assert (colour in colours) == present
 
 
 def test_render_size_and_seed():
-    scene = dataclasses.replace(BASE, lead_distance=20.0)
+    scene = open_road(lead_distance=20.0)
     assert render_scene(scene, size=96, seed=1).size == (96, 96)
     assert render_scene(scene, size=96, seed=1).tobytes() == render_scene(scene, size=96, seed=1).tobytes()
 

@@ -41,7 +41,7 @@ def run(tmp_path_factory, tiny_vl_dir):
         "data.synth_eval.size=96",
         "sft.samples=16",
         "sft.epochs=1",
-        "sft.batch_size=16",
+        "sft.batch_size=8",  # two SFT steps
         "sft.micro_batch_size=4",
         "grpo.steps=2",
         "grpo.prompts_per_step=4",
