@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from alphadrive_ray.errors import UserError
+from alphadrive_ray.evaluation.report import escape, format_value
 
 REPORT_NAME = "run_report.html"
 MAIN_STAGES = ("untrained", "sft", "final")
@@ -413,29 +414,13 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 """
 
 
-def _esc(value: Any) -> str:
-    import html
-
-    return html.escape(str(value), quote=True)
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
 def _num(value: Any, digits: int = 3, css: str = "") -> str:
     cls = f"num {css}".strip()
-    return f'<td class="{cls}">{_esc(_fmt(value, digits))}</td>'
+    return f'<td class="{cls}">{escape(format_value(value, digits))}</td>'
 
 
 def _img(uri: str | None, alt: str) -> str:
-    return f'<img class="fig" src="{uri}" alt="{_esc(alt)}">' if uri else ""
+    return f'<img class="fig" src="{uri}" alt="{escape(alt)}">' if uri else ""
 
 
 def _get(metrics: Mapping[str, Any], *path: str) -> Any:
@@ -461,11 +446,11 @@ def _header(run: RunData, ceilings: Mapping[str, float]) -> str:
                 ("total time", f"{total / 60:.1f} min", f"SFT {run.summary.get('sft_steps', 0)} / GRPO {run.summary.get('grpo_steps', 0)} steps", "")
             )
     body = "".join(
-        f'<div class="card {css}"><div class="v">{_esc(_fmt(v))}</div><div class="k">{_esc(k)}</div><div class="k">{_esc(note)}</div></div>'
+        f'<div class="card {css}"><div class="v">{escape(format_value(v, 3))}</div><div class="k">{escape(k)}</div><div class="k">{escape(note)}</div></div>'
         for k, v, note, css in cards
     )
     state = "" if run.summary else '<p class="note">No summary.json: the run has not finished (or stopped); this page shows what it wrote so far.</p>'
-    return f'<h1>AlphaDrive run {_esc(name)}</h1><p class="note">{_esc(run.run_dir)}</p>{state}<div class="cards">{body}</div>'
+    return f'<h1>AlphaDrive run {escape(name)}</h1><p class="note">{escape(run.run_dir)}</p>{state}<div class="cards">{body}</div>'
 
 
 def _curves(run: RunData, ceilings: Mapping[str, float]) -> str:
@@ -479,9 +464,9 @@ def _curves(run: RunData, ceilings: Mapping[str, float]) -> str:
     ]
     for uri, alt, missing in figures:
         if uri:
-            parts.append(f"<h3>{_esc(alt)}</h3>" + _img(uri, alt))
+            parts.append(f"<h3>{escape(alt)}</h3>" + _img(uri, alt))
         elif missing:
-            parts.append(f'<h3>{_esc(alt)}</h3><p class="note">{_esc(missing)}.</p>')
+            parts.append(f'<h3>{escape(alt)}</h3><p class="note">{escape(missing)}.</p>')
     if not ceilings:
         parts.append('<p class="note">No ceiling metric in this run\'s evaluations (keys containing "ceiling").</p>')
     return "\n".join(parts)
@@ -495,7 +480,7 @@ def _stage_table(run: RunData) -> str:
     ceilings = {e.tag: evaluation_ceilings(run, e) for e in evaluations}
     for found in ceilings.values():
         ceiling_keys += [k for k in found if k not in ceiling_keys]
-    head = "<tr><th>metric</th>" + "".join(f"<th>{_esc(e.label)}</th>" for e in evaluations) + "</tr>"
+    head = "<tr><th>metric</th>" + "".join(f"<th>{escape(e.label)}</th>" for e in evaluations) + "</tr>"
     rows: list[tuple[str, list[Any], str]] = [("planning accuracy", [e.metrics["planning"]["accuracy"] for e in evaluations], "")]
     for key in ceiling_keys:
         rows.append((key, [ceilings[e.tag].get(key) for e in evaluations], "ceiling"))
@@ -509,7 +494,7 @@ def _stage_table(run: RunData) -> str:
         rows.append((name, [_get(e.metrics, "reasoning", key) for e in evaluations], ""))
     rows.append(("mean sentence BLEU (nltk)", [mean_sentence_bleu(e) for e in evaluations], ""))
     rows.append(("samples", [e.metrics.get("n") for e in evaluations], ""))
-    body = "".join(f'<tr class="{css}"><th>{_esc(name)}</th>' + "".join(_num(v, css=css) for v in values) + "</tr>" for name, values, css in rows)
+    body = "".join(f'<tr class="{css}"><th>{escape(name)}</th>' + "".join(_num(v, css=css) for v in values) + "</tr>" for name, values, css in rows)
     note = (
         '<p class="note">Held-out split, greedy decoding. Reasoning scores are pycocoevalcap corpus values in [0, 1] (CIDEr up to 10); '
         "the mean sentence BLEU is nltk's smoothed sentence BLEU-4 averaged over the samples with a reference reasoning.</p>"
@@ -518,7 +503,7 @@ def _stage_table(run: RunData) -> str:
     if len(run.evaluations) > len(evaluations):
         every = "<h3>Every evaluation</h3><table><tr><th>evaluation</th><th>GRPO step</th><th>accuracy</th><th>SPEED macro F1</th><th>PATH macro F1</th><th>BLEU-4</th></tr>"
         every += "".join(
-            f"<tr><td>{_esc(e.label)}</td>{_num(e.step)}{_num(e.metrics['planning']['accuracy'])}"
+            f"<tr><td>{escape(e.label)}</td>{_num(e.step)}{_num(e.metrics['planning']['accuracy'])}"
             f"{_num(_get(e.metrics, 'planning', 'speed', 'macro_f1'))}{_num(_get(e.metrics, 'planning', 'path', 'macro_f1'))}"
             f"{_num(_get(e.metrics, 'reasoning', 'bleu4'))}</tr>"
             for e in run.evaluations
@@ -535,7 +520,7 @@ def _confusions(evaluations: Sequence[Evaluation]) -> str:
             confusion = _get(e.metrics, "confusion", family)
             if not confusion:
                 continue
-            head = "<tr><th></th>" + "".join(f"<th>{_esc(p)}</th>" for p in confusion["pred_labels"]) + "</tr>"
+            head = "<tr><th></th>" + "".join(f"<th>{escape(p)}</th>" for p in confusion["pred_labels"]) + "</tr>"
             body = ""
             for true, row in zip(confusion["true_labels"], confusion["matrix"]):
                 total = sum(row) or 1
@@ -543,8 +528,8 @@ def _confusions(evaluations: Sequence[Evaluation]) -> str:
                     f'<td style="background: rgba(68, 119, 170, {count / total:.2f}); color: {"#fff" if count / total > 0.6 else "#222"}">{count}</td>'
                     for count in row
                 )
-                body += f"<tr><th>{_esc(true)}</th>{cells}</tr>"
-            blocks.append(f'<div><b>{family.upper()}, {_esc(e.label)}</b><table class="confusion">{head}{body}</table></div>')
+                body += f"<tr><th>{escape(true)}</th>{cells}</tr>"
+            blocks.append(f'<div><b>{family.upper()}, {escape(e.label)}</b><table class="confusion">{head}{body}</table></div>')
         parts.append('<div class="confusions">' + "".join(blocks) + "</div>")
     return "".join(parts)
 
@@ -582,18 +567,18 @@ def _scenes(run: RunData) -> str:
     if not ids:
         return ""
     records = {r.id: r for r in run.records}
-    head = "<tr><th>scene</th><th>reference</th>" + "".join(f"<th>{_esc(e.label)}</th>" for e in stages) + "</tr>"
+    head = "<tr><th>scene</th><th>reference</th>" + "".join(f"<th>{escape(e.label)}</th>" for e in stages) + "</tr>"
     rows = []
     for sid in ids:
         record = records.get(sid)
         if record is not None:
             uri = thumbnail_data_uri(record.image)
-            image = f'<img src="{uri}" alt="{_esc(sid)}">' if uri else '<span class="note">(image not readable)</span>'
-            scene = f"<b>{_esc(sid)}</b><br>{image}<br>speed {record.speed:g} m/s, navigation: {_esc(record.navigation)}"
+            image = f'<img src="{uri}" alt="{escape(sid)}">' if uri else '<span class="note">(image not readable)</span>'
+            scene = f"<b>{escape(sid)}</b><br>{image}<br>speed {record.speed:g} m/s, navigation: {escape(record.navigation)}"
             truth = f"{record.speed_action}, {record.path_action}"
-            reference = f"<b>{_esc(truth)}</b><pre>{_esc(record.reasoning or '–')}</pre>"
+            reference = f"<b>{escape(truth)}</b><pre>{escape(record.reasoning or '–')}</pre>"
         else:
-            scene, truth, reference = f"<b>{_esc(sid)}</b>", None, '<span class="note">(record not available)</span>'
+            scene, truth, reference = f"<b>{escape(sid)}</b>", None, '<span class="note">(record not available)</span>'
         cells = []
         for e in stages:
             row = e.predictions.get(sid)
@@ -604,9 +589,9 @@ def _scenes(run: RunData) -> str:
             css = "" if row.get("correct") is None else ("ok" if row["correct"] else "bad")
             score = row.get("sentence_bleu")
             score_text = f'<div class="note">sentence BLEU {score:.3f}</div>' if isinstance(score, (int, float)) else ""
-            cells.append(f'<td><span class="{css}">{_esc(plan)}</span>{score_text}<pre>{_esc(reasoning or "(no <think>)")}</pre></td>')
+            cells.append(f'<td><span class="{css}">{escape(plan)}</span>{score_text}<pre>{escape(reasoning or "(no <think>)")}</pre></td>')
         rows.append(f"<tr><td>{scene}</td><td>{reference}</td>{''.join(cells)}</tr>")
-    note = f'<p class="note">{_esc(run.records_note)}</p>' if run.records_note else ""
+    note = f'<p class="note">{escape(run.records_note)}</p>' if run.records_note else ""
     return (
         f"<h2>Sample scenes ({len(ids)})</h2>{note}"
         '<p class="note">Wrong final plans first, then right ones. Green: the plan equals the reference; red: it does not.</p>'
@@ -623,20 +608,22 @@ def _scene_table(run: RunData) -> str:
     ids = [r.id for r in run.records if r.id in final.predictions] or list(final.predictions)
     shown = ids[:MAX_TABLE_ROWS]
     head = (
-        "<tr><th>scene</th><th>truth</th>" + "".join(f"<th>{_esc(e.label)} plan</th><th>{_esc(e.label)} sentence BLEU</th>" for e in stages) + "</tr>"
+        "<tr><th>scene</th><th>truth</th>"
+        + "".join(f"<th>{escape(e.label)} plan</th><th>{escape(e.label)} sentence BLEU</th>" for e in stages)
+        + "</tr>"
     )
     body = []
     for sid in shown:
         record = records.get(sid)
         truth = f"{record.speed_action}, {record.path_action}" if record else "–"
-        cells = [f'<td data-v="{_esc(sid)}">{_esc(sid)}</td>', f'<td data-v="{_esc(truth)}">{_esc(truth)}</td>']
+        cells = [f'<td data-v="{escape(sid)}">{escape(sid)}</td>', f'<td data-v="{escape(truth)}">{escape(truth)}</td>']
         for e in stages:
             row = e.predictions.get(sid) or {}
             _, plan = _plan_text(row) if row else ("", None)
             css = "" if row.get("correct") is None else ("ok" if row["correct"] else "bad")
             score = row.get("sentence_bleu")
-            cells.append(f'<td data-v="{_esc(plan or "")}" class="{css}">{_esc(plan or "–")}</td>')
-            cells.append(f'<td class="num" data-v="{score if isinstance(score, (int, float)) else -1}">{_esc(_fmt(score))}</td>')
+            cells.append(f'<td data-v="{escape(plan or "")}" class="{css}">{escape(plan or "–")}</td>')
+            cells.append(f'<td class="num" data-v="{score if isinstance(score, (int, float)) else -1}">{escape(format_value(score, 3))}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     more = f" (the first {len(shown)} of {len(ids)})" if len(ids) > len(shown) else ""
     return (
@@ -652,14 +639,14 @@ def _timings(run: RunData) -> str:
         seconds = run.summary.get("seconds") or {}
         parts.append(
             "<table><tr><th>part</th><th>seconds</th></tr>"
-            + "".join(f"<tr><td>{_esc(k)}</td>{_num(v, 1)}</tr>" for k, v in seconds.items())
+            + "".join(f"<tr><td>{escape(k)}</td>{_num(v, 1)}</tr>" for k, v in seconds.items())
             + "</table>"
         )
         memory = run.summary.get("peak_memory_mb") or {}
         if memory:
             parts.append(
                 "<table><tr><th>role</th><th>peak resident memory (MB, largest process)</th></tr>"
-                + "".join(f"<tr><td>{_esc(k)}</td>{_num(v, 0)}</tr>" for k, v in memory.items())
+                + "".join(f"<tr><td>{escape(k)}</td>{_num(v, 0)}</tr>" for k, v in memory.items())
                 + "</table>"
             )
     per_step = []
@@ -676,14 +663,14 @@ def _timings(run: RunData) -> str:
     if per_step:
         parts.append(
             "<h3>Per step</h3><table><tr><th>stage</th><th>metric</th><th>mean</th><th>max</th></tr>"
-            + "".join(f"<tr><td>{s}</td><td>{_esc(k)}</td>{_num(m)}{_num(x)}</tr>" for s, k, m, x in per_step)
+            + "".join(f"<tr><td>{s}</td><td>{escape(k)}</td>{_num(m)}{_num(x)}</tr>" for s, k, m, x in per_step)
             + "</table>"
         )
     evals = [(e.label, (e.metrics.get("timing_s") or {}).get("total")) for e in run.evaluations]
     if any(t is not None for _, t in evals):
         parts.append(
             "<h3>Evaluations (scoring and report, seconds)</h3><table><tr><th>evaluation</th><th>seconds</th></tr>"
-            + "".join(f"<tr><td>{_esc(label)}</td>{_num(t, 1)}</tr>" for label, t in evals)
+            + "".join(f"<tr><td>{escape(label)}</td>{_num(t, 1)}</tr>" for label, t in evals)
             + "</table>"
         )
     if len(parts) == 1:
@@ -703,10 +690,10 @@ def render_run_report(run: RunData) -> str:
         _scene_table(run),
         _timings(run),
         "<h2>Resolved config</h2>"
-        + (f'<pre class="config">{_esc(run.config_text)}</pre>' if run.config_text else '<p class="note">No config.yaml.</p>'),
+        + (f'<pre class="config">{escape(run.config_text)}</pre>' if run.config_text else '<p class="note">No config.yaml.</p>'),
     ]
     return (
-        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>AlphaDrive run {_esc(name)}</title>'
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>AlphaDrive run {escape(name)}</title>'
         f"<style>{_CSS}</style></head><body>\n" + "\n".join(s for s in sections if s) + f"\n<script>{_SCRIPT}</script>\n</body></html>\n"
     )
 

@@ -127,8 +127,7 @@ def compute_caption_metrics(
         meteor_thread = threading.Thread(target=score_meteor, name="meteor", daemon=True)
         meteor_thread.start()
         failures: dict[str, str] = {}
-        scores: dict[str, tuple[float | None, list]] = {}  # name -> (corpus score, per sample)
-        nltk_scores: dict[str, Any] = {"bleu4_nltk": None, "bleu4_check": bleu_agreement(None, None, 0), "sentence_bleu": [None] * n}
+        scores: dict[str, tuple] = {}  # name -> (corpus score, per sample[, nltk's cross-check])
 
         kept: dict[str, Any] = {}  # pycocoevalcap's BLEU scorer, for the nltk cross-check
 
@@ -143,12 +142,7 @@ def compute_caption_metrics(
             if nltk.comparable_corpus is not None and "bleu4" in scores:
                 everything = len(nltk.comparable) == n
                 coco_comparable = scores["bleu4"][0] if everything else coco_bleu4_of(kept["scorer"], nltk.comparable)
-            nltk_scores.update(
-                bleu4_nltk=nltk.corpus,
-                bleu4_check=bleu_agreement(nltk.comparable_corpus, coco_comparable, len(nltk.comparable)),
-                sentence_bleu=nltk.sentence,
-            )
-            return nltk.corpus, nltk.sentence
+            return nltk.corpus, nltk.sentence, bleu_agreement(nltk.comparable_corpus, coco_comparable, len(nltk.comparable))
 
         for name, stage_name, score in (
             ("bleu4", "bleu", bleu4),
@@ -178,8 +172,9 @@ def compute_caption_metrics(
         corpus, per_sample = scores.get(name, (None, [None] * n))
         out[name] = None if corpus is None else float(corpus)
         out["per_sample"][name] = [None if x is None else float(x) for x in per_sample]
-    out["bleu4_nltk"], out["bleu4_check"] = nltk_scores["bleu4_nltk"], nltk_scores["bleu4_check"]
-    out["per_sample"]["sentence_bleu"] = nltk_scores["sentence_bleu"]
+    out["bleu4_nltk"], out["per_sample"]["sentence_bleu"], out["bleu4_check"] = scores.get(
+        "bleu4_nltk", (None, [None] * n, bleu_agreement(None, None, 0))
+    )
     return out
 
 

@@ -194,23 +194,25 @@ th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: ta
 """
 
 
-def _esc(value: Any) -> str:
+def escape(value: Any) -> str:
+    """`value` as HTML text (quotes escaped: safe inside attributes too)."""
     return html.escape(str(value), quote=True)
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any, digits: int = 4) -> str:
+    """A metric as a table shows it: – for missing, yes/no, floats to `digits` places."""
     if value is None:
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
     return str(value)
 
 
 def _cell(value: Any) -> str:
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return f'<td class="num">{_esc(_fmt(value))}</td>' if numeric else f"<td>{_esc(_fmt(value))}</td>"
+    return f'<td class="num">{escape(format_value(value))}</td>' if numeric else f"<td>{escape(format_value(value))}</td>"
 
 
 def render_extra(extra: Mapping[str, Any]) -> str:
@@ -227,20 +229,20 @@ def render_extra(extra: Mapping[str, Any]) -> str:
             columns: list[str] = []
             for _, row in rows:
                 columns.extend(str(c) for c in row if str(c) not in columns)
-            head = ("<th></th>" if any(key for key, _ in rows) else "") + "".join(f"<th>{_esc(c)}</th>" for c in columns)
+            head = ("<th></th>" if any(key for key, _ in rows) else "") + "".join(f"<th>{escape(c)}</th>" for c in columns)
             body = "".join(
                 "<tr>"
-                + (f"<th>{_esc(key)}</th>" if any(k for k, _ in rows) else "")
+                + (f"<th>{escape(key)}</th>" if any(k for k, _ in rows) else "")
                 + "".join(_cell({str(k): v for k, v in row.items()}.get(c)) for c in columns)
                 + "</tr>"
                 for key, row in rows
             )
-            parts.append(f"<h3>{_esc(name)}</h3><table><tr>{head}</tr>{body}</table>")
+            parts.append(f"<h3>{escape(name)}</h3><table><tr>{head}</tr>{body}</table>")
         elif isinstance(value, Mapping):
-            body = "".join(f"<tr><th>{_esc(k)}</th>{_cell(v)}</tr>" for k, v in value.items())
-            parts.append(f"<h3>{_esc(name)}</h3><table>{body}</table>")
+            body = "".join(f"<tr><th>{escape(k)}</th>{_cell(v)}</tr>" for k, v in value.items())
+            parts.append(f"<h3>{escape(name)}</h3><table>{body}</table>")
         else:
-            parts.append(f"<p><b>{_esc(name)}:</b> {_esc(_fmt(value))}</p>")
+            parts.append(f"<p><b>{escape(name)}:</b> {escape(format_value(value))}</p>")
     return "\n".join(parts)
 
 
@@ -262,7 +264,7 @@ def _cards(metrics: Mapping[str, Any]) -> str:
     return (
         '<div class="cards">'
         + "".join(
-            f'<div class="card"><div class="v">{_esc(_fmt(v))}</div><div class="k">{_esc(k)}</div><div class="k">{_esc(note)}</div></div>'
+            f'<div class="card"><div class="v">{escape(format_value(v))}</div><div class="k">{escape(k)}</div><div class="k">{escape(note)}</div></div>'
             for k, v, note in cards
         )
         + "</div>"
@@ -276,7 +278,7 @@ def _class_table(metrics: Mapping[str, Any]) -> str:
         for label in labels:
             m = block[label]
             rows.append(
-                f"<tr><td>{family.upper()}</td><td>{_esc(label)}</td>{_cell(m['precision'])}{_cell(m['recall'])}"
+                f"<tr><td>{family.upper()}</td><td>{escape(label)}</td>{_cell(m['precision'])}{_cell(m['recall'])}"
                 f"{_cell(m['f1'])}{_cell(m['support'])}</tr>"
             )
         rows.append(
@@ -289,30 +291,30 @@ def _class_table(metrics: Mapping[str, Any]) -> str:
 def _verdict(pred: Any, true: Any) -> str:
     shown = MISS_LABEL if pred is None else pred
     css = "ok" if pred == true else "bad"
-    return f'<span class="{css}">{_esc(shown)}</span> / {_esc(true)}'
+    return f'<span class="{css}">{escape(shown)}</span> / {escape(true)}'
 
 
 def _sample_rows(samples: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for sample in samples:
         uri = thumbnail_data_uri(sample.get("image"))
-        image = f'<img src="{uri}" alt="{_esc(sample.get("id"))}">' if uri else '<span class="note">(image not readable)</span>'
+        image = f'<img src="{uri}" alt="{escape(sample.get("id"))}">' if uri else '<span class="note">(image not readable)</span>'
         scores = sample.get("scores") or {}
         score_text = " · ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, (int, float)))
         reasoning = sample.get("reasoning")
         reference = sample.get("reference_reasoning")
-        predicted = _esc(reasoning) if reasoning is not None else '<span class="note">(no &lt;think&gt;)</span>'
+        predicted = escape(reasoning) if reasoning is not None else '<span class="note">(no &lt;think&gt;)</span>'
         if score_text:
-            predicted += f'</pre><div class="note">{_esc(score_text)}</div><pre>'
+            predicted += f'</pre><div class="note">{escape(score_text)}</div><pre>'
         cells = [
-            f"{_esc(sample.get('id'))}<br>{image}",
+            f"{escape(sample.get('id'))}<br>{image}",
             (
                 f"SPEED {_verdict(sample.get('pred_speed'), sample.get('true_speed'))}<br>"
                 f"PATH {_verdict(sample.get('pred_path'), sample.get('true_path'))}"
             ),
             f"<pre>{predicted}</pre>",
-            f"<pre>{_esc(reference) if reference else '–'}</pre>",
-            f"<pre>{_esc(_shorten(str(sample.get('output', ''))))}</pre>",
+            f"<pre>{escape(reference) if reference else '–'}</pre>",
+            f"<pre>{escape(_shorten(str(sample.get('output', ''))))}</pre>",
         ]
         rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
     return (
@@ -348,11 +350,11 @@ def render_html(
             "pycocoevalcap values in [0, 1] (CIDEr up to 10); the paper's tables show them x 100."
         )
     else:
-        reasoning_note = f"Reasoning metrics not computed: {_esc(reasoning.get('note', 'disabled'))}."
+        reasoning_note = f"Reasoning metrics not computed: {escape(reasoning.get('note', 'disabled'))}."
     sections = [
-        f"<h1>{_esc(title)}</h1>",
+        f"<h1>{escape(title)}</h1>",
         (
-            f'<p class="note">{_esc(metrics.get("n", 0))} samples evaluated.{skipped} '
+            f'<p class="note">{escape(metrics.get("n", 0))} samples evaluated.{skipped} '
             "A plan is the first SPEED word and the first PATH word inside &lt;answer&gt;; "
             f"an answer without one is a miss ({MISS_LABEL}), wrong but not a class.</p>"
         ),
@@ -369,6 +371,6 @@ def render_html(
         '<p class="note">Wrong plans first, then right ones. Prediction / truth: green = right, red = wrong.</p>' + _sample_rows(samples),
     ]
     return (
-        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
         f"<style>{_CSS}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n"
     )
