@@ -22,9 +22,21 @@ TEST_PROMPT = "Speed {speed}m/s, navigation '{navigation}'. Plan: <think> </thin
 
 @pytest.fixture(scope="session")
 def tiny_vl_dir(tmp_path_factory):
-    """The default tiny Qwen2-VL (built once per session)."""
+    """The default tiny Qwen2-VL (built once per session; its vision pretraining takes minutes).
+
+    ALPHADRIVE_TEST_TINY_VL names a folder built with the same spec to reuse instead.
+    """
+    import json
+    from dataclasses import asdict
+
     from alphadrive_ray.models.tiny import TinySpec, build_tiny_qwen2vl
 
+    prebuilt = os.environ.get("ALPHADRIVE_TEST_TINY_VL")
+    if prebuilt:
+        spec_file = Path(prebuilt) / "tiny_spec.json"
+        if not spec_file.is_file() or json.loads(spec_file.read_text()) != asdict(TinySpec(seed=0)):
+            pytest.fail(f"ALPHADRIVE_TEST_TINY_VL={prebuilt} is not a tiny model built with TinySpec(seed=0)")
+        return prebuilt
     return str(build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-vl"), TinySpec(seed=0)))
 
 

@@ -217,3 +217,19 @@ def test_mismatched_lengths_are_rejected():
         compute_caption_metrics(["a"], [])
     with pytest.raises(ValueError):
         compute_caption_metrics(["a"], [[]])
+
+
+def test_bleu_in_a_forked_process_equals_bleu_here():
+    # large sets score BLEU and nltk's BLEU in a fork beside CIDEr: the same numbers
+    import random
+
+    from alphadrive_ray.evaluation.captions import PARALLEL_MIN_PAIRS, _beside, bleu_scores
+
+    rng = random.Random(1)
+    words = "the light is red so i stop a pedestrian crosses and the car ahead slows down".split()
+    gts = {i: [" ".join(rng.choice(words) for _ in range(rng.randint(3, 14)))] for i in range(PARALLEL_MIN_PAIRS)}
+    res = {i: [" ".join(rng.choice(words) for _ in range(rng.randint(0, 14)))] for i in range(PARALLEL_MIN_PAIRS)}
+    here = bleu_scores(gts, res)
+    assert _beside(bleu_scores, gts, res)() == here
+    assert here["bleu4"] == Bleu(4).compute_score(gts, res, verbose=0)[0][3]
+    assert here["bleu4_check"]["agree"] is True

@@ -18,8 +18,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"  # must reach no file and no output
+
+
 def run_cli(args, cwd, timeout=900):
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1", "WANDB_API_KEY": FAKE_WANDB_KEY}
+    env.update({var: str(Path(cwd) / "wandb-home" / var.lower()) for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")})
     env.pop("RAY_ADDRESS")
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -52,6 +56,8 @@ def run(tmp_path_factory, tiny_vl_dir):
         "learner.num_workers=2",
         "learner.cpus_per_worker=1",
         "eval.samples=12",
+        "eval.every_steps=1",
+        "tracking.wandb.mode=offline",
     ]
     args = ["-m", "alphadrive_ray.train", str(REPO / "jobs" / "quickstart_cpu.yaml")]
     for item in overrides:
@@ -77,9 +83,9 @@ def test_run_directory_holds_config_metrics_report_and_export(run):
     assert config["grpo"]["steps"] == 2 and config["learner"]["num_workers"] == 2
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     stages = [line["stage"] for line in lines]
-    assert stages.count("sft") == 2 and stages.count("grpo") == 2 and stages.count("eval") == 3
+    assert stages.count("sft") == 2 and stages.count("grpo") == 2 and stages.count("eval") == 4  # + step 1
     grpo = [line for line in lines if line["stage"] == "grpo"]
-    for key in ("reward/total", "reward/format", "loss/policy", "loss/kl", "rollout/accuracy", "perf/sync_s", "perf/step_s", "rollout/logp_diff"):
+    for key in ("reward/total", "reward/format", "reward/total_std", "loss/policy", "loss/kl", "rollout/accuracy", "perf/sync_s", "perf/step_s", "rollout/logp_diff"):
         assert key in grpo[-1], key
     # the learner recomputes the engine's log-probs of the same weights (on-policy)
     assert grpo[0]["rollout/logp_diff"] < 1e-3
@@ -104,6 +110,43 @@ def test_run_directory_holds_config_metrics_report_and_export(run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["accuracy"]) == {"untrained", "sft", "final"}
     assert summary["accuracy"]["final"] == metrics["planning"]["accuracy"]
+
+
+def test_run_report_renders_in_chromium(run, tmp_path):
+    # the page `train` wrote for the whole run, in a real browser: it renders, every image
+    # loads, the console stays clean; the screenshot is kept (test-artifacts/) and its top is
+    # the one in docs/img/run_report.png
+    from browser import artifacts_dir, check_page, chromium, full_page_screenshot
+
+    run_dir, proc = run
+    path = run_dir / "run_report.html"
+    assert f"run report: {path}" in proc.stdout
+    with chromium(tmp_path / "profile") as driver:
+        page = check_page(driver, path)
+        shot = full_page_screenshot(driver, artifacts_dir() / "run_report_e2e.png")
+    assert page.ready_state == "complete" and page.title == "AlphaDrive run e2e"
+    # 4 figures (SFT loss, rewards, KL/clip/dropped, accuracy) + 8 scenes
+    assert page.images == 12 and page.broken_images == [] and page.console_errors == []
+    for text in ("untrained", "after SFT", "GRPO step 1", "final", "F1 PATH STRAIGHT", "METEOR", "sentence BLEU"):
+        assert text in page.text, text
+    from PIL import Image
+
+    with Image.open(shot) as img:
+        assert img.size[1] > 2000
+        img.crop((0, 0, img.size[0], min(img.size[1], 2200))).save(artifacts_dir() / "run_report_e2e_top.png")
+
+
+def test_wandb_offline_run_is_written_and_the_key_is_nowhere(run):
+    run_dir, proc = run
+    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data = run_file.read_bytes()
+    for key in (b"sft/loss/sft", b"grpo/reward/total", b"grpo/loss/kl", b"eval/eval/accuracy"):
+        assert key in data, key
+    assert "W&B run" in proc.stdout
+    assert FAKE_WANDB_KEY not in proc.stdout + proc.stderr
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.suffix not in (".safetensors", ".pt"):
+            assert FAKE_WANDB_KEY.encode() not in path.read_bytes(), path
 
 
 def test_export_loads_with_from_pretrained(run):

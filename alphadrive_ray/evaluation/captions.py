@@ -17,14 +17,17 @@ Two gotchas of pycocoevalcap, handled here:
   by `prestarted_meteor`, around the loading of the data); it scores in a thread while BLEU,
   CIDEr and nltk's BLEU run, and is always shut down.
 
-How the two cores are used: METEOR's JVM scores on one core while Python computes BLEU,
-CIDEr and nltk's BLEU on the other. The library's `Meteor.compute_score` sends one line and
-waits for its answer, 10k times; a thread doing that while the main thread computes CIDEr
-waits for the GIL at every line (up to the 5 ms switch interval each), so METEOR stalled
-behind CIDEr. Here the same lines are written in one go by a writer thread and the answers
-read in large chunks: the same protocol and the same bytes, so the same scores, a few GIL
-hand-overs instead of 20k. Both sides are tokenised by one PTB tokenizer JVM (it works line
-by line, so the tokens are those of two separate calls).
+How the two cores are used: METEOR's JVM starts first and loads its tables while the PTB
+tokenizer's JVM runs (and the caller draws figures, `while_tokenizing`); then it scores
+while CIDEr runs here and, for large sets, BLEU and nltk's BLEU in a forked process
+(`_beside`). The library's `Meteor.compute_score` sends one line and waits for its answer,
+10k times; a thread doing that while the main thread computes CIDEr waits for the GIL at
+every line (up to the 5 ms switch interval each), so METEOR stalled behind CIDEr. Here the
+same lines are written in one go by a writer thread and the answers read in large chunks:
+the same protocol and the same bytes, so the same scores, a few GIL hand-overs instead of
+20k. Both sides are tokenised by one PTB tokenizer JVM (it works line by line, so the tokens
+are those of two separate calls). The scores equal pycocoevalcap's scorers run one after the
+other (tests; `python bench/eval_speed.py` on 10k pairs).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def compute_caption_metrics(
     *,
     on_stage: Callable[[str], None] | None = None,
     meteor_timeout_s: float | None = None,
+    while_tokenizing: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Corpus BLEU-4, CIDEr and METEOR of `hypotheses[i]` against the references `references[i]`.
 
@@ -69,7 +73,9 @@ def compute_caption_metrics(
     there is no pair. `sentence_bleu` is nltk's smoothed sentence BLEU-4 and `bleu4_nltk` nltk's
     corpus BLEU-4, both on the PTB tokens the other scores use; `bleu4_check` compares nltk's and
     pycocoevalcap's corpus BLEU-4 where they are defined alike (`nltk_bleu`). Texts are sanitised with
-    `sanitize_caption` first. `on_stage(name)` is called as each stage ends (progress bars).
+    `sanitize_caption` first. `on_stage(name)` is called as each stage ends (progress bars);
+    `while_tokenizing()` runs in this thread while the tokenizer's JVM works (other work that
+    would leave a core idle there, e.g. drawing figures).
     Raises UserError when Java is missing, RuntimeError when METEOR dies or stops answering
     (after `meteor_timeout_s`, by default 120 s + 20 ms per pair).
     """
@@ -92,14 +98,29 @@ def compute_caption_metrics(
 
     from pycocoevalcap.cider.cider import Cider
 
-    from alphadrive_ray.evaluation.nltk_bleu import compute_nltk_bleu
-
     gts = {i: [{"caption": sanitize_caption(ref)} for ref in refs] for i, refs in enumerate(references)}
     res = {i: [{"caption": sanitize_caption(hyp)}] for i, hyp in enumerate(hypotheses)}
 
     meteor = _take_prestarted() or _start_meteor()  # the JVM loads its tables while the tokenizer runs
     try:
-        gts_tok, res_tok = tokenize(gts, res)
+        tokenizer: dict[str, Any] = {}
+
+        def run_tokenizer() -> None:
+            try:
+                tokenizer["value"] = tokenize(gts, res)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                tokenizer["error"] = exc
+
+        tokenizer_thread = threading.Thread(target=run_tokenizer, name="ptb-tokenizer", daemon=True)
+        tokenizer_thread.start()
+        try:
+            if while_tokenizing is not None:
+                while_tokenizing()
+        finally:
+            tokenizer_thread.join()
+        if "error" in tokenizer:
+            raise tokenizer["error"]
+        gts_tok, res_tok = tokenizer["value"]
         stage("tokenize")
 
         meteor_result: dict[str, Any] = {}
@@ -112,16 +133,12 @@ def compute_caption_metrics(
 
         meteor_thread = threading.Thread(target=score_meteor, name="meteor", daemon=True)
         meteor_thread.start()
-        bleu_scorer, bleu, bleu_per_sample = coco_bleu(gts_tok, res_tok)
-        stage("bleu")
+        # BLEU and nltk's BLEU in a second process where that pays (see `_beside`), CIDEr here
+        bleu_job = _beside(bleu_scores, gts_tok, res_tok, enabled=n >= PARALLEL_MIN_PAIRS)
         cider, cider_per_sample = Cider().compute_score(gts_tok, res_tok)
         stage("cider")
-        nltk = compute_nltk_bleu([[ref.split() for ref in gts_tok[i]] for i in range(n)], [res_tok[i][0].split() for i in range(n)])
-        coco_comparable = None
-        if nltk.comparable_corpus is not None:
-            coco_comparable = bleu[3] if len(nltk.comparable) == n else coco_bleu4_of(bleu_scorer, nltk.comparable)
-        bleu4_check = bleu_agreement(nltk.comparable_corpus, coco_comparable, len(nltk.comparable))
-        stage("nltk_bleu")
+        bleu = bleu_job()
+        stage("bleu")
         timeout = 120.0 + 0.02 * n if meteor_timeout_s is None else meteor_timeout_s
         meteor_thread.join(timeout)
         if meteor_thread.is_alive():
@@ -136,18 +153,71 @@ def compute_caption_metrics(
 
     return {
         "n": n,
-        "bleu4": float(bleu[3]),
+        "bleu4": bleu["bleu4"],
         "cider": float(cider),
         "meteor": float(meteor_score),
-        "bleu4_nltk": nltk.corpus,
-        "bleu4_check": bleu4_check,
+        "bleu4_nltk": bleu["bleu4_nltk"],
+        "bleu4_check": bleu["bleu4_check"],
         "per_sample": {
-            "bleu4": [float(x) for x in bleu_per_sample[3]],
+            "bleu4": bleu["per_sample"],
             "cider": [float(x) for x in cider_per_sample],
             "meteor": [float(x) for x in meteor_per_sample],
-            "sentence_bleu": nltk.sentence,
+            "sentence_bleu": bleu["sentence_bleu"],
         },
     }
+
+
+# Below this many pairs BLEU is done in the calling process: a second one would cost more
+# than it saves (the trainer's evaluations have a few hundred).
+PARALLEL_MIN_PAIRS = 2000
+
+
+def bleu_scores(gts_tok: dict, res_tok: dict) -> dict[str, Any]:
+    """pycocoevalcap's BLEU-4 (corpus and per sample), nltk's BLEU and their cross-check, on tokens."""
+    from alphadrive_ray.evaluation.nltk_bleu import compute_nltk_bleu
+
+    n = len(gts_tok)
+    scorer, bleu, per_sample = coco_bleu(gts_tok, res_tok)
+    nltk = compute_nltk_bleu([[ref.split() for ref in gts_tok[i]] for i in range(n)], [res_tok[i][0].split() for i in range(n)])
+    coco_comparable = None
+    if nltk.comparable_corpus is not None:
+        coco_comparable = bleu[3] if len(nltk.comparable) == n else coco_bleu4_of(scorer, nltk.comparable)
+    return {
+        "bleu4": float(bleu[3]),
+        "per_sample": [float(x) for x in per_sample[3]],
+        "bleu4_nltk": nltk.corpus,
+        "sentence_bleu": nltk.sentence,
+        "bleu4_check": bleu_agreement(nltk.comparable_corpus, coco_comparable, len(nltk.comparable)),
+    }
+
+
+def _beside(fn: Callable[..., Any], *args: Any, enabled: bool = True) -> Callable[[], Any]:
+    """Start `fn(*args)` in a forked process and return a function that waits for its result.
+
+    With METEOR's JVM on one core, the Python scorers (BLEU + nltk's BLEU, CIDEr) split the
+    rest between this process and a fork of it. Not forked (run here, now) when `enabled` is
+    false, where fork does not exist, or in a process that started Ray: its gRPC threads do
+    not survive a fork.
+    """
+    import multiprocessing
+    import sys
+
+    ray = sys.modules.get("ray")
+    if not enabled or "fork" not in multiprocessing.get_all_start_methods() or (ray is not None and ray.is_initialized()):
+        value = fn(*args)
+        return lambda: value
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+    future = pool.submit(fn, *args)
+
+    def result() -> Any:
+        try:
+            return future.result()
+        finally:
+            pool.shutdown()
+
+    return result
 
 
 def coco_bleu(gts: dict, res: dict) -> tuple[Any, list[float], list[list[float]]]:

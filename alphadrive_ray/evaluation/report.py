@@ -42,14 +42,14 @@ def write_report(
     extra: Mapping[str, Any] | None = None,
     *,
     title: str = "AlphaDrive evaluation",
+    figures: bool = True,
 ) -> Path:
-    """Write `out_dir/report.html` and the PNGs of `FIGURES`; returns the report's path."""
+    """Write `out_dir/report.html` and the PNGs of `FIGURES` (`figures=False`: drawn already by
+    `write_figures`); returns the report's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    draw_f1_bars(metrics, out / FIGURES["f1"])
-    for family in FAMILIES:
-        draw_confusion(metrics, family, out / FIGURES[f"confusion_{family}"])
-    draw_parse_rates(metrics, out / FIGURES["format"])
+    if figures:
+        write_figures(out, metrics)
     page = render_html(metrics, samples, extra, title=title)
     path = out / "report.html"
     tmp = path.with_name(path.name + ".tmp")
@@ -61,6 +61,16 @@ def write_report(
 # --------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------
+
+
+def write_figures(out_dir: str | os.PathLike[str], metrics: Mapping[str, Any]) -> None:
+    """The PNGs of `FIGURES`; they need the planning, parse and confusion sections only."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    draw_f1_bars(metrics, out / FIGURES["f1"])
+    for family in FAMILIES:
+        draw_confusion(metrics, family, out / FIGURES[f"confusion_{family}"])
+    draw_parse_rates(metrics, out / FIGURES["format"])
 
 
 def _figure(width: float, height: float):

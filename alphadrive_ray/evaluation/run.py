@@ -22,7 +22,8 @@ from alphadrive_ray.evaluation.metrics import ParsedOutput, compute_planning_met
 from alphadrive_ray.evaluation.predictions import align, format_ids
 
 DEFAULT_SAMPLES = 24
-REASONING_STAGES = ("tokenize", "bleu", "cider", "nltk_bleu", "meteor")  # in the order they end
+# in the order they end; "bleu" (pycocoevalcap's and nltk's) runs beside "cider" on big sets
+REASONING_STAGES = ("tokenize", "cider", "bleu", "meteor")
 PER_SAMPLE_SCORES = ("bleu4", "cider", "meteor", "sentence_bleu")
 SCORED_PREDICTIONS = "predictions.jsonl"
 
@@ -103,20 +104,26 @@ def evaluate(
         metrics["planning"] = planning["planning"]
         metrics["parse"] = planning["parse"]
         stage("planning")
+        out = Path(out_dir)
+        from alphadrive_ray.evaluation.report import write_figures, write_report
+
+        figures = {"metrics": {**metrics, "confusion": planning["confusion"]}, "drawn": False}
+
+        def draw_figures() -> None:  # while the tokenizer's JVM works (else after the metrics)
+            write_figures(out, figures["metrics"])
+            figures["drawn"] = True
+
         metrics["reasoning"], per_sample = compute_reasoning_metrics(
-            parsed, alignment.records, enabled=reasoning_metrics, on_stage=stage
+            parsed, alignment.records, enabled=reasoning_metrics, on_stage=stage, while_tokenizing=draw_figures
         )
         metrics["ids"] = alignment.summary(len(predictions), len(references))
         metrics["confusion"] = planning["confusion"]
 
-        out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         samples = build_samples(alignment.records, alignment.outputs, parsed, per_sample, n_samples)
         write_json(out / "metrics.json", metrics)  # first, so that a failing report loses nothing
         write_scored_predictions(out / SCORED_PREDICTIONS, predictions, alignment.records, parsed, per_sample)
-        from alphadrive_ray.evaluation.report import write_report
-
-        write_report(out, metrics, samples, extra, title=title)
+        write_report(out, metrics, samples, extra, title=title, figures=not figures["drawn"])
         stage("report")
         timing["total"] = round(time.perf_counter() - started, 3)
         metrics["timing_s"] = timing
@@ -132,6 +139,7 @@ def compute_reasoning_metrics(
     *,
     enabled: bool = True,
     on_stage: Callable[[str], None] | None = None,
+    while_tokenizing: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Any], dict[int, dict[str, float]]]:
     """The `reasoning` section and per-sample scores (by sample index) for the report.
 
@@ -166,6 +174,7 @@ def compute_reasoning_metrics(
         [parsed[i].reasoning or "" for i in with_reference],
         [[records[i].reasoning] for i in with_reference],
         on_stage=on_stage,
+        while_tokenizing=while_tokenizing,
     )
     section.update(computed=True, bleu4=scores["bleu4"], cider=scores["cider"], meteor=scores["meteor"])
     section["bleu4_nltk"], section["bleu4_check"] = scores["bleu4_nltk"], scores["bleu4_check"]
