@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "alphadrive_ray.distill.cli",
     "alphadrive_ray.serve",
     "alphadrive_ray.run_report",
+    "alphadrive_ray.export",
 )
 
 

@@ -91,9 +91,9 @@ class SynthSplitConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: str = "artifacts/scenes-train/data.jsonl"
-    """Training dataset (canonical JSONL or parquet; see `alphadrive-ray data validate`)."""
+    """Training dataset: a .jsonl, .json or .parquet file, a `datasets.save_to_disk` folder or `hub:ORG/NAME[:SPLIT]`; images as paths or `datasets.Image` columns (see `alphadrive-ray data validate`)."""
     eval: str = "artifacts/scenes-eval/data.jsonl"
-    """Held-out dataset for periodic and final evaluation."""
+    """Held-out dataset for periodic and final evaluation (the same sources as `train`)."""
     synth_train: SynthSplitConfig = field(default_factory=SynthSplitConfig)
     """Generate `train` with the synthetic scene generator when the file does not exist."""
     synth_eval: SynthSplitConfig = field(default_factory=lambda: SynthSplitConfig(reasoning_share=1.0))

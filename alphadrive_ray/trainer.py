@@ -367,6 +367,14 @@ class Trainer:
         self.ckpt.check_resumable(self.config.grpo.beta)
         state = self.ckpt.load_state(path)
         c = self.config
+        from alphadrive_ray.zero_checkpoint import checkpoint_layout
+
+        stage, world = checkpoint_layout(path / "learner" / "state")
+        if c.learner.zero_stage > 0 and (stage, world) != (c.learner.zero_stage, c.learner.num_workers):
+            self.tracker.say(
+                f"--resume: {path.name} was written by {world} learner(s) with ZeRO-{stage}; re-sharding it for "
+                f"{c.learner.num_workers} with ZeRO-{c.learner.zero_stage}"
+            )
         grpo = state.stage == "grpo"
         weight_decay = c.grpo.weight_decay if grpo else c.sft.weight_decay
         self.learners.begin_stage(state.stage, c.grpo.beta if grpo else 0.0, str(self.ckpt.reference_path), weight_decay)

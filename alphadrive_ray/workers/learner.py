@@ -186,13 +186,53 @@ class LearnerWorker(ProcessInfo):
         self.engine.save_checkpoint(path, tag="state", client_state=state, save_latest=False)
 
     def load_state(self, path: str) -> dict:
-        """Restore model and optimizer states saved by `save_state`; returns the client state."""
+        """Restore model and optimizer states saved by `save_state`; returns the client state.
+
+        A checkpoint of another world size or ZeRO stage (a resume with another
+        `learner.num_workers`) is first re-sharded into this group's layout (`_resharded`).
+        """
+        from alphadrive_ray import zero_checkpoint
+
+        stage, world = zero_checkpoint.checkpoint_layout(os.path.join(path, "state"))
+        if self.spec.zero_stage > 0 and (stage, world) != (self.spec.zero_stage, self.world_size):
+            path = self._resharded(path, stage, world)
         load_path, client = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise FileNotFoundError(f"no learner checkpoint in {path}")
         torch.set_rng_state(client.pop("torch_rng"))
         self.global_step = client.pop("global_step")
         return client
+
+    def _resharded(self, path: str, stage: int, world: int) -> str:
+        """`path`'s learner state laid out for this group (every rank must call); kept beside it
+        (`learner-w<N>-z<stage>`) for later resumes of the same shape.
+
+        The new layout is what this group's engines save (a template of their own, values
+        replaced): `zero_checkpoint.reshard` writes each rank's files, rank 0 moves them in place.
+        """
+        import shutil
+
+        import torch.distributed as dist
+
+        from alphadrive_ray import zero_checkpoint
+
+        target = Path(path).with_name(f"learner-w{self.world_size}-z{self.spec.zero_stage}")
+        if not (target / "state").is_dir():
+            work = target.with_name(target.name + ".tmp")
+            template = work / "template"
+            if self.rank == 0:
+                shutil.rmtree(work, ignore_errors=True)
+            dist.barrier()
+            self.engine.save_checkpoint(str(template), tag="state", client_state={}, save_latest=False)
+            dist.barrier()
+            zero_checkpoint.reshard(os.path.join(path, "state"), template / "state", work / "out" / "state", self.rank)
+            dist.barrier()
+            if self.rank == 0:
+                os.replace(work / "out", target)
+                shutil.rmtree(work, ignore_errors=True)
+            dist.barrier()
+        print(f"learner {self.rank}: re-sharded the ZeRO-{stage} state of {world} learner(s) for {self.world_size} (ZeRO-{self.spec.zero_stage}) in {target}", flush=True)
+        return str(target)
 
     def _inner_optimizer(self):
         opt = self.optimizer
