@@ -27,6 +27,8 @@ from alphadrive_ray.actions import PATH_ACTIONS, SPEED_ACTIONS
 from alphadrive_ray.errors import UserError
 
 REWARD_COMPONENTS = ("accuracy", "weight", "diversity", "format")
+MIN_IMAGE_PIXELS = 28 * 28
+"""Qwen2-VL's smallest image: one merged 2x2 group of 14-pixel patches (models.loading checks the same)."""
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # `scheme://user:password@host` or `scheme://token@host`
 _URL_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s@]+@")
@@ -106,6 +108,10 @@ class DataConfig:
     """Preprocess each image once per worker and reuse the pixel tensors."""
     image_cache_mb: int = 1024  # inputs.IMAGE_CACHE_MB (not imported: config stays free of torch)
     """Memory bound of that cache per worker (least recently used images are dropped first)."""
+    min_pixels: int = 0
+    """Smallest image area, in pixels, the Qwen2-VL processor resizes to (0: the model's own; the release: 3136). The same in the learners, both rollout engines (evaluation included) and an HF export's processor."""
+    max_pixels: int = 0
+    """Largest image area, in pixels (0: the model's own; the release: 401408, i.e. 512 image tokens): caps the visual tokens, and so the memory, of large camera frames (a 1600x900 frame is 1.44 MP)."""
 
 
 @dataclass(frozen=True)
@@ -550,6 +556,15 @@ def validate(c: Config, source: str = "config") -> None:
     check(c.reward.timeout_s > 0, "reward.timeout_s must be > 0")
     check(c.eval.samples >= 0 and c.eval.every_steps >= 0, "eval.samples and eval.every_steps must be >= 0")
     check(c.checkpoint.keep >= 1, f"checkpoint.keep must be at least 1; got {c.checkpoint.keep}")
+    for key, value in (("data.min_pixels", c.data.min_pixels), ("data.max_pixels", c.data.max_pixels)):
+        check(
+            value == 0 or value >= MIN_IMAGE_PIXELS,
+            f"{key} must be 0 (the model's own) or at least {MIN_IMAGE_PIXELS} (one 28x28 image token); got {value}",
+        )
+    check(
+        not (c.data.min_pixels and c.data.max_pixels) or c.data.min_pixels <= c.data.max_pixels,
+        f"data.min_pixels ({c.data.min_pixels}) must not exceed data.max_pixels ({c.data.max_pixels})",
+    )
     for split in ("synth_train", "synth_eval"):
         synth: SynthSplitConfig = getattr(c.data, split)
         key = f"data.{split}"

@@ -141,6 +141,9 @@ VALUE_ERROR_CASES = [
     (["data.synth_eval.path_mix={STRAIGHT: 0}"], "data.synth_eval.path_mix weights must be >= 0 with at least one > 0"),  # all zero
     (["data.synth_train.size=32"], "data.synth_train.size must be between 56 and 4096"),  # too small to render
     (["data.prompt_template=Speed {speed}"], "must contain the {speed} and {navigation} slots"),  # a slot missing
+    (["data.max_pixels=100"], "data.max_pixels must be 0 (the model's own) or at least 784"),  # less than one image token
+    (["data.min_pixels=-1"], "data.min_pixels must be 0 (the model's own) or at least 784"),  # negative
+    (["data.min_pixels=401408", "data.max_pixels=3136"], "data.min_pixels (401408) must not exceed data.max_pixels (3136)"),  # crossed
 ]
 
 

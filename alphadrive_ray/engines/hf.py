@@ -56,6 +56,8 @@ class HFEngine:
         attn_implementation: str = "sdpa",
         loop: str = "lean",
         zero_copy_weights: bool = False,
+        min_pixels: int = 0,
+        max_pixels: int = 0,
     ):
         if loop not in ("lean", "generate"):
             raise ValueError(f"unknown HF decoding loop {loop!r}; expected 'lean' or 'generate'")
@@ -65,7 +67,7 @@ class HFEngine:
         self.zero_copy_weights = zero_copy_weights and self.device.type == "cpu"
         self.model = load_model(model_path, dtype, attn_implementation).to(self.device)
         self.model.requires_grad_(False)
-        self.encoder = PromptEncoder(load_processor(model_path), prompt_template, cache_mb=image_cache_mb)
+        self.encoder = PromptEncoder(load_processor(model_path, min_pixels, max_pixels), prompt_template, cache_mb=image_cache_mb)
         self.batch_size = batch_size
         self.weight_version = 0
         self._params = dict(self.model.named_parameters())

@@ -321,14 +321,19 @@ class VLLMEngine:
         enforce_eager: bool = False,
         max_model_len: int = 4096,
         seed: int = 0,
+        min_pixels: int = 0,
+        max_pixels: int = 0,
         **llm_kwargs,
     ):
         from alphadrive_ray.inputs import PromptEncoder
-        from alphadrive_ray.models.loading import load_processor
+        from alphadrive_ray.models.loading import load_processor, pixel_bounds
 
-        self.encoder = PromptEncoder(load_processor(model_path), prompt_template, cache_mb=0)
+        self.encoder = PromptEncoder(load_processor(model_path, min_pixels, max_pixels), prompt_template, cache_mb=0)
         if self.encoder.vision:
             llm_kwargs.setdefault("limit_mm_per_prompt", {"image": 1, "video": 0})
+            # vLLM's own Qwen2-VL processor resizes the image: the same bounds as the learner's
+            if pixel_bounds(min_pixels, max_pixels):
+                llm_kwargs.setdefault("mm_processor_kwargs", pixel_bounds(min_pixels, max_pixels))
         self.llm = _vllm_llm(
             model_path,
             dtype=dtype,
@@ -489,10 +494,13 @@ class VLLMChatBackend:
         return ChatResult(choices, len(out.prompt_token_ids))
 
 
-def build_chat_backend(model_dir: str, *, dtype: str = "bfloat16", **llm_kwargs) -> VLLMChatBackend:
+def build_chat_backend(model_dir: str, *, dtype: str = "bfloat16", min_pixels: int = 0, max_pixels: int = 0, **llm_kwargs) -> VLLMChatBackend:
     """The backend `alphadrive-ray serve --engine vllm` loads (alphadrive_ray.serving.load_vllm_backend)."""
-    from alphadrive_ray.models.loading import is_vision_model, load_processor
+    from alphadrive_ray.models.loading import is_vision_model, load_processor, pixel_bounds
 
+    processor = load_processor(model_dir, min_pixels, max_pixels)
     if is_vision_model(model_dir):
         llm_kwargs.setdefault("limit_mm_per_prompt", {"image": VLLMChatBackend.MAX_IMAGES, "video": 0})
-    return VLLMChatBackend(_vllm_llm(model_dir, dtype=dtype, **llm_kwargs), load_processor(model_dir))
+        if pixel_bounds(min_pixels, max_pixels):
+            llm_kwargs.setdefault("mm_processor_kwargs", pixel_bounds(min_pixels, max_pixels))
+    return VLLMChatBackend(_vllm_llm(model_dir, dtype=dtype, **llm_kwargs), processor)

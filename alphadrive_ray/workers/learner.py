@@ -53,6 +53,8 @@ class LearnerSpec:
     freeze_vision: bool = False
     prompt_template: str = ""
     image_cache_mb: float = IMAGE_CACHE_MB  # 0: no image cache
+    min_pixels: int = 0  # image-size bounds (data.min_pixels / data.max_pixels; 0: the model's own)
+    max_pixels: int = 0
     zero_stage: int = 2
     backend: str = "gloo"
     grad_clip: float = 1.0
@@ -103,7 +105,9 @@ class LearnerWorker(ProcessInfo):
             self.model.model.visual.requires_grad_(False)
         if spec.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        self.encoder = PromptEncoder(load_processor(spec.model_path), spec.prompt_template, cache_mb=spec.image_cache_mb)
+        self.encoder = PromptEncoder(
+            load_processor(spec.model_path, spec.min_pixels, spec.max_pixels), spec.prompt_template, cache_mb=spec.image_cache_mb
+        )
         # NOTE: the shared-prompt forward passes a KV cache between two forwards, which
         # gradient checkpointing's recomputation does not support
         self.share_prompts = spec.share_prompts and not spec.gradient_checkpointing

@@ -28,6 +28,8 @@ class RolloutSpec:
     vllm_gpu_memory_utilization: float = 0.6
     vllm_enforce_eager: bool = False
     max_model_len: int = 4096
+    min_pixels: int = 0  # image-size bounds (data.min_pixels / data.max_pixels; 0: the model's own)
+    max_pixels: int = 0
 
 
 def make_engine(spec: RolloutSpec):
@@ -45,6 +47,8 @@ def make_engine(spec: RolloutSpec):
             attn_implementation=spec.attn_implementation,
             loop=spec.hf_loop,
             zero_copy_weights=spec.zero_copy_weights,
+            min_pixels=spec.min_pixels,
+            max_pixels=spec.max_pixels,
         )
     if spec.engine == "vllm":
         from alphadrive_ray.engines.vllm_engine import VLLMEngine
@@ -56,6 +60,8 @@ def make_engine(spec: RolloutSpec):
             gpu_memory_utilization=spec.vllm_gpu_memory_utilization,
             enforce_eager=spec.vllm_enforce_eager,
             max_model_len=spec.max_model_len,
+            min_pixels=spec.min_pixels,
+            max_pixels=spec.max_pixels,
         )
     raise ValueError(f"unknown rollout engine {spec.engine!r}")
 
