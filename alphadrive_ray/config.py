@@ -25,8 +25,8 @@ from typing import Any
 
 from alphadrive_ray.actions import PATH_ACTIONS, SPEED_ACTIONS
 from alphadrive_ray.errors import UserError
+from alphadrive_ray.rewards import ABLATION_COMPONENTS
 
-REWARD_COMPONENTS = ("accuracy", "weight", "diversity", "format")
 MIN_IMAGE_PIXELS = 28 * 28
 """Qwen2-VL's smallest image: one merged 2x2 group of 14-pixel patches (models.loading checks the same)."""
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -212,7 +212,7 @@ class RewardConfig:
     """Reward worker actors scoring whole groups."""
     variant: str = "paper"
     """Reward semantics: `paper` (F1 x weight x diversity) or `release` (the authors' code: additive +-0.4 diversity)."""
-    components: tuple[str, ...] = REWARD_COMPONENTS
+    components: tuple[str, ...] = ABLATION_COMPONENTS
     """Reward components in use (ablations): any of accuracy, weight, diversity, format."""
     speed_weight: float = 1.0
     """Weight of the SPEED planning reward in the total."""
@@ -525,7 +525,7 @@ def validate(c: Config, source: str = "config") -> None:
             f"{key} looks like an API key; keys belong in the environment (e.g. WANDB_API_KEY) or `wandb login`, never in a config",
         )
     for comp in c.reward.components:
-        choice(comp, "reward.components[]", REWARD_COMPONENTS)
+        choice(comp, "reward.components[]", ABLATION_COMPONENTS)
     check(len(set(c.reward.components)) == len(c.reward.components), "reward.components lists a component twice")
     check(c.learner.zero_stage in (0, 1, 2, 3), f"learner.zero_stage must be 0, 1, 2 or 3; got {c.learner.zero_stage}")
     for key, value in (

@@ -188,54 +188,9 @@ class Trainer:
         self.correct: dict[str, list[bool]] = {}  # per held-out scene, by stage: plan right
         self.ceiling: float | None = None
         self.ckpt = CheckpointManager(run_dir, c.checkpoint.keep)
-        gpu = c.learner.gpus_per_worker > 0
-        backend = c.learner.backend if c.learner.backend != "auto" else ("nccl" if gpu else "gloo")
-        learner_spec = LearnerSpec(
-            model_path=c.model.path,
-            dtype=c.model.dtype,
-            attn_implementation=c.model.attn_implementation,
-            gradient_checkpointing=c.model.gradient_checkpointing,
-            share_prompts=c.learner.share_prompts,
-            freeze_vision=c.model.freeze_vision,
-            prompt_template=c.data.prompt_template,
-            image_cache_mb=c.data.image_cache_mb if c.data.image_cache else 0,
-            min_pixels=c.data.min_pixels,
-            max_pixels=c.data.max_pixels,
-            zero_stage=c.learner.zero_stage,
-            backend=backend,
-            grad_clip=c.learner.grad_clip,
-            cpus=c.learner.cpus_per_worker,
-            temperature=c.rollout.temperature,
-            top_p=c.rollout.top_p,
-            seed=c.run.seed,
-        )
-        rollout_spec = RolloutSpec(
-            model_path=c.model.path,
-            engine=c.rollout.engine,
-            dtype=c.model.dtype,
-            attn_implementation=c.model.attn_implementation,
-            prompt_template=c.data.prompt_template,
-            image_cache_mb=c.data.image_cache_mb if c.data.image_cache else 0,
-            min_pixels=c.data.min_pixels,
-            max_pixels=c.data.max_pixels,
-            batch_size=c.rollout.batch_size,
-            hf_loop=c.rollout.hf_loop,
-            zero_copy_weights=c.sync.zero_copy,
-            cpus=c.rollout.cpus_per_worker,
-            device="cuda" if c.rollout.gpus_per_worker > 0 else "cpu",
-            vllm_gpu_memory_utilization=c.rollout.vllm_gpu_memory_utilization,
-            vllm_enforce_eager=c.rollout.vllm_enforce_eager,
-        )
-        reward_spec = RewardSpec(
-            variant=c.reward.variant,
-            components=c.reward.components,
-            speed_weight=c.reward.speed_weight,
-            path_weight=c.reward.path_weight,
-            format_weight=c.reward.format_weight,
-            diversity_cap=c.reward.diversity_cap,
-        )
+        learner_spec, rollout_spec, reward_spec = LearnerSpec.from_config(c), RolloutSpec.from_config(c), RewardSpec.from_config(c)
         say = tracker.say
-        say(f"starting {c.learner.num_workers} learner(s) (DeepSpeed ZeRO-{c.learner.zero_stage}, {backend})")
+        say(f"starting {c.learner.num_workers} learner(s) (DeepSpeed ZeRO-{c.learner.zero_stage}, {learner_spec.backend})")
         self.learners = LearnerGroup.start(
             learner_spec, c.learner.num_workers, Resources(c.learner.cpus_per_worker, c.learner.gpus_per_worker), placement=c.learner.placement
         )

@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -25,6 +25,9 @@ from alphadrive_ray.data.records import Record
 from alphadrive_ray.inputs import IMAGE_CACHE_MB, PromptEncoder, completion_logits
 from alphadrive_ray.models.loading import load_model, load_processor
 from alphadrive_ray.workers.process import ProcessInfo
+
+if TYPE_CHECKING:
+    from alphadrive_ray.config import Config
 
 
 @dataclass
@@ -62,6 +65,30 @@ class LearnerSpec:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, c: Config) -> LearnerSpec:
+        """The spec of every learner rank of a run (the one place config keys reach it)."""
+        gpu = c.learner.gpus_per_worker > 0
+        return cls(
+            model_path=c.model.path,
+            dtype=c.model.dtype,
+            attn_implementation=c.model.attn_implementation,
+            gradient_checkpointing=c.model.gradient_checkpointing,
+            share_prompts=c.learner.share_prompts,
+            freeze_vision=c.model.freeze_vision,
+            prompt_template=c.data.prompt_template,
+            image_cache_mb=c.data.image_cache_mb if c.data.image_cache else 0,
+            min_pixels=c.data.min_pixels,
+            max_pixels=c.data.max_pixels,
+            zero_stage=c.learner.zero_stage,
+            backend=c.learner.backend if c.learner.backend != "auto" else ("nccl" if gpu else "gloo"),
+            grad_clip=c.learner.grad_clip,
+            cpus=c.learner.cpus_per_worker,
+            temperature=c.rollout.temperature,
+            top_p=c.rollout.top_p,
+            seed=c.run.seed,
+        )
 
 
 def _safe_torch_load(path: str, map_location=None):
