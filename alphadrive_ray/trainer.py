@@ -47,6 +47,33 @@ class RunSummary:
     comparisons: dict[str, dict] = field(default_factory=dict)
 
 
+@dataclass
+class PendingStep:
+    """A GRPO step's generation and scoring, in flight: the rollout jobs, the prompts they were
+    given (with the epoch each was drawn in) and the sampler's state before they were drawn
+    (a checkpoint taken while the step is pending resumes from there)."""
+
+    jobs: list
+    tagged: list[tuple[int | None, Record]]
+    sampler_before: dict
+
+
+def grpo_samples(groups: Sequence[Group], scores: Sequence[Sequence[dict]], group_size: int, advantage: str = "std", eps: float = 1e-4) -> list:
+    """The learner's samples of a step: every completion of every group, in order, with its
+    group-relative advantage (`algo.compute_group_advantages` of the `total` rewards)."""
+    import torch
+
+    from alphadrive_ray import algo
+    from alphadrive_ray.workers.learner import GRPOSample
+
+    totals = torch.tensor([s["total"] for group in scores for s in group])
+    advantages = algo.compute_group_advantages(totals, group_size, advantage, eps).tolist()
+    completions = [(group.record, completion) for group in groups for completion in group.completions]
+    if len(completions) != len(advantages):
+        raise ValueError(f"{len(completions)} completions but {len(advantages)} scores")
+    return [GRPOSample(record, c.token_ids, c.logprobs, adv) for (record, c), adv in zip(completions, advantages)]
+
+
 def prepare_run_dir(config: Config, resume: bool = False) -> Path:
     run_dir = config.run_dir
     if resume:
@@ -393,11 +420,6 @@ class Trainer:
     def grpo(self, first_step: int = 0, sampler_state: dict | None = None) -> int:
         """Stage 2: GRPO over the training set."""
         c = self.config.grpo
-        import torch
-
-        from alphadrive_ray import algo
-        from alphadrive_ray.workers.learner import GRPOSample
-
         sampler = EpochSampler(self.train_records, self.config.run.seed + 2)
         if sampler_state:
             sampler.load_state_dict(sampler_state)
@@ -411,23 +433,22 @@ class Trainer:
         started = time.monotonic()
         every = self.config.checkpoint.every_steps
 
-        def launch(step: int) -> dict:
+        def launch(step: int) -> PendingStep:
             """Start generation + scoring of a step's prompts; remembers where the data stood."""
             before = sampler.state_dict()
             tagged = sampler.take_tagged(c.prompts_per_step)
             params = self._sampling_params(seed=self.config.run.seed * 100_003 + step)
-            jobs = self.rollout.submit([r for _, r in tagged], params, self.rewards)
-            return {"jobs": jobs, "tagged": tagged, "sampler_before": before}
+            return PendingStep(self.rollout.submit([r for _, r in tagged], params, self.rewards), tagged, before)
 
         pending = launch(first_step)
         for step in range(first_step, c.steps):
             interrupts.check()
             t0 = time.monotonic()
             current = pending
-            groups, scores = self.rollout.collect(current["jobs"], self.rewards)
+            groups, scores = self.rollout.collect(current.jobs, self.rewards)
             t_gen, t_reward = self.rollout.last_wait["rollout"], self.rollout.last_wait["reward"]
             t_refill = time.monotonic()
-            drawn = current["tagged"]
+            drawn = current.tagged
             epochs = {id(g): epoch for g, (epoch, _) in zip(groups, drawn, strict=True)}  # collect keeps the draw order
             groups, scores, dropped, rounds = self._dynamic_sampling(groups, scores, step) if c.dynamic_sampling else (groups, scores, [], 0)
             # the refill rounds generate (and score) too: their time counts as rollout
@@ -438,59 +459,21 @@ class Trainer:
                 next_sampler_state = None  # taken by the prefetch below
                 pending = launch(step + 1)  # overlaps with the update below, on the current weights
 
-            totals = torch.tensor([s["total"] for group in scores for s in group])
-            advantages = algo.compute_group_advantages(totals, c.group_size, c.advantage, c.advantage_eps)
-            samples = []
-            for group in groups:
-                for completion in group.completions:
-                    samples.append(GRPOSample(group.record, completion.token_ids, completion.logprobs, 0.0))
-            for sample, adv in zip(samples, advantages.tolist()):
-                sample.advantage = adv
-            lr = constant_lr(step, c.lr, c.warmup_steps)
+            samples = grpo_samples(groups, scores, c.group_size, c.advantage, c.advantage_eps)
             t1 = time.monotonic()
-            metrics = {}
-            for _ in range(c.updates_per_batch):
-                metrics = self.learners.grpo_step(
-                    samples,
-                    c.micro_batch_size,
-                    lr,
-                    eps_low=c.eps_low,
-                    eps_high=c.eps_high,
-                    beta=c.beta,
-                    kl_estimator=c.kl_estimator,
-                    loss_agg=c.loss_agg,
-                    use_engine_logprobs=use_engine_logprobs,
-                )
+            metrics = self._learn(samples, constant_lr(step, c.lr, c.warmup_steps), use_engine_logprobs)
             t_learn = time.monotonic() - t1
             self._ledger("grpo", step + 1, [(epochs.get(id(g)), g.record) for g in groups], [(epochs.get(id(g)), g.record) for g in dropped])
             t_sync = self.sync_weights()
             if every and (step + 1) % every == 0 and step + 1 < c.steps:
                 # the data position before the next step's prompts were taken
-                self.save_checkpoint("grpo", step + 1, next_sampler_state or pending["sampler_before"])
+                self.save_checkpoint("grpo", step + 1, next_sampler_state or pending.sampler_before)
             if not c.off_policy_steps and step + 1 < c.steps:
                 pending = launch(step + 1)
 
-            step_s = time.monotonic() - t0
-            metrics.update(self._rollout_metrics(groups, scores))
-            metrics.update(
-                {
-                    "perf/step_s": step_s,
-                    "perf/rollout_s": t_gen,
-                    "perf/reward_s": t_reward,
-                    "perf/learner_s": t_learn,
-                    "perf/sync_s": t_sync,
-                    "perf/sync_mb": self.last_sync_bytes / 2**20,
-                    "perf/sync_mb_per_s": self.last_sync_bytes / 2**20 / max(t_sync, 1e-9),
-                    "perf/samples_per_s": len(samples) / step_s,
-                    "perf/tokens_per_s": metrics.get("perf/tokens", 0.0) / step_s,
-                    "rollout/dropped_groups": len(dropped),
-                    "rollout/resample_rounds": rounds,
-                    "perf/resample_s": t_refill,
-                    "rollout/worker_restarts": self.rollout.restarts,
-                    "reward/rescored": self.rewards.restarts,
-                    "rollout/weight_version_lag": self.version - 1 - min(cc.weight_version for g in groups for cc in g.completions),
-                }
-            )
+            seconds = {"step": time.monotonic() - t0, "rollout": t_gen, "reward": t_reward, "learner": t_learn, "sync": t_sync, "resample": t_refill}
+            metrics.update(self._step_metrics(groups, scores, len(samples), metrics.get("perf/tokens", 0.0), seconds))
+            metrics.update({"rollout/dropped_groups": len(dropped), "rollout/resample_rounds": rounds})
             self.tracker.log("grpo", step + 1, metrics)
             if (step + 1) % max(1, c.steps // 25) == 0 or step + 1 == c.steps:
                 self.tracker.say(
@@ -510,6 +493,44 @@ class Trainer:
         # the final state is resumable too: a later run may continue with more steps
         self.save_checkpoint("grpo", c.steps, sampler.state_dict())
         return c.steps
+
+    def _learn(self, samples: list, lr: float, use_engine_logprobs: bool) -> dict:
+        """`grpo.updates_per_batch` optimizer steps on one batch; the last one's metrics."""
+        c = self.config.grpo
+        metrics: dict = {}
+        for _ in range(c.updates_per_batch):
+            metrics = self.learners.grpo_step(
+                samples,
+                c.micro_batch_size,
+                lr,
+                eps_low=c.eps_low,
+                eps_high=c.eps_high,
+                beta=c.beta,
+                kl_estimator=c.kl_estimator,
+                loss_agg=c.loss_agg,
+                use_engine_logprobs=use_engine_logprobs,
+            )
+        return metrics
+
+    def _step_metrics(
+        self, groups: Sequence[Group], scores: Sequence[Sequence[dict]], n_samples: int, tokens: float, seconds: dict[str, float]
+    ) -> dict:
+        """A GRPO step's rollout, reward and timing metrics (`seconds`: the step's parts, `step` the whole)."""
+        step_s = seconds["step"]
+        out = self._rollout_metrics(groups, scores)
+        out.update({f"perf/{part}_s": s for part, s in seconds.items()})
+        out.update(
+            {
+                "perf/sync_mb": self.last_sync_bytes / 2**20,
+                "perf/sync_mb_per_s": self.last_sync_bytes / 2**20 / max(seconds["sync"], 1e-9),
+                "perf/samples_per_s": n_samples / step_s,
+                "perf/tokens_per_s": tokens / step_s,
+                "rollout/worker_restarts": self.rollout.restarts,
+                "reward/rescored": self.rewards.restarts,
+                "rollout/weight_version_lag": self.version - 1 - min(c.weight_version for g in groups for c in g.completions),
+            }
+        )
+        return out
 
     def _rollout_metrics(self, groups: Sequence[Group], scores: Sequence[Sequence[dict]]) -> dict:
         from alphadrive_ray.rewards import parse_plan
