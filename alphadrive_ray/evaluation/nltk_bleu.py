@@ -110,8 +110,8 @@ def compute_nltk_bleu(references: Sequence[Sequence[Sequence[str]]], hypotheses:
     out = NltkBleu()
     totals = _Totals()
     comparable = _Totals()
-    for i, (refs, hyp) in enumerate(zip(references, hypotheses)):
-        refs, hyp = [list(r) for r in refs], list(hyp)
+    for i, (sample_refs, sample_hyp) in enumerate(zip(references, hypotheses)):
+        refs, hyp = [list(r) for r in sample_refs], list(sample_hyp)
         precisions = [bleu.modified_precision(refs, hyp, n) for n in orders]
         hyp_len = len(hyp)
         ref_len = bleu.closest_ref_length(refs, hyp_len)
@@ -144,7 +144,8 @@ class _Totals:
     def bleu(self, bleu: Any, refs: list, hyp: list) -> float:
         from fractions import Fraction
 
-        precisions = [Fraction(n, d, _normalize=False) for n, d in zip(self.numerators, self.denominators)]
+        # unreduced, as nltk's corpus_bleu keeps them: `_normalize` is private to Fraction (Python <= 3.11), so not in its stubs
+        precisions = [Fraction(n, d, _normalize=False) for n, d in zip(self.numerators, self.denominators)]  # type: ignore[call-overload]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # method0 warns about an order without a match
             return _combine(bleu, precisions, self.ref_len, self.hyp_len, bleu.SmoothingFunction().method0, refs, hyp)
