@@ -142,10 +142,9 @@ class _Totals:
         self.ref_len += ref_len
 
     def bleu(self, bleu: Any, refs: list, hyp: list) -> float:
-        from fractions import Fraction
-
-        # unreduced, as nltk's corpus_bleu keeps them: `_normalize` is private to Fraction (Python <= 3.11), so not in its stubs
-        precisions = [Fraction(n, d, _normalize=False) for n, d in zip(self.numerators, self.denominators)]  # type: ignore[call-overload]
+        # unreduced, as nltk's corpus_bleu keeps them, through nltk's own Fraction (the standard
+        # library's dropped `_normalize` in Python 3.12; nltk's subclass keeps it on every version)
+        precisions = [bleu.Fraction(n, d, _normalize=False) for n, d in zip(self.numerators, self.denominators)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # method0 warns about an order without a match
             return _combine(bleu, precisions, self.ref_len, self.hyp_len, bleu.SmoothingFunction().method0, refs, hyp)
