@@ -368,7 +368,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
-        return _build(tp, value, where)
+        return _build(typing.cast(type, tp), value, where)  # a dataclass type here (annotations are types, never instances)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -634,7 +634,7 @@ def validate(c: Config, source: str = "config") -> None:
 def field_docs(cls: type) -> dict[str, str]:
     """The string under each field of a config dataclass (its documentation)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
+    body = typing.cast(ast.ClassDef, tree.body[0]).body
     docs: dict[str, str] = {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):

@@ -39,7 +39,8 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024
 HTTP_IMAGE_TIMEOUT_S = 10.0
 MAX_REDIRECTS = 5
 MAX_N = 16
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# looked up with a request's role as sent (any JSON value)
+ROLES: dict[Any, str] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 class ApiError(Exception):

@@ -54,7 +54,7 @@ class PendingStep:
     (a checkpoint taken while the step is pending resumes from there)."""
 
     jobs: list
-    tagged: list[tuple[int | None, Record]]
+    tagged: list[tuple[int, Record]]
     sampler_before: dict
 
 
@@ -363,7 +363,7 @@ class Trainer:
         self.tracker.say(f"resumed from {path.name}: {state.stage} step {state.step}, weight version {state.version}")
         return state
 
-    def _ledger(self, stage: str, step: int, tagged: list[tuple[int | None, Record]], dropped: list | None = None) -> None:
+    def _ledger(self, stage: str, step: int, tagged: Sequence[tuple[int | None, Record]], dropped: list | None = None) -> None:
         """Which prompts each step trained on (`items`), with the epoch they were drawn in; GRPO
         also lists the groups generated but not trained (`dropped`). Refill prompts of dynamic
         sampling have epoch null (a separate sampler). Every prompt of the data order is drawn
@@ -454,7 +454,7 @@ class Trainer:
             # the refill rounds generate (and score) too: their time counts as rollout
             t_refill = time.monotonic() - t_refill
             t_gen += t_refill
-            next_sampler_state = sampler.state_dict()
+            next_sampler_state: dict[str, int] | None = sampler.state_dict()
             if c.off_policy_steps and step + 1 < c.steps:
                 next_sampler_state = None  # taken by the prefetch below
                 pending = launch(step + 1)  # overlaps with the update below, on the current weights

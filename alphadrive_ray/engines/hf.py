@@ -83,10 +83,10 @@ class HFEngine:
     def generate(self, records: Sequence[Record], params: SamplingParams) -> list[Group]:
         if params.greedy and params.n > 1:
             # arg-max decoding has one answer per prompt: repeat it (transformers refuses n > 1)
-            groups = self.generate(records, SamplingParams(**{**params.__dict__, "n": 1}))
-            for group in groups:
+            single = self.generate(records, SamplingParams(**{**params.__dict__, "n": 1}))
+            for group in single:
                 group.completions = [group.completions[0]] * params.n
-            return groups
+            return single
         per_call = max(1, self.batch_size // params.n)
         groups: list[Group] = []
         for start in range(0, len(records), per_call):

@@ -40,7 +40,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, cast
 
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.engines.base import Completion, Group, SamplingParams
@@ -170,7 +170,7 @@ def hf_parameter_shapes(model_path: str | Path) -> dict[str, tuple[int, ...]]:
     config = AutoConfig.from_pretrained(str(model_path))
     cls = Qwen2VLForConditionalGeneration if read_model_type(model_path) in VISION_MODEL_TYPES else AutoModelForCausalLM
     with torch.device("meta"):
-        model = cls.from_config(config) if cls is AutoModelForCausalLM else cls._from_config(config)
+        model = cls.from_config(config) if cls is AutoModelForCausalLM else cast("type[Qwen2VLForConditionalGeneration]", cls)._from_config(config)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
@@ -201,6 +201,13 @@ class WeightSyncExtension:
     there: on CPU, `process_weights_after_loading` repacks each linear layer's weight into a
     kernel format and frees the original parameter, so a second load has nowhere to go.
     """
+
+    if TYPE_CHECKING:
+        # the vLLM worker's attributes (this class is its mixin); declared for the type checker only
+        model_runner: Any
+        vllm_config: Any
+        rank: int
+        device: Any
 
     def _weight_sync_model(self):
         return self.model_runner.get_model()

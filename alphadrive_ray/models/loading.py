@@ -11,8 +11,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alphadrive_ray.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 TEXT_MODEL_TYPES = ("qwen2", "qwen3", "llama")
@@ -84,6 +88,7 @@ def load_model(path: str | Path, dtype: str = "float32", attn_implementation: st
     from transformers import AutoModelForCausalLM, Qwen2VLForConditionalGeneration
 
     kwargs = dict(dtype=torch_dtype(dtype), attn_implementation=attn_implementation)
+    model: PreTrainedModel
     if read_model_type(path) in VISION_MODEL_TYPES:
         model = Qwen2VLForConditionalGeneration.from_pretrained(str(path), **kwargs)
     else:

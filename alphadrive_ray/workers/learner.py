@@ -27,6 +27,8 @@ from alphadrive_ray.models.loading import load_model, load_processor
 from alphadrive_ray.workers.process import ProcessInfo
 
 if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
     from alphadrive_ray.config import Config
 
 
@@ -138,12 +140,12 @@ class LearnerWorker(ProcessInfo):
         # NOTE: the shared-prompt forward passes a KV cache between two forwards, which
         # gradient checkpointing's recomputation does not support
         self.share_prompts = spec.share_prompts and not spec.gradient_checkpointing
-        self.engine = None
+        self.engine: DeepSpeedEngine | None = None  # set by setup (begin_stage)
         # GPU learners publish weights through one reused pinned buffer (a pageable .cpu() per
         # tensor was 12x slower on an H200); nothing is allocated before the first sync
         self._host_staging = weight_sync.HostStaging() if self.device.type == "cuda" else None
         self.ref_model = None
-        self.stage = None
+        self.stage: str | None = None
         self.global_step = 0
 
     # --- set-up ----------------------------------------------------------------------
@@ -214,10 +216,12 @@ class LearnerWorker(ProcessInfo):
     def save_state(self, path: str, client_state: dict) -> None:
         """Model and optimizer states of this rank into `path` (every rank must call)."""
         state = {**client_state, "torch_rng": torch.get_rng_state(), "global_step": self.global_step}
+        assert self.engine is not None  # a checkpoint is taken within a stage
         self.engine.save_checkpoint(path, tag="state", client_state=state, save_latest=False)
 
     def load_state(self, path: str) -> dict:
         """Restore model and optimizer states saved by `save_state`; returns the client state."""
+        assert self.engine is not None  # restored after begin_stage
         load_path, client = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise FileNotFoundError(f"no learner checkpoint in {path}")
@@ -243,6 +247,7 @@ class LearnerWorker(ProcessInfo):
         return t.tolist()
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        assert self.engine is not None  # steps run within a stage
         self.engine.set_gradient_accumulation_boundary(last)
         # NOTE: DeepSpeed averages gradients over ranks; our losses are already divided
         # by the global count, so scale by world size to get the global-batch gradient.
@@ -250,6 +255,7 @@ class LearnerWorker(ProcessInfo):
 
     def _step(self, lr: float) -> float:
         self.set_lr(lr)
+        assert self.engine is not None  # steps run within a stage
         self.engine.step()
         self.global_step += 1
         norm = self.engine.get_global_grad_norm()
@@ -257,6 +263,7 @@ class LearnerWorker(ProcessInfo):
 
     def sft_step(self, examples: Sequence[SFTExample], micro_batch_size: int, lr: float) -> dict:
         """One optimizer step of next-token loss on the completions (prompt and image masked)."""
+        assert self.engine is not None  # steps run within a stage
         self.engine.train()
         encoded = [(self.encoder.encode(ex.record), self.encoder.encode_completion(ex.target)) for ex in examples]
         (total_tokens,) = self._all_reduce([float(sum(len(c) for _, c in encoded))])
@@ -290,6 +297,7 @@ class LearnerWorker(ProcessInfo):
         `use_engine_logprobs`: the behaviour policy's log-probs are the engine's (needed
         off-policy or with several updates per batch); otherwise old = current, detached.
         """
+        assert self.engine is not None  # steps run within a stage
         self.engine.train()
         (total_tokens, total_seqs) = self._all_reduce([float(sum(len(s.token_ids) for s in samples)), float(len(samples))])
         micro = list(_shards(samples, micro_batch_size))
@@ -342,10 +350,10 @@ class LearnerWorker(ProcessInfo):
             stats["tokens"] += n
         grad_norm = self._step(lr)
         reduced = self._all_reduce([stats[k] for k in ("loss", "clip_frac", "kl", "ratio_mean", "logp_diff", "tokens")])
-        loss, clip, kl, ratio, diff, tokens = reduced
+        policy_loss, clip, kl, ratio, diff, tokens = reduced
         tokens = max(tokens, 1.0)
         return {
-            "loss/policy": loss,
+            "loss/policy": policy_loss,
             "loss/clip_frac": clip / tokens,
             "loss/kl": kl / tokens,
             "loss/ratio_mean": ratio / tokens,
