@@ -128,8 +128,8 @@ def aggregate_loss(
         return (per_token * mask).sum() / denom.clamp(min=1.0)
     if mode == "seq_mean":
         per_seq = (per_token * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)  # [B]
-        denom = per_token.shape[0] if total_sequences is None else total_sequences
-        return per_seq.sum() / max(float(denom), 1.0)
+        n_seqs = per_token.shape[0] if total_sequences is None else total_sequences
+        return per_seq.sum() / max(float(n_seqs), 1.0)
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 

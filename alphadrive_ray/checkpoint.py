@@ -21,6 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from alphadrive_ray.errors import UserError
 
@@ -95,7 +96,7 @@ class CheckpointManager:
     def _prune(self, newest: str) -> None:
         done = sorted(
             (p for p in self.root.iterdir() if p.is_dir() and checkpoint_order(p.name) and (p / "trainer.json").exists()),
-            key=lambda p: checkpoint_order(p.name),
+            key=lambda p: cast(tuple[int, int], checkpoint_order(p.name)),  # not None: filtered above
         )
         for old in done[: max(0, len(done) - self.keep)]:
             if old.name != newest:

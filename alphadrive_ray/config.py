@@ -25,8 +25,10 @@ from typing import Any
 
 from alphadrive_ray.actions import PATH_ACTIONS, SPEED_ACTIONS
 from alphadrive_ray.errors import UserError
+from alphadrive_ray.rewards import ABLATION_COMPONENTS
 
-REWARD_COMPONENTS = ("accuracy", "weight", "diversity", "format")
+MIN_IMAGE_PIXELS = 28 * 28
+"""Qwen2-VL's smallest image: one merged 2x2 group of 14-pixel patches (models.loading checks the same)."""
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # `scheme://user:password@host` or `scheme://token@host`
 _URL_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s@]+@")
@@ -106,6 +108,10 @@ class DataConfig:
     """Preprocess each image once per worker and reuse the pixel tensors."""
     image_cache_mb: int = 1024  # inputs.IMAGE_CACHE_MB (not imported: config stays free of torch)
     """Memory bound of that cache per worker (least recently used images are dropped first)."""
+    min_pixels: int = 0
+    """Smallest image area, in pixels, the Qwen2-VL processor resizes to (0: the model's own; the release: 3136). The same in the learners, both rollout engines (evaluation included) and an HF export's processor."""
+    max_pixels: int = 0
+    """Largest image area, in pixels (0: the model's own; the release: 401408, i.e. 512 image tokens): caps the visual tokens, and so the memory, of large camera frames (a 1600x900 frame is 1.44 MP)."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +212,7 @@ class RewardConfig:
     """Reward worker actors scoring whole groups."""
     variant: str = "paper"
     """Reward semantics: `paper` (F1 x weight x diversity) or `release` (the authors' code: additive +-0.4 diversity)."""
-    components: tuple[str, ...] = REWARD_COMPONENTS
+    components: tuple[str, ...] = ABLATION_COMPONENTS
     """Reward components in use (ablations): any of accuracy, weight, diversity, format."""
     speed_weight: float = 1.0
     """Weight of the SPEED planning reward in the total."""
@@ -362,7 +368,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
-        return _build(tp, value, where)
+        return _build(typing.cast(type, tp), value, where)  # a dataclass type here (annotations are types, never instances)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -519,7 +525,7 @@ def validate(c: Config, source: str = "config") -> None:
             f"{key} looks like an API key; keys belong in the environment (e.g. WANDB_API_KEY) or `wandb login`, never in a config",
         )
     for comp in c.reward.components:
-        choice(comp, "reward.components[]", REWARD_COMPONENTS)
+        choice(comp, "reward.components[]", ABLATION_COMPONENTS)
     check(len(set(c.reward.components)) == len(c.reward.components), "reward.components lists a component twice")
     check(c.learner.zero_stage in (0, 1, 2, 3), f"learner.zero_stage must be 0, 1, 2 or 3; got {c.learner.zero_stage}")
     for key, value in (
@@ -550,6 +556,15 @@ def validate(c: Config, source: str = "config") -> None:
     check(c.reward.timeout_s > 0, "reward.timeout_s must be > 0")
     check(c.eval.samples >= 0 and c.eval.every_steps >= 0, "eval.samples and eval.every_steps must be >= 0")
     check(c.checkpoint.keep >= 1, f"checkpoint.keep must be at least 1; got {c.checkpoint.keep}")
+    for key, value in (("data.min_pixels", c.data.min_pixels), ("data.max_pixels", c.data.max_pixels)):
+        check(
+            value == 0 or value >= MIN_IMAGE_PIXELS,
+            f"{key} must be 0 (the model's own) or at least {MIN_IMAGE_PIXELS} (one 28x28 image token); got {value}",
+        )
+    check(
+        not (c.data.min_pixels and c.data.max_pixels) or c.data.min_pixels <= c.data.max_pixels,
+        f"data.min_pixels ({c.data.min_pixels}) must not exceed data.max_pixels ({c.data.max_pixels})",
+    )
     for split in ("synth_train", "synth_eval"):
         synth: SynthSplitConfig = getattr(c.data, split)
         key = f"data.{split}"
@@ -619,7 +634,7 @@ def validate(c: Config, source: str = "config") -> None:
 def field_docs(cls: type) -> dict[str, str]:
     """The string under each field of a config dataclass (its documentation)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
+    body = typing.cast(ast.ClassDef, tree.body[0]).body
     docs: dict[str, str] = {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):

@@ -32,9 +32,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint folder, a run's checkpoints/ folder or a run folder")
     parser.add_argument("out", metavar="OUT_DIR", help="the Hugging Face folder to write (must not exist, or be empty)")
-    parser.add_argument(
-        "--model", default=None, metavar="BASE", help="base model folder (default: model.path of the run's config.yaml)"
-    )
+    parser.add_argument("--model", default=None, metavar="BASE", help="base model folder (default: model.path of the run's config.yaml)")
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="weights dtype (default: model.dtype of the run, else float32)"
     )
@@ -109,7 +107,9 @@ def export_checkpoint(learner_dir: str | Path, out_dir: str | Path, base_model: 
         )
     wrong = [name for name, t in weights.items() if tuple(t.shape) != tuple(own[name].shape)]
     if wrong:
-        raise UserError(f"{learner_dir}: {wrong[0]} has shape {tuple(weights[wrong[0]].shape)} in the checkpoint, {tuple(own[wrong[0]].shape)} in {base_model}")
+        raise UserError(
+            f"{learner_dir}: {wrong[0]} has shape {tuple(weights[wrong[0]].shape)} in the checkpoint, {tuple(own[wrong[0]].shape)} in {base_model}"
+        )
     with torch.no_grad():
         for name, tensor in weights.items():
             own[name].copy_(tensor)

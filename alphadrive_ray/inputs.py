@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 
@@ -81,7 +81,7 @@ class PromptEncoder:
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         if self.eos_id is None or self.eos_id == self.tokenizer.unk_token_id:
             self.eos_id = self.tokenizer.eos_token_id
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>") if self.vision else None
+        self.image_token_id: int | None = self.tokenizer.convert_tokens_to_ids("<|image_pad|>") if self.vision else None
         self.banned_token_ids = vision_placeholder_ids(self.tokenizer)
 
     def prompt_text(self, record: Record) -> str:
@@ -169,9 +169,10 @@ class PromptEncoder:
             batch["prompt_index"] = torch.tensor(index, dtype=torch.long)
             batch["prompt_rows"] = torch.tensor(rows, dtype=torch.long)
         if self.vision:
-            batch["pixel_values"] = torch.cat([p.pixel_values for p in distinct], dim=0)
-            batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in distinct], dim=0)
-            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
+            # a vision encoder's prompts carry pixels, and it has the image token's id
+            batch["pixel_values"] = torch.cat([cast(torch.Tensor, p.pixel_values) for p in distinct], dim=0)
+            batch["image_grid_thw"] = torch.cat([cast(torch.Tensor, p.image_grid_thw) for p in distinct], dim=0)
+            batch["mm_token_type_ids"] = (input_ids == cast(int, self.image_token_id)).long()
         if completions is not None:
             batch["completion_ids"] = completion_ids
             batch["response_mask"] = response_mask

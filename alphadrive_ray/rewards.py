@@ -44,7 +44,7 @@ from alphadrive_ray.actions import PATH_ACTIONS, PATH_WEIGHTS, SPEED_ACTIONS, SP
 VARIANTS: tuple[str, ...] = ("paper", "release")
 
 # The keys of every dict returned by `score_group`, in logging order (`reward/<key>`).
-REWARD_COMPONENTS: tuple[str, ...] = (
+SCORE_KEYS: tuple[str, ...] = (
     "speed_f1",
     "path_f1",
     "speed_weight",
@@ -277,7 +277,7 @@ def score_group(
 ) -> list[dict[str, float]]:
     """The rewards of every completion of one GRPO group (all completions of one prompt).
 
-    Returns one dict per completion with the float keys of `REWARD_COMPONENTS`:
+    Returns one dict per completion with the float keys of `SCORE_KEYS`:
     `speed_f1`, `path_f1` (planning F1), `speed_weight`, `path_weight` (mean action weight),
     `speed_diversity`, `path_diversity` (paper: the `1 - min(cap, c/G)` factor; release: the
     ±`diversity_bonus` term), `speed`, `path` (the family rewards), `format` and

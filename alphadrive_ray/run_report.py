@@ -586,6 +586,7 @@ def _scenes(run: RunData) -> str:
             if plan is None:
                 cells.append('<td><span class="note">(no prediction)</span></td>')
                 continue
+            assert row is not None  # _plan_text gives a plan only for a row
             css = "" if row.get("correct") is None else ("ok" if row["correct"] else "bad")
             score = row.get("sentence_bleu")
             score_text = f'<div class="note">sentence BLEU {score:.3f}</div>' if isinstance(score, (int, float)) else ""

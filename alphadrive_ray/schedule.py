@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Generic, Sequence, TypeVar
+
+T = TypeVar("T")
 
 
 def cosine_lr(step: int, total_steps: int, peak: float, warmup_ratio: float = 0.0, floor: float = 0.0) -> float:
@@ -29,10 +31,10 @@ class SamplerState:
     position: int = 0
 
 
-class EpochSampler:
+class EpochSampler(Generic[T]):
     """Visits items in a seeded random order, epoch after epoch; its state resumes it exactly."""
 
-    def __init__(self, items: Sequence, seed: int, state: SamplerState | None = None):
+    def __init__(self, items: Sequence[T], seed: int, state: SamplerState | None = None):
         if not items:
             raise ValueError("EpochSampler needs at least one item")
         self.items = list(items)
@@ -45,12 +47,12 @@ class EpochSampler:
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
-    def take(self, n: int) -> list:
+    def take(self, n: int) -> list[T]:
         return [item for _, item in self.take_tagged(n)]
 
-    def take_tagged(self, n: int) -> list[tuple[int, object]]:
+    def take_tagged(self, n: int) -> list[tuple[int, T]]:
         """The next `n` items, each with the epoch it belongs to."""
-        out = []
+        out: list[tuple[int, T]] = []
         while len(out) < n:
             if self.state.position >= len(self.items):
                 self.state = SamplerState(self.state.epoch + 1, 0)

@@ -44,6 +44,20 @@ def register(subparsers) -> None:
         metavar="HOST",
         help="fetch http(s) image URLs of these hosts only (e.g. images.example.com); off by default: clients send images as data URLs",
     )
+    serve.add_argument(
+        "--min-pixels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="smallest image area in pixels after resizing (default 0: the model's own; the release: 3136)",
+    )
+    serve.add_argument(
+        "--max-pixels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="largest image area in pixels after resizing, which caps image tokens (default 0: the model's own; the release: 401408)",
+    )
     serve.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request has none (default 256)")
     serve.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default 4096)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -67,12 +81,18 @@ def _check_port_free(host: str, port: int) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from alphadrive_ray.config import MIN_IMAGE_PIXELS
     from alphadrive_ray.errors import UserError
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1-65535, got {args.port}")
     if not 1 <= args.default_max_tokens <= args.max_tokens_limit:
         raise UserError("need 1 <= --default-max-tokens <= --max-tokens-limit")
+    for flag, value in (("--min-pixels", args.min_pixels), ("--max-pixels", args.max_pixels)):
+        if value and value < MIN_IMAGE_PIXELS:
+            raise UserError(f"{flag} must be 0 (the model's own) or at least {MIN_IMAGE_PIXELS} (one 28x28 image token); got {value}")
+    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
+        raise UserError(f"--min-pixels ({args.min_pixels}) must not exceed --max-pixels ({args.max_pixels})")
     media = None
     if args.allowed_local_media_path:
         media = Path(args.allowed_local_media_path)
@@ -97,7 +117,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from alphadrive_ray.serving import ServerOptions, create_app, load_backend
 
     name = args.served_model_name or Path(args.model_dir).resolve().name
-    backend = load_backend(args.engine, args.model_dir, device=args.device, dtype=args.dtype)
+    backend = load_backend(args.engine, args.model_dir, device=args.device, dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     app = create_app(
         backend,
         ServerOptions(

@@ -39,7 +39,8 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024
 HTTP_IMAGE_TIMEOUT_S = 10.0
 MAX_REDIRECTS = 5
 MAX_N = 16
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# looked up with a request's role as sent (any JSON value)
+ROLES: dict[Any, str] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 class ApiError(Exception):
@@ -253,7 +254,7 @@ def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 class HFChatBackend:
     """transformers generation for one model; calls are serialised (one model, one device)."""
 
-    def __init__(self, model_dir: str, *, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, model_dir: str, *, device: str = "cpu", dtype: str = "float32", min_pixels: int = 0, max_pixels: int = 0):
         import torch
 
         from alphadrive_ray.inputs import vision_placeholder_ids
@@ -263,7 +264,7 @@ class HFChatBackend:
         self.device = torch.device(device)
         self.model = load_model(model_dir, dtype).to(self.device)
         self.model.requires_grad_(False)
-        self.processor = load_processor(model_dir)
+        self.processor = load_processor(model_dir, min_pixels, max_pixels)
         self.vision = hasattr(self.processor, "image_processor")
         self.tokenizer = self.processor.tokenizer if self.vision else self.processor
         eos = {self.tokenizer.eos_token_id}
@@ -330,14 +331,16 @@ class HFChatBackend:
         return ChatResult(choices, int(prompt_len))
 
 
-def load_backend(engine: str, model_dir: str, *, device: str = "cpu", dtype: str = "float32") -> ChatBackend:
+def load_backend(
+    engine: str, model_dir: str, *, device: str = "cpu", dtype: str = "float32", min_pixels: int = 0, max_pixels: int = 0
+) -> ChatBackend:
     from alphadrive_ray.models.loading import read_model_type
 
     read_model_type(model_dir)  # a clear UserError for a wrong folder, before anything heavy
     if engine == "hf":
-        return HFChatBackend(model_dir, device=device, dtype=dtype)
+        return HFChatBackend(model_dir, device=device, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
     if engine == "vllm":
-        return load_vllm_backend(model_dir, dtype=dtype)
+        return load_vllm_backend(model_dir, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
     raise UserError(f"unknown engine {engine!r}; expected hf or vllm")
 
 

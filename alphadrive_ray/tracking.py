@@ -14,7 +14,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping, cast
 
 if TYPE_CHECKING:
     from alphadrive_ray.config import WandbConfig
@@ -94,7 +94,7 @@ class WandbSink:
         self.run = wandb.init(
             project=wandb_config.project,
             name=wandb_config.name or run_name,
-            mode=wandb_config.mode,
+            mode=cast(Literal["disabled", "offline", "online"], wandb_config.mode),  # the values the config's check allows
             dir=str(run_dir),
             id=run_id,
             resume="allow" if resume else None,

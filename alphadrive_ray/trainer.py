@@ -47,6 +47,33 @@ class RunSummary:
     comparisons: dict[str, dict] = field(default_factory=dict)
 
 
+@dataclass
+class PendingStep:
+    """A GRPO step's generation and scoring, in flight: the rollout jobs, the prompts they were
+    given (with the epoch each was drawn in) and the sampler's state before they were drawn
+    (a checkpoint taken while the step is pending resumes from there)."""
+
+    jobs: list
+    tagged: list[tuple[int, Record]]
+    sampler_before: dict
+
+
+def grpo_samples(groups: Sequence[Group], scores: Sequence[Sequence[dict]], group_size: int, advantage: str = "std", eps: float = 1e-4) -> list:
+    """The learner's samples of a step: every completion of every group, in order, with its
+    group-relative advantage (`algo.compute_group_advantages` of the `total` rewards)."""
+    import torch
+
+    from alphadrive_ray import algo
+    from alphadrive_ray.workers.learner import GRPOSample
+
+    totals = torch.tensor([s["total"] for group in scores for s in group])
+    advantages = algo.compute_group_advantages(totals, group_size, advantage, eps).tolist()
+    completions = [(group.record, completion) for group in groups for completion in group.completions]
+    if len(completions) != len(advantages):
+        raise ValueError(f"{len(completions)} completions but {len(advantages)} scores")
+    return [GRPOSample(record, c.token_ids, c.logprobs, adv) for (record, c), adv in zip(completions, advantages)]
+
+
 def prepare_run_dir(config: Config, resume: bool = False) -> Path:
     run_dir = config.run_dir
     if resume:
@@ -188,50 +215,9 @@ class Trainer:
         self.correct: dict[str, list[bool]] = {}  # per held-out scene, by stage: plan right
         self.ceiling: float | None = None
         self.ckpt = CheckpointManager(run_dir, c.checkpoint.keep)
-        gpu = c.learner.gpus_per_worker > 0
-        backend = c.learner.backend if c.learner.backend != "auto" else ("nccl" if gpu else "gloo")
-        learner_spec = LearnerSpec(
-            model_path=c.model.path,
-            dtype=c.model.dtype,
-            attn_implementation=c.model.attn_implementation,
-            gradient_checkpointing=c.model.gradient_checkpointing,
-            share_prompts=c.learner.share_prompts,
-            freeze_vision=c.model.freeze_vision,
-            prompt_template=c.data.prompt_template,
-            image_cache_mb=c.data.image_cache_mb if c.data.image_cache else 0,
-            zero_stage=c.learner.zero_stage,
-            backend=backend,
-            grad_clip=c.learner.grad_clip,
-            cpus=c.learner.cpus_per_worker,
-            temperature=c.rollout.temperature,
-            top_p=c.rollout.top_p,
-            seed=c.run.seed,
-        )
-        rollout_spec = RolloutSpec(
-            model_path=c.model.path,
-            engine=c.rollout.engine,
-            dtype=c.model.dtype,
-            attn_implementation=c.model.attn_implementation,
-            prompt_template=c.data.prompt_template,
-            image_cache_mb=c.data.image_cache_mb if c.data.image_cache else 0,
-            batch_size=c.rollout.batch_size,
-            hf_loop=c.rollout.hf_loop,
-            zero_copy_weights=c.sync.zero_copy,
-            cpus=c.rollout.cpus_per_worker,
-            device="cuda" if c.rollout.gpus_per_worker > 0 else "cpu",
-            vllm_gpu_memory_utilization=c.rollout.vllm_gpu_memory_utilization,
-            vllm_enforce_eager=c.rollout.vllm_enforce_eager,
-        )
-        reward_spec = RewardSpec(
-            variant=c.reward.variant,
-            components=c.reward.components,
-            speed_weight=c.reward.speed_weight,
-            path_weight=c.reward.path_weight,
-            format_weight=c.reward.format_weight,
-            diversity_cap=c.reward.diversity_cap,
-        )
+        learner_spec, rollout_spec, reward_spec = LearnerSpec.from_config(c), RolloutSpec.from_config(c), RewardSpec.from_config(c)
         say = tracker.say
-        say(f"starting {c.learner.num_workers} learner(s) (DeepSpeed ZeRO-{c.learner.zero_stage}, {backend})")
+        say(f"starting {c.learner.num_workers} learner(s) (DeepSpeed ZeRO-{c.learner.zero_stage}, {learner_spec.backend})")
         self.learners = LearnerGroup.start(
             learner_spec, c.learner.num_workers, Resources(c.learner.cpus_per_worker, c.learner.gpus_per_worker), placement=c.learner.placement
         )
@@ -385,7 +371,7 @@ class Trainer:
         self.tracker.say(f"resumed from {path.name}: {state.stage} step {state.step}, weight version {state.version}")
         return state
 
-    def _ledger(self, stage: str, step: int, tagged: list[tuple[int | None, Record]], dropped: list | None = None) -> None:
+    def _ledger(self, stage: str, step: int, tagged: Sequence[tuple[int | None, Record]], dropped: list | None = None) -> None:
         """Which prompts each step trained on (`items`), with the epoch they were drawn in; GRPO
         also lists the groups generated but not trained (`dropped`). Refill prompts of dynamic
         sampling have epoch null (a separate sampler). Every prompt of the data order is drawn
@@ -442,11 +428,6 @@ class Trainer:
     def grpo(self, first_step: int = 0, sampler_state: dict | None = None) -> int:
         """Stage 2: GRPO over the training set."""
         c = self.config.grpo
-        import torch
-
-        from alphadrive_ray import algo
-        from alphadrive_ray.workers.learner import GRPOSample
-
         sampler = EpochSampler(self.train_records, self.config.run.seed + 2)
         if sampler_state:
             sampler.load_state_dict(sampler_state)
@@ -460,86 +441,47 @@ class Trainer:
         started = time.monotonic()
         every = self.config.checkpoint.every_steps
 
-        def launch(step: int) -> dict:
+        def launch(step: int) -> PendingStep:
             """Start generation + scoring of a step's prompts; remembers where the data stood."""
             before = sampler.state_dict()
             tagged = sampler.take_tagged(c.prompts_per_step)
             params = self._sampling_params(seed=self.config.run.seed * 100_003 + step)
-            jobs = self.rollout.submit([r for _, r in tagged], params, self.rewards)
-            return {"jobs": jobs, "tagged": tagged, "sampler_before": before}
+            return PendingStep(self.rollout.submit([r for _, r in tagged], params, self.rewards), tagged, before)
 
         pending = launch(first_step)
         for step in range(first_step, c.steps):
             interrupts.check()
             t0 = time.monotonic()
             current = pending
-            groups, scores = self.rollout.collect(current["jobs"], self.rewards)
+            groups, scores = self.rollout.collect(current.jobs, self.rewards)
             t_gen, t_reward = self.rollout.last_wait["rollout"], self.rollout.last_wait["reward"]
             t_refill = time.monotonic()
-            drawn = current["tagged"]
+            drawn = current.tagged
             epochs = {id(g): epoch for g, (epoch, _) in zip(groups, drawn, strict=True)}  # collect keeps the draw order
             groups, scores, dropped, rounds = self._dynamic_sampling(groups, scores, step) if c.dynamic_sampling else (groups, scores, [], 0)
             # the refill rounds generate (and score) too: their time counts as rollout
             t_refill = time.monotonic() - t_refill
             t_gen += t_refill
-            next_sampler_state = sampler.state_dict()
+            next_sampler_state: dict[str, int] | None = sampler.state_dict()
             if c.off_policy_steps and step + 1 < c.steps:
                 next_sampler_state = None  # taken by the prefetch below
                 pending = launch(step + 1)  # overlaps with the update below, on the current weights
 
-            totals = torch.tensor([s["total"] for group in scores for s in group])
-            advantages = algo.compute_group_advantages(totals, c.group_size, c.advantage, c.advantage_eps)
-            samples = []
-            for group in groups:
-                for completion in group.completions:
-                    samples.append(GRPOSample(group.record, completion.token_ids, completion.logprobs, 0.0))
-            for sample, adv in zip(samples, advantages.tolist()):
-                sample.advantage = adv
-            lr = constant_lr(step, c.lr, c.warmup_steps)
+            samples = grpo_samples(groups, scores, c.group_size, c.advantage, c.advantage_eps)
             t1 = time.monotonic()
-            metrics = {}
-            for _ in range(c.updates_per_batch):
-                metrics = self.learners.grpo_step(
-                    samples,
-                    c.micro_batch_size,
-                    lr,
-                    eps_low=c.eps_low,
-                    eps_high=c.eps_high,
-                    beta=c.beta,
-                    kl_estimator=c.kl_estimator,
-                    loss_agg=c.loss_agg,
-                    use_engine_logprobs=use_engine_logprobs,
-                )
+            metrics = self._learn(samples, constant_lr(step, c.lr, c.warmup_steps), use_engine_logprobs)
             t_learn = time.monotonic() - t1
             self._ledger("grpo", step + 1, [(epochs.get(id(g)), g.record) for g in groups], [(epochs.get(id(g)), g.record) for g in dropped])
             t_sync = self.sync_weights()
             if every and (step + 1) % every == 0 and step + 1 < c.steps:
                 # the data position before the next step's prompts were taken
-                self.save_checkpoint("grpo", step + 1, next_sampler_state or pending["sampler_before"])
+                self.save_checkpoint("grpo", step + 1, next_sampler_state or pending.sampler_before)
             if not c.off_policy_steps and step + 1 < c.steps:
                 pending = launch(step + 1)
 
-            step_s = time.monotonic() - t0
-            metrics.update(self._rollout_metrics(groups, scores))
-            metrics.update(
-                {
-                    "perf/step_s": step_s,
-                    "perf/rollout_s": t_gen,
-                    "perf/reward_s": t_reward,
-                    "perf/learner_s": t_learn,
-                    "perf/sync_s": t_sync,
-                    "perf/sync_mb": self.last_sync_bytes / 2**20,
-                    "perf/sync_mb_per_s": self.last_sync_bytes / 2**20 / max(t_sync, 1e-9),
-                    "perf/samples_per_s": len(samples) / step_s,
-                    "perf/tokens_per_s": metrics.get("perf/tokens", 0.0) / step_s,
-                    "rollout/dropped_groups": len(dropped),
-                    "rollout/resample_rounds": rounds,
-                    "perf/resample_s": t_refill,
-                    "rollout/worker_restarts": self.rollout.restarts,
-                    "reward/rescored": self.rewards.restarts,
-                    "rollout/weight_version_lag": self.version - 1 - min(cc.weight_version for g in groups for cc in g.completions),
-                }
-            )
+            seconds = {"step": time.monotonic() - t0, "rollout": t_gen, "reward": t_reward, "learner": t_learn, "sync": t_sync, "resample": t_refill}
+            metrics.update(self._step_metrics(groups, scores, len(samples), metrics.get("perf/tokens", 0.0), seconds))
+            metrics.update({"rollout/dropped_groups": len(dropped), "rollout/resample_rounds": rounds})
             self.tracker.log("grpo", step + 1, metrics)
             if (step + 1) % max(1, c.steps // 25) == 0 or step + 1 == c.steps:
                 self.tracker.say(
@@ -559,6 +501,44 @@ class Trainer:
         # the final state is resumable too: a later run may continue with more steps
         self.save_checkpoint("grpo", c.steps, sampler.state_dict())
         return c.steps
+
+    def _learn(self, samples: list, lr: float, use_engine_logprobs: bool) -> dict:
+        """`grpo.updates_per_batch` optimizer steps on one batch; the last one's metrics."""
+        c = self.config.grpo
+        metrics: dict = {}
+        for _ in range(c.updates_per_batch):
+            metrics = self.learners.grpo_step(
+                samples,
+                c.micro_batch_size,
+                lr,
+                eps_low=c.eps_low,
+                eps_high=c.eps_high,
+                beta=c.beta,
+                kl_estimator=c.kl_estimator,
+                loss_agg=c.loss_agg,
+                use_engine_logprobs=use_engine_logprobs,
+            )
+        return metrics
+
+    def _step_metrics(
+        self, groups: Sequence[Group], scores: Sequence[Sequence[dict]], n_samples: int, tokens: float, seconds: dict[str, float]
+    ) -> dict:
+        """A GRPO step's rollout, reward and timing metrics (`seconds`: the step's parts, `step` the whole)."""
+        step_s = seconds["step"]
+        out = self._rollout_metrics(groups, scores)
+        out.update({f"perf/{part}_s": s for part, s in seconds.items()})
+        out.update(
+            {
+                "perf/sync_mb": self.last_sync_bytes / 2**20,
+                "perf/sync_mb_per_s": self.last_sync_bytes / 2**20 / max(seconds["sync"], 1e-9),
+                "perf/samples_per_s": n_samples / step_s,
+                "perf/tokens_per_s": tokens / step_s,
+                "rollout/worker_restarts": self.rollout.restarts,
+                "reward/rescored": self.rewards.restarts,
+                "rollout/weight_version_lag": self.version - 1 - min(c.weight_version for g in groups for c in g.completions),
+            }
+        )
+        return out
 
     def _rollout_metrics(self, groups: Sequence[Group], scores: Sequence[Sequence[dict]]) -> dict:
         from alphadrive_ray.rewards import parse_plan

@@ -22,12 +22,15 @@ also drives an NCCL broadcast (alphadrive_ray/engines/vllm_engine.py).
 from __future__ import annotations
 
 import bisect
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from alphadrive_ray.engines.base import TensorMeta
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
 
 # Tensors start at multiples of this many bytes, so each can be viewed in its own dtype.
 ALIGN = 16
@@ -85,8 +88,10 @@ def group_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_byte
     run: list | None = None  # the part being extended: [storage, first byte, nbytes, dtype]
 
     def close() -> None:
+        assert run is not None  # called only after a tensor started a part
         storage, first, nbytes, _ = run
-        parts.append(torch.empty(0, dtype=torch.uint8).set_(storage, first, (nbytes,)).numpy())
+        # torch's stubs list set_(source, offset, size) only with a stride; the stride defaults to contiguous at run time
+        parts.append(torch.empty(0, dtype=torch.uint8).set_(storage, first, (nbytes,)).numpy())  # type: ignore[call-overload]
 
     for name, tensor in named_tensors:
         raw = _flat_bytes(tensor)
@@ -203,7 +208,7 @@ def unpack_bucket(metas: list[TensorMeta], bucket: np.ndarray | list[np.ndarray]
         yield meta.name, raw.view(to_dtype(meta.dtype)).view(meta.shape)
 
 
-def publish(buckets: Iterable[tuple[list[TensorMeta], np.ndarray | list[np.ndarray]]]) -> list[tuple[list[TensorMeta], "object"]]:
+def publish(buckets: Iterable[tuple[list[TensorMeta], np.ndarray | list[np.ndarray]]]) -> list[tuple[list[TensorMeta], ObjectRef]]:
     """Put each bucket (an array, or a list of per-tensor views) into the Ray object store;
     returns (metadata, object ref) pairs. `ray.put` copies the bytes once, into shared memory."""
     import ray
@@ -211,7 +216,7 @@ def publish(buckets: Iterable[tuple[list[TensorMeta], np.ndarray | list[np.ndarr
     return [(metas, ray.put(bucket)) for metas, bucket in buckets]
 
 
-def receive(bucket_refs: list[tuple[list[TensorMeta], "object"]]) -> Iterator[tuple[str, torch.Tensor]]:
+def receive(bucket_refs: list[tuple[list[TensorMeta], ObjectRef]]) -> Iterator[tuple[str, torch.Tensor]]:
     """Fetch published buckets one at a time and yield their tensors."""
     import ray
 

@@ -216,7 +216,9 @@ def reshard(old_dir: str | os.PathLike[str], template_dir: str | os.PathLike[str
         weights = []
         for g, group in enumerate(shapes):
             size = template_flats[g].numel() + group_paddings[g]  # the padded slice of every rank
-            parts = {key: _z12_slice(values[key], group, paddings[g] if paddings else None, size, rank, new.world_size) for key in ("param", *MOMENTS)}
+            parts = {
+                key: _z12_slice(values[key], group, paddings[g] if paddings else None, size, rank, new.world_size) for key in ("param", *MOMENTS)
+            }
             weights.append(parts["param"][: template_flats[g].numel()].clone())
             state[g] = {"step": torch.tensor(step), **{key: parts[key] for key in MOMENTS}}
         inner["single_partition_of_fp32_groups"] = weights
@@ -242,7 +244,9 @@ def reshard(old_dir: str | os.PathLike[str], template_dir: str | os.PathLike[str
     model.update({k: v for k, v in old_model.items() if k not in known})
     if new.stage <= 2 and rank == 0:
         dtypes = {name: t.dtype for name, t in template_model["module"].items()}
-        model["module"] = {name: values["param"][name].to(dtypes[name]) if name in values["param"] else t for name, t in template_model["module"].items()}
+        model["module"] = {
+            name: values["param"][name].to(dtypes[name]) if name in values["param"] else t for name, t in template_model["module"].items()
+        }
     if new.stage <= 2 and rank != 0:
         return
     torch.save(model, out / new.model_files[rank if new.stage == 3 else 0].name)
@@ -257,7 +261,9 @@ def _param_groups(template: dict, n: int) -> list[dict]:
     return groups
 
 
-def _z12_slice(values: dict[str, torch.Tensor], group: dict[str, torch.Size], paddings: list[int] | None, size: int, rank: int, world: int) -> torch.Tensor:
+def _z12_slice(
+    values: dict[str, torch.Tensor], group: dict[str, torch.Size], paddings: list[int] | None, size: int, rank: int, world: int
+) -> torch.Tensor:
     """Rank `rank`'s padded slice of a ZeRO-1/2 group's flat vector."""
     pieces = []
     for j, name in enumerate(group):

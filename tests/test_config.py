@@ -141,6 +141,9 @@ VALUE_ERROR_CASES = [
     (["data.synth_eval.path_mix={STRAIGHT: 0}"], "data.synth_eval.path_mix weights must be >= 0 with at least one > 0"),  # all zero
     (["data.synth_train.size=32"], "data.synth_train.size must be between 56 and 4096"),  # too small to render
     (["data.prompt_template=Speed {speed}"], "must contain the {speed} and {navigation} slots"),  # a slot missing
+    (["data.max_pixels=100"], "data.max_pixels must be 0 (the model's own) or at least 784"),  # less than one image token
+    (["data.min_pixels=-1"], "data.min_pixels must be 0 (the model's own) or at least 784"),  # negative
+    (["data.min_pixels=401408", "data.max_pixels=3136"], "data.min_pixels (401408) must not exceed data.max_pixels (3136)"),  # crossed
 ]
 
 
@@ -362,8 +365,9 @@ def _getattr_key(node) -> str | None:
 
 
 def _section_classes() -> dict[str, set[str]]:
-    """A section's class name -> the config paths of that type ('SynthSplitConfig' -> both splits)."""
-    out: dict[str, set[str]] = {}
+    """A section's class name -> the config paths of that type ('SynthSplitConfig' -> both splits;
+    'Config' -> the whole config, as in `from_config(c: Config)`)."""
+    out: dict[str, set[str]] = {Config.__name__: {ROOT}}
 
     def walk(cls, path: str) -> None:
         hints = typing.get_type_hints(cls)
@@ -496,10 +500,13 @@ def test_the_key_reader_follows_aliases_and_finds_unread_keys():
         "    return r.top_p, getattr(self.config.sft, 'epochs')\n"
         "def g(section: 'GRPOConfig', split: SynthSplitConfig):\n"
         "    return section.group_size, split.seed\n"
+        "def h(c: Config):\n"
+        "    r = c.reward\n"
+        "    return r.diversity_cap\n"
     )
     reads = config_reads({"snippet.py": source})
     assert {"grpo.lr", "rollout.top_p", "learner.zero_stage", "data.train", "data.synth_train.n", "sft.epochs"} <= reads
-    assert {"grpo.group_size", "data.synth_train.seed", "data.synth_eval.seed"} <= reads  # annotated parameters
+    assert {"grpo.group_size", "data.synth_train.seed", "data.synth_eval.seed", "reward.diversity_cap"} <= reads  # annotated parameters
     assert "grpo.weight_decay" not in reads and "sft.lr" not in reads
 
 
@@ -508,3 +515,45 @@ def test_every_config_key_is_read_by_the_code_it_configures():
     sources = {str(p): p.read_text() for p in package.rglob("*.py")}
     unread = sorted(all_keys() - config_reads(sources))
     assert not unread, f"config keys that no code reads (they change nothing): {unread}"
+
+
+def test_worker_specs_are_derived_from_the_config():
+    # every worker spec comes from the config in one place: non-default values reach them
+    from alphadrive_ray.workers.learner import LearnerSpec
+    from alphadrive_ray.workers.reward import RewardSpec
+    from alphadrive_ray.workers.rollout import RolloutSpec
+
+    c = load_config(
+        None,
+        [
+            "model.path=/models/m",
+            "model.dtype=bfloat16",
+            "data.image_cache=false",
+            "data.min_pixels=3136",
+            "data.max_pixels=401408",
+            "rollout.top_p=0.9",
+            "rollout.gpus_per_worker=1",
+            "learner.gpus_per_worker=1",
+            "reward.variant=release",
+            "reward.diversity_cap=0.3",
+            "run.seed=7",
+        ],
+    )
+    learner, rollout, reward = LearnerSpec.from_config(c), RolloutSpec.from_config(c), RewardSpec.from_config(c)
+    assert (learner.model_path, learner.dtype, learner.image_cache_mb, learner.min_pixels, learner.max_pixels) == (
+        "/models/m",
+        "bfloat16",
+        0,
+        3136,
+        401408,
+    )
+    assert (learner.top_p, learner.seed, learner.backend) == (0.9, 7, "nccl")  # auto: NCCL on GPUs
+    assert (rollout.model_path, rollout.image_cache_mb, rollout.min_pixels, rollout.max_pixels, rollout.device) == (
+        "/models/m",
+        0,
+        3136,
+        401408,
+        "cuda",
+    )
+    assert (reward.variant, reward.diversity_cap, reward.components) == ("release", 0.3, c.reward.components)
+    assert LearnerSpec.from_config(load_config(None, [])).backend == "gloo"  # auto on CPU

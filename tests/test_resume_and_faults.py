@@ -165,7 +165,9 @@ def test_resume_on_fewer_learners_agrees_with_an_unchanged_resume(tmp_path, tiny
 
     # `alphadrive-ray export` of the final checkpoint (2 learners) equals the run's own export
     out = tmp_path / "exported"
-    done = subprocess.run([sys.executable, "-m", "alphadrive_ray", "export", str(runs / "two"), str(out)], env=env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "alphadrive_ray", "export", str(runs / "two"), str(out)], env=env(), capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr
     from safetensors.torch import load_file
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from alphadrive_ray.actions import PATH_WEIGHTS, SPEED_WEIGHTS
 from alphadrive_ray.rewards import (
     ABLATION_COMPONENTS,
-    REWARD_COMPONENTS,
+    SCORE_KEYS,
     action_weight_reward,
     diversity_rewards,
     exact_accuracy_reward,
@@ -327,9 +327,9 @@ def test_score_group_hand_computed(variant, expected):
     scores = score_group(GROUP, SOLUTION, variant)
     assert len(scores) == len(expected)
     for i, (got, want) in enumerate(zip(scores, expected)):
-        assert tuple(got) == REWARD_COMPONENTS
+        assert tuple(got) == SCORE_KEYS
         assert all(type(v) is float for v in got.values()), i
-        assert [got[k] for k in REWARD_COMPONENTS] == pytest.approx(list(want), abs=1e-12), f"completion {i}"
+        assert [got[k] for k in SCORE_KEYS] == pytest.approx(list(want), abs=1e-12), f"completion {i}"
 
 
 # A group of 2 for the component ablation, solution STOP, STRAIGHT:
@@ -509,7 +509,7 @@ def test_paper_words_equal_regex_split(text):
 def _check_invariants(scores, n, variant):
     assert len(scores) == n
     for s in scores:
-        assert tuple(s) == REWARD_COMPONENTS
+        assert tuple(s) == SCORE_KEYS
         assert all(isinstance(v, float) and math.isfinite(v) for v in s.values())
         assert s["format"] in (0.0, 1.0)
         assert 0.0 <= s["speed_f1"] <= 1.0 and 0.0 <= s["path_f1"] <= 1.0

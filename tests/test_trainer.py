@@ -159,3 +159,20 @@ def test_the_ledger_records_what_was_trained_and_what_was_dropped(tmp_path):
     refill = ids(kept)[3]
     assert row["items"] == [[0, "r00"], [0, "r02"], [0, "r03"], [None, refill]]  # refills: no epoch
     assert row["dropped"][0] == [0, "r01"] and all(epoch is None for epoch, _ in row["dropped"][1:])  # uniform refills
+
+
+def test_grpo_samples_carry_each_completion_with_its_group_relative_advantage():
+    from alphadrive_ray.trainer import grpo_samples
+
+    groups = [Group(r, [Completion(f"{r.id}-{k}", [k, k + 1], [-0.5, -0.25], "stop", 3) for k in range(3)]) for r in RECORDS[:2]]
+    scores = [totals(0.0, 1.0, 2.0), totals(4.0, 4.0, 4.0)]  # a spread group, then a uniform one
+    samples = grpo_samples(groups, scores, group_size=3)
+    assert [(s.record.id, s.token_ids, s.logprobs) for s in samples] == [
+        (g.record.id, c.token_ids, c.logprobs) for g in groups for c in g.completions
+    ]  # every completion, in order, with the engine's log-probs
+    # (r - mean) / (std + 1e-4), the unbiased std as in the release: 1 for 0, 1, 2
+    assert [s.advantage for s in samples[:3]] == pytest.approx([-1 / (1 + 1e-4), 0.0, 1 / (1 + 1e-4)])
+    assert [s.advantage for s in samples[3:]] == [0.0, 0.0, 0.0]  # a uniform group teaches nothing
+    assert [s.advantage for s in grpo_samples(groups, scores, 3, advantage="mean")] == pytest.approx([-1, 0, 1, 0, 0, 0])
+    with pytest.raises(ValueError, match="6 completions but 3 scores"):
+        grpo_samples(groups, [totals(0.0, 1.0, 2.0)], group_size=3)

@@ -180,8 +180,15 @@ def test_export_loads_in_from_pretrained_serve_and_the_rollout_engine(checkpoint
     (group,) = HFEngine(str(out)).generate([record], SamplingParams(greedy=True, max_new_tokens=8))
     app = create_app(load_backend("hf", str(out)), ServerOptions(served_model_name="exported", model_dir=str(out)))
     image = "data:image/png;base64," + base64.b64encode(Path(record.image).read_bytes()).decode()
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                             {"type": "text", "text": planning_prompt(record.speed, record.navigation)}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image}},
+                {"type": "text", "text": planning_prompt(record.speed, record.navigation)},
+            ],
+        }
+    ]
     with TestClient(app) as client:
         reply = client.post("/v1/chat/completions", json={"model": "exported", "messages": messages, "max_tokens": 8, "temperature": 0})
     assert reply.status_code == 200, reply.text

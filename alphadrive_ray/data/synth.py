@@ -33,7 +33,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, cast
 
 from alphadrive_ray.actions import PATH_ACTIONS, SPEED_ACTIONS
 from alphadrive_ray.data.records import Record, write_records
@@ -740,11 +740,13 @@ def generate_dataset(
                 mode = most_likely(dist)
                 extra = {"trajectory": np.round(paths[j][0], 2).tolist()}
             else:
-                logged = mode = (plans[i].speed_action, plans[i].path_action)
+                # rule labels: every scene has its plan (None only with driver labels)
+                plan = cast(Plan, plans[i])
+                logged = mode = (plan.speed_action, plan.path_action)
                 dist, extra = {mode: 1.0}, {}
             text = None
             if reasoning[i]:
-                text = explain(scene, *logged) if driven else reasoning_for(scene, plans[i])
+                text = explain(scene, *logged) if driven else reasoning_for(scene, cast(Plan, plans[i]))
             sample_id = f"{id_prefix}-{seed}-{i:06d}"
             records.append(
                 Record(

@@ -123,7 +123,7 @@ def format_counts(c: Counter) -> str:
 class Journal:
     def __init__(self, path: Path):
         self.path = path
-        self._fh = None
+        self._fh: IO[str] | None = None
 
     def append(self, entry: dict) -> None:
         if self._fh is None:

@@ -13,6 +13,7 @@ teacher's text is unchanged.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -164,7 +165,7 @@ def run_distill(opts: DistillOptions, out: IO[str] | None = None, err: IO[str] |
         if hit is not None:
             responses[record.id] = hit
         else:
-            jobs.append(Job(record.id, key, rhash, build_body=lambda r=record: build_body(r, opts)))
+            jobs.append(Job(record.id, key, rhash, build_body=functools.partial(build_body, record, opts)))
     from_cache = len(responses)
     stats = CallStats()
     if jobs:

@@ -148,7 +148,7 @@ def parse_completion(text: str) -> TeacherResponse:
         content = ""
     if not isinstance(content, str):
         raise MalformedResponse(f"message content is a {type(content).__name__}, not text")
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    usage: dict = data["usage"] if isinstance(data.get("usage"), dict) else {}
 
     def tokens(name: str) -> int:
         value = usage.get(name)

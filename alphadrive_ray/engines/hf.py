@@ -56,6 +56,8 @@ class HFEngine:
         attn_implementation: str = "sdpa",
         loop: str = "lean",
         zero_copy_weights: bool = False,
+        min_pixels: int = 0,
+        max_pixels: int = 0,
     ):
         if loop not in ("lean", "generate"):
             raise ValueError(f"unknown HF decoding loop {loop!r}; expected 'lean' or 'generate'")
@@ -65,7 +67,7 @@ class HFEngine:
         self.zero_copy_weights = zero_copy_weights and self.device.type == "cpu"
         self.model = load_model(model_path, dtype, attn_implementation).to(self.device)
         self.model.requires_grad_(False)
-        self.encoder = PromptEncoder(load_processor(model_path), prompt_template, cache_mb=image_cache_mb)
+        self.encoder = PromptEncoder(load_processor(model_path, min_pixels, max_pixels), prompt_template, cache_mb=image_cache_mb)
         self.batch_size = batch_size
         self.weight_version = 0
         self._params = dict(self.model.named_parameters())
@@ -81,10 +83,10 @@ class HFEngine:
     def generate(self, records: Sequence[Record], params: SamplingParams) -> list[Group]:
         if params.greedy and params.n > 1:
             # arg-max decoding has one answer per prompt: repeat it (transformers refuses n > 1)
-            groups = self.generate(records, SamplingParams(**{**params.__dict__, "n": 1}))
-            for group in groups:
+            single = self.generate(records, SamplingParams(**{**params.__dict__, "n": 1}))
+            for group in single:
                 group.completions = [group.completions[0]] * params.n
-            return groups
+            return single
         per_call = max(1, self.batch_size // params.n)
         groups: list[Group] = []
         for start in range(0, len(records), per_call):

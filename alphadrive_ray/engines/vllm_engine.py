@@ -40,7 +40,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, cast
 
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.engines.base import Completion, Group, SamplingParams
@@ -170,7 +170,7 @@ def hf_parameter_shapes(model_path: str | Path) -> dict[str, tuple[int, ...]]:
     config = AutoConfig.from_pretrained(str(model_path))
     cls = Qwen2VLForConditionalGeneration if read_model_type(model_path) in VISION_MODEL_TYPES else AutoModelForCausalLM
     with torch.device("meta"):
-        model = cls.from_config(config) if cls is AutoModelForCausalLM else cls._from_config(config)
+        model = cls.from_config(config) if cls is AutoModelForCausalLM else cast("type[Qwen2VLForConditionalGeneration]", cls)._from_config(config)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
@@ -201,6 +201,13 @@ class WeightSyncExtension:
     there: on CPU, `process_weights_after_loading` repacks each linear layer's weight into a
     kernel format and frees the original parameter, so a second load has nowhere to go.
     """
+
+    if TYPE_CHECKING:
+        # the vLLM worker's attributes (this class is its mixin); declared for the type checker only
+        model_runner: Any
+        vllm_config: Any
+        rank: int
+        device: Any
 
     def _weight_sync_model(self):
         return self.model_runner.get_model()
@@ -321,14 +328,19 @@ class VLLMEngine:
         enforce_eager: bool = False,
         max_model_len: int = 4096,
         seed: int = 0,
+        min_pixels: int = 0,
+        max_pixels: int = 0,
         **llm_kwargs,
     ):
         from alphadrive_ray.inputs import PromptEncoder
-        from alphadrive_ray.models.loading import load_processor
+        from alphadrive_ray.models.loading import load_processor, pixel_bounds
 
-        self.encoder = PromptEncoder(load_processor(model_path), prompt_template, cache_mb=0)
+        self.encoder = PromptEncoder(load_processor(model_path, min_pixels, max_pixels), prompt_template, cache_mb=0)
         if self.encoder.vision:
             llm_kwargs.setdefault("limit_mm_per_prompt", {"image": 1, "video": 0})
+            # vLLM's own Qwen2-VL processor resizes the image: the same bounds as the learner's
+            if pixel_bounds(min_pixels, max_pixels):
+                llm_kwargs.setdefault("mm_processor_kwargs", pixel_bounds(min_pixels, max_pixels))
         self.llm = _vllm_llm(
             model_path,
             dtype=dtype,
@@ -489,10 +501,13 @@ class VLLMChatBackend:
         return ChatResult(choices, len(out.prompt_token_ids))
 
 
-def build_chat_backend(model_dir: str, *, dtype: str = "bfloat16", **llm_kwargs) -> VLLMChatBackend:
+def build_chat_backend(model_dir: str, *, dtype: str = "bfloat16", min_pixels: int = 0, max_pixels: int = 0, **llm_kwargs) -> VLLMChatBackend:
     """The backend `alphadrive-ray serve --engine vllm` loads (alphadrive_ray.serving.load_vllm_backend)."""
-    from alphadrive_ray.models.loading import is_vision_model, load_processor
+    from alphadrive_ray.models.loading import is_vision_model, load_processor, pixel_bounds
 
+    processor = load_processor(model_dir, min_pixels, max_pixels)
     if is_vision_model(model_dir):
         llm_kwargs.setdefault("limit_mm_per_prompt", {"image": VLLMChatBackend.MAX_IMAGES, "video": 0})
-    return VLLMChatBackend(_vllm_llm(model_dir, dtype=dtype, **llm_kwargs), load_processor(model_dir))
+        if pixel_bounds(min_pixels, max_pixels):
+            llm_kwargs.setdefault("mm_processor_kwargs", pixel_bounds(min_pixels, max_pixels))
+    return VLLMChatBackend(_vllm_llm(model_dir, dtype=dtype, **llm_kwargs), processor)

@@ -94,7 +94,7 @@ def compute_confusion(y_true: Sequence[str], y_pred: Sequence[str | None], label
 
     Predictions outside `labels` (None or anything else) are misses.
     """
-    index = {label: i for i, label in enumerate(labels)}
+    index: dict[str | None, int] = {label: i for i, label in enumerate(labels)}
     miss = len(labels)
     matrix = [[0] * (len(labels) + 1) for _ in labels]
     for true, pred in zip(y_true, y_pred):

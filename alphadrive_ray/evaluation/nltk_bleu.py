@@ -110,8 +110,8 @@ def compute_nltk_bleu(references: Sequence[Sequence[Sequence[str]]], hypotheses:
     out = NltkBleu()
     totals = _Totals()
     comparable = _Totals()
-    for i, (refs, hyp) in enumerate(zip(references, hypotheses)):
-        refs, hyp = [list(r) for r in refs], list(hyp)
+    for i, (sample_refs, sample_hyp) in enumerate(zip(references, hypotheses)):
+        refs, hyp = [list(r) for r in sample_refs], list(sample_hyp)
         precisions = [bleu.modified_precision(refs, hyp, n) for n in orders]
         hyp_len = len(hyp)
         ref_len = bleu.closest_ref_length(refs, hyp_len)
@@ -142,9 +142,9 @@ class _Totals:
         self.ref_len += ref_len
 
     def bleu(self, bleu: Any, refs: list, hyp: list) -> float:
-        from fractions import Fraction
-
-        precisions = [Fraction(n, d, _normalize=False) for n, d in zip(self.numerators, self.denominators)]
+        # unreduced, as nltk's corpus_bleu keeps them, through nltk's own Fraction (the standard
+        # library's dropped `_normalize` in Python 3.12; nltk's subclass keeps it on every version)
+        precisions = [bleu.Fraction(n, d, _normalize=False) for n, d in zip(self.numerators, self.denominators)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # method0 warns about an order without a match
             return _combine(bleu, precisions, self.ref_len, self.hyp_len, bleu.SmoothingFunction().method0, refs, hyp)

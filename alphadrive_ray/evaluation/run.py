@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar, cast
 
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.evaluation.metrics import ParsedOutput, compute_planning_metrics, parse_output
@@ -186,7 +186,7 @@ def compute_reasoning_metrics(
 
     scores = compute_caption_metrics(
         [parsed[i].reasoning or "" for i in with_reference],
-        [[records[i].reasoning] for i in with_reference],
+        [[cast(str, records[i].reasoning)] for i in with_reference],  # with_reference: those with a reasoning
         on_stage=on_stage,
     )
     section.update(computed=True, bleu4=scores["bleu4"], cider=scores["cider"], meteor=scores["meteor"])
@@ -248,7 +248,7 @@ def write_scored_predictions(
     lines = []
     for i, (record, p) in enumerate(zip(records, parsed)):
         evaluated.add(record.id)
-        row = {"id": record.id, "output": predictions[record.id], "speed": p.speed, "path": p.path}
+        row: dict[str, Any] = {"id": record.id, "output": predictions[record.id], "speed": p.speed, "path": p.path}
         row["correct"] = (p.speed, p.path) == (record.speed_action, record.path_action)
         row.update(per_sample.get(i, {}))
         lines.append(json.dumps(row, ensure_ascii=False))
@@ -258,7 +258,10 @@ def write_scored_predictions(
     os.replace(tmp, path)
 
 
-def spread(items: Sequence[int], k: int) -> list[int]:
+T = TypeVar("T")
+
+
+def spread(items: Sequence[T], k: int) -> list[T]:
     """k items evenly spaced over `items` (first and last included), in order."""
     if k <= 0 or not items:
         return []

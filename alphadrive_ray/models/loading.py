@@ -11,8 +11,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alphadrive_ray.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 TEXT_MODEL_TYPES = ("qwen2", "qwen3", "llama")
@@ -50,13 +54,33 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_processor(path: str | Path):
-    """The Qwen2-VL processor of a vision model, or the tokenizer of a text-only model."""
+def pixel_bounds(min_pixels: int = 0, max_pixels: int = 0) -> dict[str, int]:
+    """The image-size bounds that are set (data.min_pixels / data.max_pixels; 0: the model's
+    own), as keyword arguments of the Qwen2-VL processor and of vLLM's `mm_processor_kwargs`."""
+    return {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+
+
+def load_processor(path: str | Path, min_pixels: int = 0, max_pixels: int = 0):
+    """The Qwen2-VL processor of a vision model, or the tokenizer of a text-only model.
+
+    `min_pixels` / `max_pixels` (0: the model's preprocessor setting) bound the area every
+    image is resized to, so they fix its number of image tokens (area / 28^2); an export saves
+    the processor, and with it the bounds it was trained with.
+    """
     from transformers import AutoProcessor, AutoTokenizer
 
-    if is_vision_model(path):
-        return AutoProcessor.from_pretrained(str(path))
-    return AutoTokenizer.from_pretrained(str(path))
+    if not is_vision_model(path):
+        return AutoTokenizer.from_pretrained(str(path))  # no images: the bounds do not apply
+    bounds = pixel_bounds(min_pixels, max_pixels)
+    processor = AutoProcessor.from_pretrained(str(path), **bounds)
+    size = processor.image_processor.size
+    low, high = size.get("shortest_edge"), size.get("longest_edge")  # Qwen2-VL keeps the pixel bounds here
+    if bounds and low is not None and high is not None and low > high:
+        raise UserError(
+            f"image size bounds of {path}: min_pixels {low} exceeds max_pixels {high}; "
+            "set both data.min_pixels and data.max_pixels (serve: --min-pixels / --max-pixels)"
+        )
+    return processor
 
 
 def load_model(path: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa"):
@@ -64,6 +88,7 @@ def load_model(path: str | Path, dtype: str = "float32", attn_implementation: st
     from transformers import AutoModelForCausalLM, Qwen2VLForConditionalGeneration
 
     kwargs = dict(dtype=torch_dtype(dtype), attn_implementation=attn_implementation)
+    model: PreTrainedModel
     if read_model_type(path) in VISION_MODEL_TYPES:
         model = Qwen2VLForConditionalGeneration.from_pretrained(str(path), **kwargs)
     else:

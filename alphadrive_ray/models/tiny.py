@@ -14,7 +14,7 @@ import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, cast
 
 from alphadrive_ray.actions import NAVIGATION_COMMANDS, PATH_ACTIONS, SPEED_ACTIONS, format_answer
 from alphadrive_ray.prompts import planning_prompt
@@ -139,10 +139,11 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
     bpe.train_from_iterator(list(corpus), trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    # transformers annotates merges as list[str] and unk_token as str; the BPE model takes (a, b) pairs and no unk token
     tokenizer = Qwen2Tokenizer(
         vocab=model["vocab"],
-        merges=merges,
-        unk_token=None,
+        merges=merges,  # type: ignore[arg-type]
+        unk_token=None,  # type: ignore[arg-type]
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
     )
@@ -206,7 +207,8 @@ def build_config(tokenizer, spec: TinySpec):
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
     )
-    return Qwen2VLConfig(
+    # bos / eos / pad_token_id go through PreTrainedConfig's **kwargs, which the dataclass signature mypy sees lacks
+    return Qwen2VLConfig(  # type: ignore[call-arg]
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"],
@@ -290,7 +292,7 @@ def _pretrain_vision(model, processor, steps: int, seed: int, batch_size: int, l
         targets = torch.tensor([scene_attributes(s) for s in scenes])  # [B, 7]
         pooled = tokens.max(dim=1).values  # [B, D]: small objects survive max-pooling
         logits = [head(pooled) for head in heads]
-        loss = sum(torch.nn.functional.cross_entropy(lg, targets[:, k]) for k, lg in enumerate(logits))
+        loss = cast(torch.Tensor, sum(torch.nn.functional.cross_entropy(lg, targets[:, k]) for k, lg in enumerate(logits)))  # heads: never empty
         # NOTE: every image token is also asked for the whole scene's attributes: the language
         # model then finds them wherever it looks, and starts reading images within a hundred
         # steps instead of many hundreds (with the max-pooled readout alone they sit in a few tokens)

@@ -13,7 +13,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -22,6 +22,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.engines.base import Group, SamplingParams
 from alphadrive_ray.errors import RunAborted, UserError
+
+if TYPE_CHECKING:
+    from ray.actor import ActorClass
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def spawn(
     group_name = _pg_name(name)
     pg = placement_group([resources.bundle() for _ in range(n)], strategy=strategy, name=group_name)
     wait_for_placement(pg, f"{n} {name} worker(s)")
-    remote_cls = ray.remote(cls)
+    remote_cls: ActorClass[Any] = ray.remote(cls)
     actors = []
     for i, args in enumerate(args_per_actor):
         options = dict(
@@ -183,7 +186,7 @@ class RolloutGroup(_ActorGroup):
 
     def submit(self, records: Sequence[Record], params: SamplingParams, rewards: "RewardPool | None" = None) -> list[Job]:
         """Start generation (and scoring) of whole prompts, split evenly over the workers."""
-        jobs = []
+        jobs: list[Job] = []
         for i, (actor, chunk) in enumerate(zip(self.actors, split_evenly(records, len(self.actors)))):
             if not len(chunk):
                 continue
@@ -199,7 +202,8 @@ class RolloutGroup(_ActorGroup):
     def collect(self, jobs: list[Job], rewards: "RewardPool | None" = None) -> tuple[list[Group], list]:
         """Results of submitted jobs, in order. A worker that died is restarted by Ray; its
         share is generated again (after it reloads the current weights) or scored again."""
-        groups, scores = [], []
+        groups: list[Group] = []
+        scores: list = []
         # seconds the driver waited for generation, then for the scores that follow it
         self.last_wait = {"rollout": 0.0, "reward": 0.0}
         for job in jobs:
@@ -216,6 +220,7 @@ class RolloutGroup(_ActorGroup):
                 self.last_wait["rollout"] += t1 - t0
                 if job.score_ref is None:
                     break
+                assert rewards is not None  # a job is scored only when it was submitted with rewards
                 try:
                     part_scores = rewards.gather([job.score_ref])
                     self.last_wait["reward"] += time.monotonic() - t1
@@ -305,7 +310,8 @@ class LearnerGroup(_ActorGroup):
         wait_for_placement(pg, f"{n} learner worker(s)")
         addr, port = ray.get(_free_address.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)).remote())
         remote_cls = ray.remote(LearnerWorker)
-        actors = [
+        # actor handles: their methods are called through `.remote`, which Ray's types do not describe
+        actors: list[Any] = [
             remote_cls.options(
                 num_cpus=resources.cpus,
                 num_gpus=resources.gpus,

@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -25,6 +25,11 @@ from alphadrive_ray.data.records import Record
 from alphadrive_ray.inputs import IMAGE_CACHE_MB, PromptEncoder, completion_logits
 from alphadrive_ray.models.loading import load_model, load_processor
 from alphadrive_ray.workers.process import ProcessInfo
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from alphadrive_ray.config import Config
 
 
 @dataclass
@@ -53,6 +58,8 @@ class LearnerSpec:
     freeze_vision: bool = False
     prompt_template: str = ""
     image_cache_mb: float = IMAGE_CACHE_MB  # 0: no image cache
+    min_pixels: int = 0  # image-size bounds (data.min_pixels / data.max_pixels; 0: the model's own)
+    max_pixels: int = 0
     zero_stage: int = 2
     backend: str = "gloo"
     grad_clip: float = 1.0
@@ -60,6 +67,30 @@ class LearnerSpec:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, c: Config) -> LearnerSpec:
+        """The spec of every learner rank of a run (the one place config keys reach it)."""
+        gpu = c.learner.gpus_per_worker > 0
+        return cls(
+            model_path=c.model.path,
+            dtype=c.model.dtype,
+            attn_implementation=c.model.attn_implementation,
+            gradient_checkpointing=c.model.gradient_checkpointing,
+            share_prompts=c.learner.share_prompts,
+            freeze_vision=c.model.freeze_vision,
+            prompt_template=c.data.prompt_template,
+            image_cache_mb=c.data.image_cache_mb if c.data.image_cache else 0,
+            min_pixels=c.data.min_pixels,
+            max_pixels=c.data.max_pixels,
+            zero_stage=c.learner.zero_stage,
+            backend=c.learner.backend if c.learner.backend != "auto" else ("nccl" if gpu else "gloo"),
+            grad_clip=c.learner.grad_clip,
+            cpus=c.learner.cpus_per_worker,
+            temperature=c.rollout.temperature,
+            top_p=c.rollout.top_p,
+            seed=c.run.seed,
+        )
 
 
 def _safe_torch_load(path: str, map_location=None):
@@ -103,16 +134,18 @@ class LearnerWorker(ProcessInfo):
             self.model.model.visual.requires_grad_(False)
         if spec.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        self.encoder = PromptEncoder(load_processor(spec.model_path), spec.prompt_template, cache_mb=spec.image_cache_mb)
+        self.encoder = PromptEncoder(
+            load_processor(spec.model_path, spec.min_pixels, spec.max_pixels), spec.prompt_template, cache_mb=spec.image_cache_mb
+        )
         # NOTE: the shared-prompt forward passes a KV cache between two forwards, which
         # gradient checkpointing's recomputation does not support
         self.share_prompts = spec.share_prompts and not spec.gradient_checkpointing
-        self.engine = None
+        self.engine: DeepSpeedEngine | None = None  # set by setup (begin_stage)
         # GPU learners publish weights through one reused pinned buffer (a pageable .cpu() per
         # tensor was 12x slower on an H200); nothing is allocated before the first sync
         self._host_staging = weight_sync.HostStaging() if self.device.type == "cuda" else None
         self.ref_model = None
-        self.stage = None
+        self.stage: str | None = None
         self.global_step = 0
 
     # --- set-up ----------------------------------------------------------------------
@@ -183,6 +216,7 @@ class LearnerWorker(ProcessInfo):
     def save_state(self, path: str, client_state: dict) -> None:
         """Model and optimizer states of this rank into `path` (every rank must call)."""
         state = {**client_state, "torch_rng": torch.get_rng_state(), "global_step": self.global_step}
+        assert self.engine is not None  # a checkpoint is taken within a stage
         self.engine.save_checkpoint(path, tag="state", client_state=state, save_latest=False)
 
     def load_state(self, path: str) -> dict:
@@ -191,6 +225,7 @@ class LearnerWorker(ProcessInfo):
         A checkpoint of another world size or ZeRO stage (a resume with another
         `learner.num_workers`) is first re-sharded into this group's layout (`_resharded`).
         """
+        assert self.engine is not None  # restored after begin_stage
         from alphadrive_ray import zero_checkpoint
 
         stage, world = zero_checkpoint.checkpoint_layout(os.path.join(path, "state"))
@@ -231,7 +266,10 @@ class LearnerWorker(ProcessInfo):
                 os.replace(work / "out", target)
                 shutil.rmtree(work, ignore_errors=True)
             dist.barrier()
-        print(f"learner {self.rank}: re-sharded the ZeRO-{stage} state of {world} learner(s) for {self.world_size} (ZeRO-{self.spec.zero_stage}) in {target}", flush=True)
+        print(
+            f"learner {self.rank}: re-sharded the ZeRO-{stage} state of {world} learner(s) for {self.world_size} (ZeRO-{self.spec.zero_stage}) in {target}",
+            flush=True,
+        )
         return str(target)
 
     def _inner_optimizer(self):
@@ -252,6 +290,7 @@ class LearnerWorker(ProcessInfo):
         return t.tolist()
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        assert self.engine is not None  # steps run within a stage
         self.engine.set_gradient_accumulation_boundary(last)
         # NOTE: DeepSpeed averages gradients over ranks; our losses are already divided
         # by the global count, so scale by world size to get the global-batch gradient.
@@ -259,6 +298,7 @@ class LearnerWorker(ProcessInfo):
 
     def _step(self, lr: float) -> float:
         self.set_lr(lr)
+        assert self.engine is not None  # steps run within a stage
         self.engine.step()
         self.global_step += 1
         norm = self.engine.get_global_grad_norm()
@@ -266,6 +306,7 @@ class LearnerWorker(ProcessInfo):
 
     def sft_step(self, examples: Sequence[SFTExample], micro_batch_size: int, lr: float) -> dict:
         """One optimizer step of next-token loss on the completions (prompt and image masked)."""
+        assert self.engine is not None  # steps run within a stage
         self.engine.train()
         encoded = [(self.encoder.encode(ex.record), self.encoder.encode_completion(ex.target)) for ex in examples]
         (total_tokens,) = self._all_reduce([float(sum(len(c) for _, c in encoded))])
@@ -299,6 +340,7 @@ class LearnerWorker(ProcessInfo):
         `use_engine_logprobs`: the behaviour policy's log-probs are the engine's (needed
         off-policy or with several updates per batch); otherwise old = current, detached.
         """
+        assert self.engine is not None  # steps run within a stage
         self.engine.train()
         (total_tokens, total_seqs) = self._all_reduce([float(sum(len(s.token_ids) for s in samples)), float(len(samples))])
         micro = list(_shards(samples, micro_batch_size))
@@ -351,10 +393,10 @@ class LearnerWorker(ProcessInfo):
             stats["tokens"] += n
         grad_norm = self._step(lr)
         reduced = self._all_reduce([stats[k] for k in ("loss", "clip_frac", "kl", "ratio_mean", "logp_diff", "tokens")])
-        loss, clip, kl, ratio, diff, tokens = reduced
+        policy_loss, clip, kl, ratio, diff, tokens = reduced
         tokens = max(tokens, 1.0)
         return {
-            "loss/policy": loss,
+            "loss/policy": policy_loss,
             "loss/clip_frac": clip / tokens,
             "loss/kl": kl / tokens,
             "loss/ratio_mean": ratio / tokens,

@@ -6,19 +6,26 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from alphadrive_ray.actions import format_answer
-from alphadrive_ray.config import REWARD_COMPONENTS
+from alphadrive_ray.config import Config
 from alphadrive_ray.engines.base import Group
+from alphadrive_ray.rewards import ABLATION_COMPONENTS
 from alphadrive_ray.workers.process import ProcessInfo
 
 
 @dataclass(frozen=True)
 class RewardSpec:
     variant: str = "paper"
-    components: tuple[str, ...] = REWARD_COMPONENTS
+    components: tuple[str, ...] = ABLATION_COMPONENTS
     speed_weight: float = 1.0
     path_weight: float = 1.0
     format_weight: float = 1.0
     diversity_cap: float = 0.2
+
+    @classmethod
+    def from_config(cls, c: Config) -> RewardSpec:
+        """The spec of every reward worker of a run (the one place config keys reach it)."""
+        r = c.reward
+        return cls(r.variant, r.components, r.speed_weight, r.path_weight, r.format_weight, r.diversity_cap)
 
 
 def score_groups(groups: Sequence[Group], spec: RewardSpec) -> list[list[dict[str, float]]]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.engines.base import Group, SamplingParams
 from alphadrive_ray.inputs import IMAGE_CACHE_MB
 from alphadrive_ray.workers.process import ProcessInfo
+
+if TYPE_CHECKING:
+    from alphadrive_ray.config import Config
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,29 @@ class RolloutSpec:
     vllm_gpu_memory_utilization: float = 0.6
     vllm_enforce_eager: bool = False
     max_model_len: int = 4096
+    min_pixels: int = 0  # image-size bounds (data.min_pixels / data.max_pixels; 0: the model's own)
+    max_pixels: int = 0
+
+    @classmethod
+    def from_config(cls, c: Config) -> RolloutSpec:
+        """The spec of every rollout worker of a run (the one place config keys reach it)."""
+        return cls(
+            model_path=c.model.path,
+            engine=c.rollout.engine,
+            dtype=c.model.dtype,
+            attn_implementation=c.model.attn_implementation,
+            prompt_template=c.data.prompt_template,
+            image_cache_mb=c.data.image_cache_mb if c.data.image_cache else 0,
+            min_pixels=c.data.min_pixels,
+            max_pixels=c.data.max_pixels,
+            batch_size=c.rollout.batch_size,
+            hf_loop=c.rollout.hf_loop,
+            zero_copy_weights=c.sync.zero_copy,
+            cpus=c.rollout.cpus_per_worker,
+            device="cuda" if c.rollout.gpus_per_worker > 0 else "cpu",
+            vllm_gpu_memory_utilization=c.rollout.vllm_gpu_memory_utilization,
+            vllm_enforce_eager=c.rollout.vllm_enforce_eager,
+        )
 
 
 def make_engine(spec: RolloutSpec):
@@ -45,6 +71,8 @@ def make_engine(spec: RolloutSpec):
             attn_implementation=spec.attn_implementation,
             loop=spec.hf_loop,
             zero_copy_weights=spec.zero_copy_weights,
+            min_pixels=spec.min_pixels,
+            max_pixels=spec.max_pixels,
         )
     if spec.engine == "vllm":
         from alphadrive_ray.engines.vllm_engine import VLLMEngine
@@ -56,6 +84,8 @@ def make_engine(spec: RolloutSpec):
             gpu_memory_utilization=spec.vllm_gpu_memory_utilization,
             enforce_eager=spec.vllm_enforce_eager,
             max_model_len=spec.max_model_len,
+            min_pixels=spec.min_pixels,
+            max_pixels=spec.max_pixels,
         )
     raise ValueError(f"unknown rollout engine {spec.engine!r}")
 
