@@ -64,7 +64,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
 
 def run_export(args: argparse.Namespace) -> int:
     learner_dir, run_dir = resolve_checkpoint(args.checkpoint)
-    config = {}
+    config: dict = {}
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         import yaml
 
@@ -75,13 +75,25 @@ def run_export(args: argparse.Namespace) -> int:
         raise UserError(f"{args.checkpoint}: no run config names the base model; pass --model BASE (the model.path the run trained)")
     if not Path(base).is_dir() and run_dir is not None and (run_dir.parent.parent / base).is_dir():
         base = str(run_dir.parent.parent / base)  # a relative model.path, from where the run was started
-    out = export_checkpoint(learner_dir, args.out, base, args.dtype or model_cfg.get("dtype") or "float32")
+    data_cfg = config.get("data") or {}
+    out = export_checkpoint(
+        learner_dir,
+        args.out,
+        base,
+        args.dtype or model_cfg.get("dtype") or "float32",
+        min_pixels=int(data_cfg.get("min_pixels") or 0),
+        max_pixels=int(data_cfg.get("max_pixels") or 0),
+    )
     print(f"exported {learner_dir} -> {out}")
     return 0
 
 
-def export_checkpoint(learner_dir: str | Path, out_dir: str | Path, base_model: str | Path, dtype: str = "float32") -> Path:
-    """Write `out_dir`: `base_model` with the weights of the ZeRO checkpoint in `learner_dir`."""
+def export_checkpoint(
+    learner_dir: str | Path, out_dir: str | Path, base_model: str | Path, dtype: str = "float32", *, min_pixels: int = 0, max_pixels: int = 0
+) -> Path:
+    """Write `out_dir`: `base_model` with the weights of the ZeRO checkpoint in `learner_dir`,
+    and its processor with the image-size bounds the run trained with (data.min_pixels /
+    data.max_pixels; 0: the base model's own)."""
     import torch
 
     from alphadrive_ray import zero_checkpoint
@@ -116,7 +128,7 @@ def export_checkpoint(learner_dir: str | Path, out_dir: str | Path, base_model: 
     model.to(torch_dtype(dtype))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    load_processor(base_model).save_pretrained(out)
+    load_processor(base_model, min_pixels, max_pixels).save_pretrained(out)
     provenance = {
         "checkpoint": str(Path(learner_dir).resolve()),
         "zero_stage": shards.stage,

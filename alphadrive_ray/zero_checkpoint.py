@@ -106,8 +106,9 @@ def _param_shapes(model_state: dict) -> list[dict[str, torch.Size]]:
     return [dict(group) for group in model_state["param_shapes"]]
 
 
-def _flat_groups(shards: Shards, rank: int, key: str) -> list[torch.Tensor]:
-    """Rank `rank`'s flat vectors, one per group: fp32 weights ("param") or a moment."""
+def _flat_groups(shards: Shards, rank: int, key: str) -> list[torch.Tensor | None]:
+    """Rank `rank`'s flat vectors, one per group: fp32 weights ("param") or a moment (None for
+    a group the optimizer has no state for yet)."""
     osd = shards.optim_state(rank)
     if key == "param":
         return list(osd["single_partition_of_fp32_groups" if shards.stage <= 2 else "fp32_flat_groups"])
@@ -133,9 +134,13 @@ def full_state(folder: str | os.PathLike[str], key: str = "param") -> dict[str, 
             raise CheckpointFormatError(f"{shards.folder}: stage 0 keeps the optimizer whole; its moments are not sharded")
         return {name: t.float() for name, t in model_state["module"].items()}
     shapes = _param_shapes(model_state)
-    ranks = [_flat_groups(shards, r, key) for r in range(shards.world_size)]
-    if any(v is None for groups in ranks for v in groups):
-        raise KeyError(f"{shards.folder}: no {key!r} in the optimizer state (was a step taken before the save?)")
+    ranks: list[list[torch.Tensor]] = []
+    for r in range(shards.world_size):
+        groups = _flat_groups(shards, r, key)
+        present = [v for v in groups if v is not None]
+        if len(present) != len(groups):
+            raise KeyError(f"{shards.folder}: no {key!r} in the optimizer state (was a step taken before the save?)")
+        ranks.append(present)
     out: dict[str, torch.Tensor] = {}
     if key == "param":
         out.update({k: v.float() for k, v in model_state["module"].items() if k in set(model_state.get("buffer_names") or [])})

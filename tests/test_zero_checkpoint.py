@@ -170,6 +170,12 @@ def test_export_loads_in_from_pretrained_serve_and_the_rollout_engine(checkpoint
     assert AutoProcessor.from_pretrained(out).tokenizer.chat_template
     provenance = json.loads((out / "alphadrive_export.json").read_text())
     assert (provenance["zero_stage"], provenance["learners"]) == layout
+    # the processor keeps the image-size bounds a run trained with (the CLI reads them from its config.yaml)
+    from alphadrive_ray.export import export_checkpoint, resolve_checkpoint
+
+    bounded = export_checkpoint(resolve_checkpoint(ckpt["folder"])[0], tmp_path / "bounded", model_dir, min_pixels=3136, max_pixels=401408)
+    size = AutoProcessor.from_pretrained(bounded).image_processor.size
+    assert (size["shortest_edge"], size["longest_edge"]) == (3136, 401408)
 
     # the rollout engine (what training's evaluation runs) and `serve` give the same greedy plan
     from alphadrive_ray.data.records import load_records

@@ -251,6 +251,7 @@ class LearnerWorker(ProcessInfo):
 
         from alphadrive_ray import zero_checkpoint
 
+        assert self.engine is not None  # called from load_state, after begin_stage
         target = Path(path).with_name(f"learner-w{self.world_size}-z{self.spec.zero_stage}")
         if not (target / "state").is_dir():
             work = target.with_name(target.name + ".tmp")
