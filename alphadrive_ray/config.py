@@ -47,7 +47,8 @@ class RunConfig:
     output_dir: str = "runs"
     """Folder that holds run directories (resolved config, metrics, checkpoints, report)."""
     seed: int = 0
-    """Seed of the run's random choices: data order, sampling. The tiny base model (model.init_tiny) is built once with seed 0, as a pretrained base is the same for every run."""
+    """Seed of the run's random choices: data order, sampling. The tiny base model (model.init_tiny) is
+    built once with seed 0, as a pretrained base is the same for every run."""
     overwrite: bool = True
     """Reuse an existing run directory (files of the earlier run are replaced)."""
 
@@ -57,7 +58,9 @@ class ModelConfig:
     path: str = "artifacts/tiny-qwen2vl"
     """Local folder of a Hugging Face Qwen2-VL (or text-only Qwen2) checkpoint. Nothing is downloaded."""
     init_tiny: bool = False
-    """Build the tiny Qwen2-VL base at `path` first when the folder has no model (the embedded default: vision and language pretrained on synthetic scenes, never on driving decisions; alphadrive_ray/models/grounding.py)."""
+    """Build the tiny Qwen2-VL base at `path` first when the folder has no model (the embedded default:
+    vision and language pretrained on synthetic scenes, never on driving decisions;
+    alphadrive_ray/models/grounding.py)."""
     dtype: str = "float32"
     """Parameter dtype of learners and engines: float32 or bfloat16 (GPU)."""
     freeze_vision: bool = False
@@ -81,19 +84,24 @@ class SynthSplitConfig:
     size: int = 224
     """Rendered image side in pixels."""
     labels: str = "driver"
-    """`driver`: what one driver of the stochastic driver model did, read off its 3 s trajectory (the same scene can carry different labels; alphadrive_ray/data/driver.py); `rule`: the deterministic rule-based planner (alphadrive_ray/data/synth.py)."""
+    """`driver`: what one driver of the stochastic driver model did, read off its 3 s trajectory (the
+    same scene can carry different labels; alphadrive_ray/data/driver.py); `rule`: the deterministic
+    rule-based planner (alphadrive_ray/data/synth.py)."""
     driver_noise: float = 1.0
     """Spread of the drivers around the typical one (1: the documented priors; 0: the typical driver every time)."""
     label_draws: int = 64
     """Drivers drawn per scene to estimate its label distribution and most likely pair (the split's ceiling)."""
     reasoning_share: float = 0.25
-    """Share of the scenes that carry reasoning (MetaAD: about 30k of 110k); the others have labels only. The held-out split's default is 1 (its reasoning is the reference for BLEU/CIDEr/METEOR)."""
+    """Share of the scenes that carry reasoning (MetaAD: about 30k of 110k); the others have labels
+    only. The held-out split's default is 1 (its reasoning is the reference for BLEU/CIDEr/METEOR)."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
     train: str = "artifacts/scenes-train/data.jsonl"
-    """Training dataset: a .jsonl, .json or .parquet file, a `datasets.save_to_disk` folder or `hub:ORG/NAME[:SPLIT]`; images as paths or `datasets.Image` columns (see `alphadrive-ray data validate`)."""
+    """Training dataset: a .jsonl, .json or .parquet file, a `datasets.save_to_disk` folder or
+    `hub:ORG/NAME[:SPLIT]`; images as paths or `datasets.Image` columns (see `alphadrive-ray data
+    validate`)."""
     eval: str = "artifacts/scenes-eval/data.jsonl"
     """Held-out dataset for periodic and final evaluation (the same sources as `train`)."""
     synth_train: SynthSplitConfig = field(default_factory=SynthSplitConfig)
@@ -109,9 +117,12 @@ class DataConfig:
     image_cache_mb: int = 1024  # inputs.IMAGE_CACHE_MB (not imported: config stays free of torch)
     """Memory bound of that cache per worker (least recently used images are dropped first)."""
     min_pixels: int = 0
-    """Smallest image area, in pixels, the Qwen2-VL processor resizes to (0: the model's own; the release: 3136). The same in the learners, both rollout engines (evaluation included) and an HF export's processor."""
+    """Smallest image area, in pixels, the Qwen2-VL processor resizes to (0: the model's own; the
+    release: 3136). The same in the learners, both rollout engines (evaluation included) and an HF
+    export's processor."""
     max_pixels: int = 0
-    """Largest image area, in pixels (0: the model's own; the release: 401408, i.e. 512 image tokens): caps the visual tokens, and so the memory, of large camera frames (a 1600x900 frame is 1.44 MP)."""
+    """Largest image area, in pixels (0: the model's own; the release: 401408, i.e. 512 image tokens):
+    caps the visual tokens, and so the memory, of large camera frames (a 1600x900 frame is 1.44 MP)."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +130,9 @@ class SFTConfig:
     enabled: bool = True
     """Run stage 1, the SFT warm-up on samples that carry reasoning."""
     target: str = "reasoning"
-    """`reasoning`: train on the samples that carry reasoning, target = reasoning + answer (the paper's warm-up); `answer`: train on every labelled sample, target = an empty <think> and the answer (the paper's "without reasoning" rows)."""
+    """`reasoning`: train on the samples that carry reasoning, target = reasoning + answer (the paper's
+    warm-up); `answer`: train on every labelled sample, target = an empty <think> and the answer
+    (the paper's "without reasoning" rows)."""
     samples: int = 2000
     """How many training samples the warm-up uses at most (the paper: ~30k of 110k with reasoning)."""
     epochs: int = 1
@@ -167,13 +180,17 @@ class GRPOConfig:
     micro_batch_size: int = 16
     """Completions per forward/backward on one learner."""
     updates_per_batch: int = 1
-    """Optimizer steps per generated batch (the release: 1). Above 1, the ratio's old log-probs are the engine's from generation time, so later updates are importance-weighted against the policy that sampled (docs/architecture.md)."""
+    """Optimizer steps per generated batch (the release: 1). Above 1, the ratio's old log-probs are the
+    engine's from generation time, so later updates are importance-weighted against the policy that
+    sampled (docs/architecture.md)."""
     dynamic_sampling: bool = False
     """Drop groups whose rewards all agree (zero advantage) and generate more, as in DAPO."""
     max_resample_rounds: int = 3
     """With dynamic sampling, how many extra generation rounds may refill one batch."""
     off_policy_steps: int = 0
-    """0: on-policy. 1: generate step t+1 while the learners update on step t (one-step off-policy; the ratio uses the engine's log-probs). A resume regenerates the prefetched step on the checkpoint's weights."""
+    """0: on-policy. 1: generate step t+1 while the learners update on step t (one-step off-policy; the
+    ratio uses the engine's log-probs). A resume regenerates the prefetched step on the checkpoint's
+    weights."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
 
@@ -189,17 +206,22 @@ class RolloutConfig:
     gpus_per_worker: float = 0.0
     """GPUs per rollout worker (1 for vLLM on GPU)."""
     placement: str = "PACK"
-    """Placement-group strategy of the rollout workers: PACK (fill nodes in turn), SPREAD (one per node where possible), STRICT_PACK or STRICT_SPREAD (docs/cluster.md)."""
+    """Placement-group strategy of the rollout workers: PACK (fill nodes in turn), SPREAD (one per node
+    where possible), STRICT_PACK or STRICT_SPREAD (docs/cluster.md)."""
     temperature: float = 1.0
     """Sampling temperature; the learner scales logits the same way for log-probs."""
     top_p: float = 1.0
-    """Nucleus sampling. The learner computes the policy ratio under the same truncated distribution (the engine's log-probs are of it; on-policy the ratio is exactly 1); the KL penalty compares policy and reference without truncation, as TRL does, so it stays finite when a sampled token is outside the reference's nucleus."""
+    """Nucleus sampling. The learner computes the policy ratio under the same truncated distribution
+    (the engine's log-probs are of it; on-policy the ratio is exactly 1); the KL penalty compares
+    policy and reference without truncation, as TRL does, so it stays finite when a sampled token is
+    outside the reference's nucleus."""
     max_new_tokens: int = 256
     """Longest completion (the release: 256)."""
     batch_size: int = 64
     """Sequences generated together by one engine (prompts x G)."""
     hf_loop: str = "lean"
-    """HF engine decoding loop: `lean` (prefill each prompt once, copy its KV cache G times, decode with a preallocated cache) or `generate` (transformers' generate, the reference)."""
+    """HF engine decoding loop: `lean` (prefill each prompt once, copy its KV cache G times, decode
+    with a preallocated cache) or `generate` (transformers' generate, the reference)."""
     vllm_gpu_memory_utilization: float = 0.6
     """vLLM: fraction of GPU memory for weights and KV cache."""
     vllm_enforce_eager: bool = False
@@ -243,11 +265,14 @@ class LearnerConfig:
     gpus_per_worker: float = 0.0
     """GPUs per learner."""
     placement: str = "PACK"
-    """Placement-group strategy of the learner ranks: PACK keeps their all-reduce on one node where they fit, STRICT_PACK requires it; SPREAD, STRICT_SPREAD."""
+    """Placement-group strategy of the learner ranks: PACK keeps their all-reduce on one node where
+    they fit, STRICT_PACK requires it; SPREAD, STRICT_SPREAD."""
     grad_clip: float = 1.0
     """Gradient norm clipping (0 disables)."""
     share_prompts: bool = True
-    """GRPO: run each prompt (and its image) once per micro-batch and its completions on copies of its KV cache, instead of G full rows (same loss and gradients; ignored with model.gradient_checkpointing)."""
+    """GRPO: run each prompt (and its image) once per micro-batch and its completions on copies of its
+    KV cache, instead of G full rows (same loss and gradients; ignored with
+    model.gradient_checkpointing)."""
 
 
 @dataclass(frozen=True)
@@ -257,7 +282,8 @@ class SyncConfig:
     bucket_mb: int = 256
     """Tensors are packed into buckets of about this size for the transfer."""
     zero_copy: bool = True
-    """object_store, HF engines on CPU: use the received shared-memory buffers as the engine's parameters instead of copying them (read-only; engines on a node share one copy)."""
+    """object_store, HF engines on CPU: use the received shared-memory buffers as the engine's
+    parameters instead of copying them (read-only; engines on a node share one copy)."""
 
 
 @dataclass(frozen=True)
@@ -287,7 +313,9 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class WandbConfig:
     mode: str = "disabled"
-    """Weights & Biases: `disabled` (default), `offline` (writes the run under run_dir/wandb; `wandb sync` uploads it later) or `online` (needs the `wandb` extra and a key from `wandb login` or WANDB_API_KEY, never from a config)."""
+    """Weights & Biases: `disabled` (default), `offline` (writes the run under run_dir/wandb; `wandb
+    sync` uploads it later) or `online` (needs the `wandb` extra and a key from `wandb login` or
+    WANDB_API_KEY, never from a config)."""
     project: str = "alphadrive-ray"
     """W&B project of the run."""
     name: str = ""
@@ -309,7 +337,8 @@ class RayConfig:
     dashboard_host: str = "127.0.0.1"
     """Dashboard bind address of a local cluster; 127.0.0.1 keeps it private."""
     omp_wait_policy: str = "PASSIVE"
-    """OMP_WAIT_POLICY of the actors of a local cluster: PASSIVE keeps idle torch threads from spinning on cores other workers need (docs/performance.md); empty: the OpenMP default."""
+    """OMP_WAIT_POLICY of the actors of a local cluster: PASSIVE keeps idle torch threads from spinning
+    on cores other workers need (docs/performance.md); empty: the OpenMP default."""
 
 
 @dataclass(frozen=True)

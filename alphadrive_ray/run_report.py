@@ -446,7 +446,8 @@ def _header(run: RunData, ceilings: Mapping[str, float]) -> str:
                 ("total time", f"{total / 60:.1f} min", f"SFT {run.summary.get('sft_steps', 0)} / GRPO {run.summary.get('grpo_steps', 0)} steps", "")
             )
     body = "".join(
-        f'<div class="card {css}"><div class="v">{escape(format_value(v, 3))}</div><div class="k">{escape(k)}</div><div class="k">{escape(note)}</div></div>'
+        f'<div class="card {css}"><div class="v">{escape(format_value(v, 3))}</div>'
+        f'<div class="k">{escape(k)}</div><div class="k">{escape(note)}</div></div>'
         for k, v, note, css in cards
     )
     state = "" if run.summary else '<p class="note">No summary.json: the run has not finished (or stopped); this page shows what it wrote so far.</p>'
@@ -501,7 +502,10 @@ def _stage_table(run: RunData) -> str:
     )
     every = ""
     if len(run.evaluations) > len(evaluations):
-        every = "<h3>Every evaluation</h3><table><tr><th>evaluation</th><th>GRPO step</th><th>accuracy</th><th>SPEED macro F1</th><th>PATH macro F1</th><th>BLEU-4</th></tr>"
+        every = (
+            "<h3>Every evaluation</h3><table><tr><th>evaluation</th><th>GRPO step</th><th>accuracy</th>"
+            "<th>SPEED macro F1</th><th>PATH macro F1</th><th>BLEU-4</th></tr>"
+        )
         every += "".join(
             f"<tr><td>{escape(e.label)}</td>{_num(e.step)}{_num(e.metrics['planning']['accuracy'])}"
             f"{_num(_get(e.metrics, 'planning', 'speed', 'macro_f1'))}{_num(_get(e.metrics, 'planning', 'path', 'macro_f1'))}"
@@ -525,7 +529,8 @@ def _confusions(evaluations: Sequence[Evaluation]) -> str:
             for true, row in zip(confusion["true_labels"], confusion["matrix"]):
                 total = sum(row) or 1
                 cells = "".join(
-                    f'<td style="background: rgba(68, 119, 170, {count / total:.2f}); color: {"#fff" if count / total > 0.6 else "#222"}">{count}</td>'
+                    f'<td style="background: rgba(68, 119, 170, {count / total:.2f}); '
+                    f'color: {"#fff" if count / total > 0.6 else "#222"}">{count}</td>'
                     for count in row
                 )
                 body += f"<tr><th>{escape(true)}</th>{cells}</tr>"

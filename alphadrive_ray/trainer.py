@@ -321,7 +321,8 @@ class Trainer:
         with_reasoning = [r for r in self.train_records if r.reasoning and r.reasoning.strip()]
         if not with_reasoning:
             raise UserError(
-                f"sft.enabled is true but no record of {self.config.data.train} has a `reasoning`; run `alphadrive-ray distill`, set sft.target: answer, or disable SFT"
+                f"sft.enabled is true but no record of {self.config.data.train} has a `reasoning`; "
+                "run `alphadrive-ray distill`, set sft.target: answer, or disable SFT"
             )
         return EpochSampler(with_reasoning, self.config.run.seed).take(min(c.samples, len(with_reasoning)))
 

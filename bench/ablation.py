@@ -544,7 +544,8 @@ def notes(budget: dict, tables: Sequence[str], results: dict[str, RunResult]) ->
         f"- Budget of every GRPO run: {budget['grpo_steps']} steps x {budget['prompts_per_step']} prompts x {budget['group_size']} completions, "
         f"lr {budget['grpo_lr']:g}, beta {budget['grpo_beta']:g}, "
         f"dynamic sampling {'on' if budget.get('dynamic_sampling') else 'off'}, `{budget['reward_variant']}` rewards. "
-        f"SFT warm-up (one run, shared): {sft.summary.get('sft_steps', 0)} steps on {budget['sft_samples']} samples x {budget['sft_epochs']} epoch(s), "
+        f"SFT warm-up (one run, shared): {sft.summary.get('sft_steps', 0)} steps "
+        f"on {budget['sft_samples']} samples x {budget['sft_epochs']} epoch(s), "
         f"{sft.summary.get('seconds', {}).get('sft', 0):.0f}s.",
         "- train s = seconds in the training stages (SFT + GRPO), wall s = whole runs with start-up and evaluation. "
         "Reward-ablation rows start from the shared SFT export and count their GRPO run only; the strategy table's SFT + RL counts the SFT run too.",

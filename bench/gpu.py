@@ -381,7 +381,8 @@ def main() -> None:
             a = logprob_agreement(engine, records[: min(4, prompts)], args.group, args.max_new_tokens, device)
             report.setdefault("logprob_agreement", {})[name] = a
             log(
-                f"{name:12s} |engine - learner| log-prob over {a['tokens']} tokens: mean {a['mean_abs']:.2e}, p99 {a['p99_abs']:.2e}, max {a['max_abs']:.2e}"
+                f"{name:12s} |engine - learner| log-prob over {a['tokens']} tokens: "
+                f"mean {a['mean_abs']:.2e}, p99 {a['p99_abs']:.2e}, max {a['max_abs']:.2e}"
             )
         if loop == "lean" and prompts == args.prompts[0]:
             sender = learner_like(engine)
@@ -433,7 +434,8 @@ def main() -> None:
         print(f"  {g['engine']:12s} {g['prompts']:3d} prompts: {g['tokens_per_s']:8.0f} tokens/s")
     for name, a in report.get("logprob_agreement", {}).items():
         print(
-            f"  {name:12s} |engine - learner| log-prob: mean {a['mean_abs']:.2e}, p99 {a['p99_abs']:.2e}, max {a['max_abs']:.2e} ({a['tokens']} tokens)"
+            f"  {name:12s} |engine - learner| log-prob: mean {a['mean_abs']:.2e}, "
+            f"p99 {a['p99_abs']:.2e}, max {a['max_abs']:.2e} ({a['tokens']} tokens)"
         )
     if "sync" in report:
         s, c = report["sync"], report["copy_gb_per_s"]

@@ -76,7 +76,8 @@ def main() -> None:
     for loop in loops:
         rate[loop] = statistics.median(t / s for t, s in zip(tokens[loop], seconds[loop]))
         print(
-            f"  {loop:8s}: {rate[loop]:7.0f} tokens/s  ({statistics.median(seconds[loop]):.3f} s per call, {statistics.fmean(tokens[loop]):.0f} tokens)"
+            f"  {loop:8s}: {rate[loop]:7.0f} tokens/s  "
+            f"({statistics.median(seconds[loop]):.3f} s per call, {statistics.fmean(tokens[loop]):.0f} tokens)"
         )
     print(f"lean / generate: {rate['lean'] / rate['generate']:.2f}x")
     if args.json:

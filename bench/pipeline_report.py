@@ -37,7 +37,8 @@ def main() -> None:
     if grpo:
         step = mean("perf/step_s")
         print(
-            f"GRPO: {step:.3f} s/step, {mean('perf/samples_per_s'):.1f} samples/s, {mean('perf/tokens_per_s'):.0f} tokens/s ({len(grpo)} steps after {args.skip} warm-up)"
+            f"GRPO: {step:.3f} s/step, {mean('perf/samples_per_s'):.1f} samples/s, "
+            f"{mean('perf/tokens_per_s'):.0f} tokens/s ({len(grpo)} steps after {args.skip} warm-up)"
         )
         parts = {k: mean(f"perf/{k}_s") for k in ("rollout", "reward", "learner", "sync")}
         other = step - sum(parts.values())

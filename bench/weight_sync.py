@@ -247,7 +247,8 @@ def main() -> None:
     print("weight sync through the Ray object store vs memcpy")
     layout = "separate allocations" if args.separate else "views of one flat buffer, as a DeepSpeed ZeRO-1/2 learner holds them"
     print(
-        f"  state dict: {len(shapes)} bf16 tensors of Qwen2-VL-2B ({params / 1e9:.2f}B params, {nbytes / GB:.2f} GB), {layout}; buckets of {args.bucket_mb} MB"
+        f"  state dict: {len(shapes)} bf16 tensors of Qwen2-VL-2B ({params / 1e9:.2f}B params, {nbytes / GB:.2f} GB), "
+        f"{layout}; buckets of {args.bucket_mb} MB"
     )
     print(f"  machine: {os.cpu_count()} CPUs, {avail:.1f} GB available; load average {open('/proc/loadavg').read().split()[:3]}")
     print(

@@ -166,7 +166,8 @@ COMBINATION_CASES = [
     # 16 samples over 2 learners is 8 each, not a multiple of micro-batches of 3; the message proposes a value
     (
         ["sft.micro_batch_size=3"],
-        "sft.batch_size (16) must split evenly over learner.num_workers (2) into micro-batches of sft.micro_batch_size (3); e.g. set sft.batch_size to 18",
+        "sft.batch_size (16) must split evenly over learner.num_workers (2) into micro-batches of sft.micro_batch_size (3); "
+        "e.g. set sft.batch_size to 18",
     ),
     # an engine batch smaller than one group
     (["rollout.batch_size=4"], "rollout.batch_size (4) must hold at least one group (grpo.group_size = 8)"),

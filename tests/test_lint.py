@@ -1,5 +1,5 @@
 """Linters, the formatter and the type checker, as part of the test command: ruff's checks
-(pyflakes' errors and syntax) and `ruff format --check` over the whole repository, and mypy over
+(pyflakes' errors, syntax and the line length) and `ruff format --check` over the whole repository, and mypy over
 the package alphadrive_ray (settings, and the files mypy checks, in pyproject.toml)."""
 
 from __future__ import annotations

@@ -90,7 +90,8 @@ from alphadrive_ray.workers.rollout import RolloutSpec
 model, scratch, prompt = sys.argv[1:4]
 ray.init()  # RAY_ADDRESS
 records = load_records(generate_dataset(scratch, 8, seed=3, size=96)[0])
-learners = LearnerGroup.start(LearnerSpec(model_path=model, prompt_template=prompt, zero_stage=2, backend="gloo", cpus=1, seed=0), 1, Resources(cpus=1))
+spec = LearnerSpec(model_path=model, prompt_template=prompt, zero_stage=2, backend="gloo", cpus=1, seed=0)
+learners = LearnerGroup.start(spec, 1, Resources(cpus=1))
 rollout = RolloutGroup.start(RolloutSpec(model_path=model, prompt_template=prompt, batch_size=8), 2, Resources(cpus=1), placement="SPREAD")
 learners.begin_stage("sft")
 learners.sft_step([SFTExample(r, format_completion(r.reasoning, r.speed_action, r.path_action)) for r in records[:4]], 4, 1e-2)

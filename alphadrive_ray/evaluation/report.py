@@ -264,7 +264,8 @@ def _cards(metrics: Mapping[str, Any]) -> str:
     return (
         '<div class="cards">'
         + "".join(
-            f'<div class="card"><div class="v">{escape(format_value(v))}</div><div class="k">{escape(k)}</div><div class="k">{escape(note)}</div></div>'
+            f'<div class="card"><div class="v">{escape(format_value(v))}</div>'
+            f'<div class="k">{escape(k)}</div><div class="k">{escape(note)}</div></div>'
             for k, v, note in cards
         )
         + "</div>"

@@ -268,7 +268,8 @@ class LearnerWorker(ProcessInfo):
                 shutil.rmtree(work, ignore_errors=True)
             dist.barrier()
         print(
-            f"learner {self.rank}: re-sharded the ZeRO-{stage} state of {world} learner(s) for {self.world_size} (ZeRO-{self.spec.zero_stage}) in {target}",
+            f"learner {self.rank}: re-sharded the ZeRO-{stage} state of {world} learner(s) "
+            f"for {self.world_size} (ZeRO-{self.spec.zero_stage}) in {target}",
             flush=True,
         )
         return str(target)
