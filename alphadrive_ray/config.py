@@ -226,6 +226,10 @@ class RolloutConfig:
     """vLLM: fraction of GPU memory for weights and KV cache."""
     vllm_enforce_eager: bool = False
     """vLLM: disable CUDA graphs (faster start, slower decode)."""
+    tensor_parallel_size: int = 1
+    """vLLM: GPUs each rollout engine shards the model over (its worker holds them all:
+    rollout.gpus_per_worker must equal it); the NCCL weight-sync group then has 1 + num_workers x
+    this many ranks."""
 
 
 @dataclass(frozen=True)
@@ -652,6 +656,15 @@ def validate(c: Config, source: str = "config") -> None:
         "rollout.engine=vllm needs GPUs: set rollout.gpus_per_worker (e.g. 1)",
     )
     check(c.learner.backend != "nccl" or c.learner.gpus_per_worker > 0, "learner.backend=nccl needs learner.gpus_per_worker > 0")
+    tp = c.rollout.tensor_parallel_size
+    check(tp >= 1, f"rollout.tensor_parallel_size must be at least 1; got {tp}")
+    if tp > 1:
+        check(c.rollout.engine == "vllm", f"rollout.tensor_parallel_size {tp} needs rollout.engine=vllm (the hf engine runs on one device)")
+        check(
+            c.rollout.gpus_per_worker == tp,
+            f"rollout.tensor_parallel_size {tp} needs rollout.gpus_per_worker {tp} (each engine holds its {tp} GPUs); "
+            f"got {c.rollout.gpus_per_worker:g}",
+        )
     if errors:
         listing = "\n".join(f"  - {e}" for e in errors)
         raise ConfigError(f"{source}: invalid configuration:\n{listing}")

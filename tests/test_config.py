@@ -175,6 +175,13 @@ COMBINATION_CASES = [
     (["sync.backend=nccl"], "sync.backend=nccl needs rollout.engine=vllm"),
     # vLLM needs GPUs
     (["rollout.engine=vllm"], "rollout.engine=vllm needs GPUs: set rollout.gpus_per_worker"),
+    # tensor parallelism: vLLM only, and each engine holds as many GPUs as it has shards
+    (["rollout.tensor_parallel_size=0"], "rollout.tensor_parallel_size must be at least 1; got 0"),
+    (["rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size 2 needs rollout.engine=vllm"),
+    (
+        ["rollout.tensor_parallel_size=2", "rollout.engine=vllm", "rollout.gpus_per_worker=1"],
+        "rollout.tensor_parallel_size 2 needs rollout.gpus_per_worker 2 (each engine holds its 2 GPUs); got 1",
+    ),
 ]
 
 
@@ -538,6 +545,9 @@ def test_worker_specs_are_derived_from_the_config():
             "reward.variant=release",
             "reward.diversity_cap=0.3",
             "run.seed=7",
+            "rollout.engine=vllm",
+            "rollout.tensor_parallel_size=2",
+            "rollout.gpus_per_worker=2",
         ],
     )
     learner, rollout, reward = LearnerSpec.from_config(c), RolloutSpec.from_config(c), RewardSpec.from_config(c)
@@ -556,5 +566,16 @@ def test_worker_specs_are_derived_from_the_config():
         401408,
         "cuda",
     )
+    assert (rollout.engine, rollout.tensor_parallel_size) == ("vllm", 2)
     assert (reward.variant, reward.diversity_cap, reward.components) == ("release", 0.3, c.reward.components)
     assert LearnerSpec.from_config(load_config(None, [])).backend == "gloo"  # auto on CPU
+
+
+def test_nccl_sync_layout_gives_every_tensor_parallel_shard_a_rank():
+    from alphadrive_ray.workers.group import nccl_sync_layout
+
+    assert nccl_sync_layout(4) == (5, [1, 2, 3, 4])  # learner rank 0, then one vLLM worker per engine
+    # 2 engines of 4 shards: ranks 1-4 and 5-8 (an engine's worker joins at its first rank + its TP rank)
+    assert nccl_sync_layout(2, 4) == (9, [1, 5])
+    with pytest.raises(ValueError):
+        nccl_sync_layout(0)

@@ -330,6 +330,7 @@ class VLLMEngine:
         seed: int = 0,
         min_pixels: int = 0,
         max_pixels: int = 0,
+        tensor_parallel_size: int = 1,
         **llm_kwargs,
     ):
         from alphadrive_ray.inputs import PromptEncoder
@@ -341,8 +342,13 @@ class VLLMEngine:
             # vLLM's own Qwen2-VL processor resizes the image: the same bounds as the learner's
             if pixel_bounds(min_pixels, max_pixels):
                 llm_kwargs.setdefault("mm_processor_kwargs", pixel_bounds(min_pixels, max_pixels))
+        if tensor_parallel_size > 1:
+            # the shards' worker processes run on this actor's GPUs (Ray gave it tensor_parallel_size
+            # of them): multiprocessing, not a Ray executor that would ask Ray for GPUs again
+            llm_kwargs.setdefault("distributed_executor_backend", "mp")
         self.llm = _vllm_llm(
             model_path,
+            tensor_parallel_size=tensor_parallel_size,
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,

@@ -166,11 +166,21 @@ def wait_alive(actor, timeout_s: float = 300.0) -> None:
             delay = min(delay * 2, 5.0)
 
 
+def nccl_sync_layout(engines: int, tensor_parallel_size: int = 1) -> tuple[int, list[int]]:
+    """The NCCL weight-sync group: (world size, each engine's first rank). Learner rank 0 is
+    rank 0; engine i's vLLM workers (one per tensor-parallel shard) are ranks
+    1 + i * tp ... i * tp + tp, each at its engine's first rank + its own TP rank."""
+    if engines < 1 or tensor_parallel_size < 1:
+        raise ValueError(f"need at least one engine and tensor_parallel_size >= 1; got {engines}, {tensor_parallel_size}")
+    return 1 + engines * tensor_parallel_size, [1 + i * tensor_parallel_size for i in range(engines)]
+
+
 class RolloutGroup(_ActorGroup):
-    def __init__(self, actors: list, pg=None, max_retries: int = 3):
+    def __init__(self, actors: list, pg=None, max_retries: int = 3, tensor_parallel_size: int = 1):
         self.actors = actors
         self.pg = pg
         self.max_retries = max_retries
+        self.tensor_parallel_size = tensor_parallel_size  # vLLM workers per engine (NCCL ranks)
         # the weights every engine holds; a restarted worker loads them again
         self.weights: tuple[list, int] | None = None
         self.restarts = 0
@@ -182,7 +192,7 @@ class RolloutGroup(_ActorGroup):
 
         actors, pg = spawn(RolloutWorker, [(spec, i) for i in range(n)], resources, name="rollout", strategy=placement, max_restarts=max_restarts)
         ray.get([a.ping.remote() for a in actors])
-        return cls(actors, pg, max_retries=max_restarts)
+        return cls(actors, pg, max_retries=max_restarts, tensor_parallel_size=getattr(spec, "tensor_parallel_size", 1))
 
     def submit(self, records: Sequence[Record], params: SamplingParams, rewards: "RewardPool | None" = None) -> list[Job]:
         """Start generation (and scoring) of whole prompts, split evenly over the workers."""
@@ -361,13 +371,13 @@ class LearnerGroup(_ActorGroup):
         return self._all("export_weights", bucket_mb)[0]
 
     def open_nccl_sync(self, rollout: "RolloutGroup") -> None:
-        """GPU: one NCCL group of learner rank 0 (rank 0) and every vLLM worker (ranks 1..N)."""
+        """GPU: one NCCL group of learner rank 0 (rank 0) and every vLLM worker (`nccl_sync_layout`)."""
         addr, port = ray.get(
             _free_address.options(scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0)).remote()
         )
-        world = 1 + len(rollout.actors)
+        world, offsets = nccl_sync_layout(len(rollout.actors), rollout.tensor_parallel_size)
         refs = [self.actors[0].open_weight_sync_group.remote(addr, port, world)]
-        refs += [a.init_weight_sync_group.remote(addr, port, 1 + i, world) for i, a in enumerate(rollout.actors)]
+        refs += [a.init_weight_sync_group.remote(addr, port, offset, world) for a, offset in zip(rollout.actors, offsets)]
         self._get(refs, "open_weight_sync_group")
 
     def broadcast_weights(self, rollout: "RolloutGroup", version: int) -> int:

@@ -33,6 +33,7 @@ class RolloutSpec:
     max_model_len: int = 4096
     min_pixels: int = 0  # image-size bounds (data.min_pixels / data.max_pixels; 0: the model's own)
     max_pixels: int = 0
+    tensor_parallel_size: int = 1  # vLLM: GPUs per engine
 
     @classmethod
     def from_config(cls, c: Config) -> RolloutSpec:
@@ -53,6 +54,7 @@ class RolloutSpec:
             device="cuda" if c.rollout.gpus_per_worker > 0 else "cpu",
             vllm_gpu_memory_utilization=c.rollout.vllm_gpu_memory_utilization,
             vllm_enforce_eager=c.rollout.vllm_enforce_eager,
+            tensor_parallel_size=c.rollout.tensor_parallel_size,
         )
 
 
@@ -86,6 +88,7 @@ def make_engine(spec: RolloutSpec):
             max_model_len=spec.max_model_len,
             min_pixels=spec.min_pixels,
             max_pixels=spec.max_pixels,
+            tensor_parallel_size=spec.tensor_parallel_size,
         )
     raise ValueError(f"unknown rollout engine {spec.engine!r}")
 
