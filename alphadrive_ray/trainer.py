@@ -217,18 +217,37 @@ class Trainer:
         self.ckpt = CheckpointManager(run_dir, c.checkpoint.keep)
         learner_spec, rollout_spec, reward_spec = LearnerSpec.from_config(c), RolloutSpec.from_config(c), RewardSpec.from_config(c)
         say = tracker.say
-        say(f"starting {c.learner.num_workers} learner(s) (DeepSpeed ZeRO-{c.learner.zero_stage}, {learner_spec.backend})")
-        self.learners = LearnerGroup.start(
-            learner_spec, c.learner.num_workers, Resources(c.learner.cpus_per_worker, c.learner.gpus_per_worker), placement=c.learner.placement
-        )
-        say(f"starting {c.rollout.num_workers} rollout worker(s) ({c.rollout.engine} engine)")
-        self.rollout = RolloutGroup.start(
-            rollout_spec, c.rollout.num_workers, Resources(c.rollout.cpus_per_worker, c.rollout.gpus_per_worker), placement=c.rollout.placement
-        )
-        say(f"starting {c.reward.num_workers} reward worker(s) ({c.reward.variant} rewards: {', '.join(c.reward.components)})")
-        self.rewards = RewardPool.start(
-            reward_spec, c.reward.num_workers, Resources(c.reward.cpus_per_worker, 0), c.reward.timeout_s, placement=c.reward.placement
-        )
+        self._groups: list = []  # started so far, stopped by `shutdown` (also when a later start fails)
+        try:
+            say(f"starting {c.learner.num_workers} learner(s) (DeepSpeed ZeRO-{c.learner.zero_stage}, {learner_spec.backend})")
+            self.learners = LearnerGroup.start(
+                learner_spec, c.learner.num_workers, Resources(c.learner.cpus_per_worker, c.learner.gpus_per_worker), placement=c.learner.placement
+            )
+            self._groups.append(self.learners)
+            say(f"starting {c.rollout.num_workers} rollout worker(s) ({c.rollout.engine} engine)")
+            self.rollout = RolloutGroup.start(
+                rollout_spec, c.rollout.num_workers, Resources(c.rollout.cpus_per_worker, c.rollout.gpus_per_worker), placement=c.rollout.placement
+            )
+            self._groups.append(self.rollout)
+            say(f"starting {c.reward.num_workers} reward worker(s) ({c.reward.variant} rewards: {', '.join(c.reward.components)})")
+            self.rewards = RewardPool.start(
+                reward_spec, c.reward.num_workers, Resources(c.reward.cpus_per_worker, 0), c.reward.timeout_s, placement=c.reward.placement
+            )
+            self._groups.append(self.rewards)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        """Stop every actor group this trainer started and give their resources back, so that a
+        process that trains twice on one Ray cluster (a notebook, the tests) does not keep the
+        first run's actors and placement groups. Best effort: a dead actor is already stopped."""
+        while self._groups:
+            group = self._groups.pop()
+            try:
+                group.shutdown()
+            except Exception as exc:  # noqa: BLE001 - the others still stop
+                print(f"warning: stopping {type(group).__name__}: {type(exc).__name__}: {exc}", flush=True)
 
     # --- the pieces ---------------------------------------------------------------------
 
@@ -641,6 +660,7 @@ def train(config: Config, resume: bool = False) -> RunSummary:
     if resume:
         CheckpointManager(run_dir).check_resumable(config.grpo.beta)  # before any actor starts
     tracker = Tracker(run_dir)
+    started: list[Trainer] = []  # stopped when the run ends, however it ends
     summary = RunSummary(run_dir=str(run_dir))
     t_start = time.monotonic()
     try:
@@ -658,6 +678,7 @@ def train(config: Config, resume: bool = False) -> RunSummary:
         connect_ray(config, tracker.say)
         tracker.add_sink(RayMetricsSink(config.run.name))
         trainer = Trainer(config, train_records, eval_records, run_dir, tracker)
+        started.append(trainer)
         summary.seconds["startup"] = round(time.monotonic() - t_start, 1)
         state = trainer.restore() if resume else None
         stage, step, sampler_state = ("sft", 0, None) if state is None else (state.stage, state.step, state.samplers.get(state.stage))
@@ -704,4 +725,6 @@ def train(config: Config, resume: bool = False) -> RunSummary:
         where = f"resume from checkpoint {latest.name} with --resume" if latest else "no checkpoint was written yet; rerun from the start"
         raise RunAborted(f"{exc}\nThe run stopped. {where}.") from None
     finally:
+        for trainer in started:
+            trainer.shutdown()
         tracker.close()

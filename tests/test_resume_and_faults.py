@@ -292,6 +292,11 @@ def test_killed_rollout_and_reward_workers_are_replaced(ray_cluster, tmp_path, t
     overrides = tiny_overrides(tmp_path, tiny_vl_dir, "faults", 8)  # 8 steps x 4 prompts = 2 epochs of 16
     overrides = [o for o in overrides if not o.startswith("checkpoint.")] + ["checkpoint.export_hf=false"]
     config = load_config(REPO / "jobs" / "quickstart_cpu.yaml", overrides)
+
+    def live_groups() -> set:
+        return {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+
+    before = live_groups()
     result: dict = {}
     thread = threading.Thread(target=lambda: result.setdefault("summary", train(config)), daemon=True)
     thread.start()
@@ -314,6 +319,8 @@ def test_killed_rollout_and_reward_workers_are_replaced(ray_cluster, tmp_path, t
     assert killed, "the run never reached GRPO"
     thread.join(timeout=900)
     assert "summary" in result, "training did not finish"
+    # the run gave its actors' resources back: a second run in this process finds them free
+    assert live_groups() == before
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     grpo = [r for r in rows if r["stage"] == "grpo"]
     assert [r["step"] for r in grpo] == list(range(1, 9))
