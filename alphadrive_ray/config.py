@@ -28,7 +28,22 @@ from alphadrive_ray.errors import UserError
 from alphadrive_ray.rewards import ABLATION_COMPONENTS
 
 MIN_IMAGE_PIXELS = 28 * 28
-"""Qwen2-VL's smallest image: one merged 2x2 group of 14-pixel patches (models.loading checks the same)."""
+"""Qwen2-VL's smallest image: one merged 2x2 group of 14-pixel patches."""
+
+
+def pixel_bound_problems(min_pixels: int, max_pixels: int, names: tuple[str, str] = ("data.min_pixels", "data.max_pixels")) -> list[str]:
+    """What is wrong with image-size bounds (0: the model's own), each message naming the key
+    or flag of `names`; the config check and `serve --min-pixels/--max-pixels` share it."""
+    problems = [
+        f"{name} must be 0 (the model's own) or at least {MIN_IMAGE_PIXELS} (one 28x28 image token); got {value}"
+        for name, value in zip(names, (min_pixels, max_pixels))
+        if value != 0 and value < MIN_IMAGE_PIXELS
+    ]
+    if min_pixels and max_pixels and min_pixels > max_pixels:
+        problems.append(f"{names[0]} ({min_pixels}) must not exceed {names[1]} ({max_pixels})")
+    return problems
+
+
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # `scheme://user:password@host` or `scheme://token@host`
 _URL_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s@]+@")
@@ -589,15 +604,7 @@ def validate(c: Config, source: str = "config") -> None:
     check(c.reward.timeout_s > 0, "reward.timeout_s must be > 0")
     check(c.eval.samples >= 0 and c.eval.every_steps >= 0, "eval.samples and eval.every_steps must be >= 0")
     check(c.checkpoint.keep >= 1, f"checkpoint.keep must be at least 1; got {c.checkpoint.keep}")
-    for key, value in (("data.min_pixels", c.data.min_pixels), ("data.max_pixels", c.data.max_pixels)):
-        check(
-            value == 0 or value >= MIN_IMAGE_PIXELS,
-            f"{key} must be 0 (the model's own) or at least {MIN_IMAGE_PIXELS} (one 28x28 image token); got {value}",
-        )
-    check(
-        not (c.data.min_pixels and c.data.max_pixels) or c.data.min_pixels <= c.data.max_pixels,
-        f"data.min_pixels ({c.data.min_pixels}) must not exceed data.max_pixels ({c.data.max_pixels})",
-    )
+    errors.extend(pixel_bound_problems(c.data.min_pixels, c.data.max_pixels))
     for split in ("synth_train", "synth_eval"):
         synth: SynthSplitConfig = getattr(c.data, split)
         key = f"data.{split}"

@@ -81,18 +81,16 @@ def _check_port_free(host: str, port: int) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from alphadrive_ray.config import MIN_IMAGE_PIXELS
+    from alphadrive_ray.config import pixel_bound_problems
     from alphadrive_ray.errors import UserError
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1-65535, got {args.port}")
     if not 1 <= args.default_max_tokens <= args.max_tokens_limit:
         raise UserError("need 1 <= --default-max-tokens <= --max-tokens-limit")
-    for flag, value in (("--min-pixels", args.min_pixels), ("--max-pixels", args.max_pixels)):
-        if value and value < MIN_IMAGE_PIXELS:
-            raise UserError(f"{flag} must be 0 (the model's own) or at least {MIN_IMAGE_PIXELS} (one 28x28 image token); got {value}")
-    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
-        raise UserError(f"--min-pixels ({args.min_pixels}) must not exceed --max-pixels ({args.max_pixels})")
+    problems = pixel_bound_problems(args.min_pixels, args.max_pixels, ("--min-pixels", "--max-pixels"))
+    if problems:
+        raise UserError("; ".join(problems))
     media = None
     if args.allowed_local_media_path:
         media = Path(args.allowed_local_media_path)
