@@ -24,7 +24,7 @@ from alphadrive_ray import algo, weight_sync
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.inputs import IMAGE_CACHE_MB, PromptEncoder, completion_logits
 from alphadrive_ray.models.loading import load_model, load_processor
-from alphadrive_ray.workers.process import ProcessInfo
+from alphadrive_ray.workers.process import ProcessInfo, policy_fields
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -73,16 +73,10 @@ class LearnerSpec:
         """The spec of every learner rank of a run (the one place config keys reach it)."""
         gpu = c.learner.gpus_per_worker > 0
         return cls(
-            model_path=c.model.path,
-            dtype=c.model.dtype,
-            attn_implementation=c.model.attn_implementation,
+            **policy_fields(c),
             gradient_checkpointing=c.model.gradient_checkpointing,
             share_prompts=c.learner.share_prompts,
             freeze_vision=c.model.freeze_vision,
-            prompt_template=c.data.prompt_template,
-            image_cache_mb=c.data.image_cache_mb if c.data.image_cache else 0,
-            min_pixels=c.data.min_pixels,
-            max_pixels=c.data.max_pixels,
             zero_stage=c.learner.zero_stage,
             backend=c.learner.backend if c.learner.backend != "auto" else ("nccl" if gpu else "gloo"),
             grad_clip=c.learner.grad_clip,

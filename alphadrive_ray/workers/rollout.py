@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.engines.base import Group, SamplingParams
 from alphadrive_ray.inputs import IMAGE_CACHE_MB
-from alphadrive_ray.workers.process import ProcessInfo
+from alphadrive_ray.workers.process import ProcessInfo, policy_fields
 
 if TYPE_CHECKING:
     from alphadrive_ray.config import Config
@@ -39,14 +39,8 @@ class RolloutSpec:
     def from_config(cls, c: Config) -> RolloutSpec:
         """The spec of every rollout worker of a run (the one place config keys reach it)."""
         return cls(
-            model_path=c.model.path,
+            **policy_fields(c),
             engine=c.rollout.engine,
-            dtype=c.model.dtype,
-            attn_implementation=c.model.attn_implementation,
-            prompt_template=c.data.prompt_template,
-            image_cache_mb=c.data.image_cache_mb if c.data.image_cache else 0,
-            min_pixels=c.data.min_pixels,
-            max_pixels=c.data.max_pixels,
             batch_size=c.rollout.batch_size,
             hf_loop=c.rollout.hf_loop,
             zero_copy_weights=c.sync.zero_copy,
