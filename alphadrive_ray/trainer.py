@@ -660,7 +660,7 @@ def train(config: Config, resume: bool = False) -> RunSummary:
     if resume:
         CheckpointManager(run_dir).check_resumable(config.grpo.beta)  # before any actor starts
     tracker = Tracker(run_dir)
-    started: list[Trainer] = []  # stopped when the run ends, however it ends
+    trainer: Trainer | None = None  # its actors are stopped when the run ends, however it ends
     summary = RunSummary(run_dir=str(run_dir))
     t_start = time.monotonic()
     try:
@@ -678,7 +678,6 @@ def train(config: Config, resume: bool = False) -> RunSummary:
         connect_ray(config, tracker.say)
         tracker.add_sink(RayMetricsSink(config.run.name))
         trainer = Trainer(config, train_records, eval_records, run_dir, tracker)
-        started.append(trainer)
         summary.seconds["startup"] = round(time.monotonic() - t_start, 1)
         state = trainer.restore() if resume else None
         stage, step, sampler_state = ("sft", 0, None) if state is None else (state.stage, state.step, state.samplers.get(state.stage))
@@ -725,6 +724,6 @@ def train(config: Config, resume: bool = False) -> RunSummary:
         where = f"resume from checkpoint {latest.name} with --resume" if latest else "no checkpoint was written yet; rerun from the start"
         raise RunAborted(f"{exc}\nThe run stopped. {where}.") from None
     finally:
-        for trainer in started:
+        if trainer is not None:
             trainer.shutdown()
         tracker.close()

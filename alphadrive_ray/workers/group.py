@@ -192,7 +192,7 @@ class RolloutGroup(_ActorGroup):
 
         actors, pg = spawn(RolloutWorker, [(spec, i) for i in range(n)], resources, name="rollout", strategy=placement, max_restarts=max_restarts)
         ray.get([a.ping.remote() for a in actors])
-        return cls(actors, pg, max_retries=max_restarts, tensor_parallel_size=getattr(spec, "tensor_parallel_size", 1))
+        return cls(actors, pg, max_retries=max_restarts, tensor_parallel_size=spec.tensor_parallel_size)
 
     def submit(self, records: Sequence[Record], params: SamplingParams, rewards: "RewardPool | None" = None) -> list[Job]:
         """Start generation (and scoring) of whole prompts, split evenly over the workers."""
