@@ -340,8 +340,8 @@ class VLLMEngine:
         if self.encoder.vision:
             llm_kwargs.setdefault("limit_mm_per_prompt", {"image": 1, "video": 0})
             # vLLM's own Qwen2-VL processor resizes the image: the same bounds as the learner's
-            if pixel_bounds(min_pixels, max_pixels):
-                llm_kwargs.setdefault("mm_processor_kwargs", pixel_bounds(min_pixels, max_pixels))
+            if bounds := pixel_bounds(min_pixels, max_pixels):
+                llm_kwargs.setdefault("mm_processor_kwargs", bounds)
         if tensor_parallel_size > 1:
             # the shards' worker processes run on this actor's GPUs (Ray gave it tensor_parallel_size
             # of them): multiprocessing, not a Ray executor that would ask Ray for GPUs again
@@ -514,6 +514,6 @@ def build_chat_backend(model_dir: str, *, dtype: str = "bfloat16", min_pixels: i
     processor = load_processor(model_dir, min_pixels, max_pixels)
     if is_vision_model(model_dir):
         llm_kwargs.setdefault("limit_mm_per_prompt", {"image": VLLMChatBackend.MAX_IMAGES, "video": 0})
-        if pixel_bounds(min_pixels, max_pixels):
-            llm_kwargs.setdefault("mm_processor_kwargs", pixel_bounds(min_pixels, max_pixels))
+        if bounds := pixel_bounds(min_pixels, max_pixels):
+            llm_kwargs.setdefault("mm_processor_kwargs", bounds)
     return VLLMChatBackend(_vllm_llm(model_dir, dtype=dtype, **llm_kwargs), processor)
