@@ -287,6 +287,26 @@ class Trainer:
         right = sum(parse_plan(predictions[r.id]) == (r.speed_action, r.path_action) for r in self.eval_records)
         return right / len(self.eval_records)
 
+    def _correct(self, predictions: dict[str, str]) -> list[bool]:
+        """Per held-out scene (in the split's order): is the plan in `predictions` the label?"""
+        from alphadrive_ray.rewards import parse_plan
+
+        return [parse_plan(predictions.get(r.id, "")) == (r.speed_action, r.path_action) for r in self.eval_records]
+
+    def restore_correct(self) -> None:
+        """Per-scene correctness of the stages a resumed run evaluated before it stopped, read back
+        from their run_dir/eval/<stage>/predictions.jsonl, so its stage comparisons stay complete."""
+        from alphadrive_ray.evaluation.predictions import PredictionsError, load_predictions
+
+        for tag in self.accuracy:
+            path = self.run_dir / "eval" / tag / "predictions.jsonl"
+            if tag in self.correct or not path.is_file():
+                continue
+            try:
+                self.correct[tag] = self._correct(load_predictions(path).outputs)
+            except PredictionsError as exc:
+                self.tracker.say(f"--resume: cannot compare with the {tag} stage: {exc}")
+
     def evaluate(self, tag: str, predictions: dict[str, str] | None = None, extra: dict | None = None) -> dict:
         """Score greedy plans on the held-out split with the `alphadrive-ray eval` logic."""
         from alphadrive_ray.evaluation import evaluate
@@ -304,9 +324,7 @@ class Trainer:
             title=f"AlphaDrive run {self.config.run.name}: {tag}",
         )
         # evaluate wrote out_dir/predictions.jsonl: the outputs with their plans and per-sample scores
-        from alphadrive_ray.rewards import parse_plan
-
-        self.correct[tag] = [parse_plan(predictions[r.id]) == (r.speed_action, r.path_action) for r in self.eval_records]
+        self.correct[tag] = self._correct(predictions)
         self.ceiling = metrics["planning"].get("ceiling", self.ceiling)
         flat = {
             "eval/accuracy": metrics["planning"]["accuracy"],
@@ -386,6 +404,7 @@ class Trainer:
         self.learners.begin_stage(state.stage, c.grpo.beta if grpo else 0.0, str(self.ckpt.reference_path), weight_decay)
         self.learners.load_state(str(path / "learner"))
         self.accuracy.update(state.accuracy)
+        self.restore_correct()
         self.version = state.version - 1
         self.sync_weights()
         self.tracker.say(f"resumed from {path.name}: {state.stage} step {state.step}, weight version {state.version}")

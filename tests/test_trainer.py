@@ -176,3 +176,30 @@ def test_grpo_samples_carry_each_completion_with_its_group_relative_advantage():
     assert [s.advantage for s in grpo_samples(groups, scores, 3, advantage="mean")] == pytest.approx([-1, 0, 1, 0, 0, 0])
     with pytest.raises(ValueError, match="6 completions but 3 scores"):
         grpo_samples(groups, [totals(0.0, 1.0, 2.0)], group_size=3)
+
+
+def test_a_resumed_run_reads_back_the_per_scene_correctness_of_stages_evaluated_before_it_stopped(tmp_path):
+    from alphadrive_ray.trainer import compare_stages
+
+    trainer = Trainer.__new__(Trainer)  # the parts restore_correct uses; no actors
+    trainer.run_dir = tmp_path
+    trainer.eval_records = RECORDS[:4]
+    trainer.correct = {}
+    trainer.accuracy = {"untrained": 0.25, "sft": 0.5, "lost": 0.0}  # "lost": its predictions are gone
+    said = []
+    trainer.tracker = type("Say", (), {"say": staticmethod(said.append)})()
+    right, wrong = "<answer> KEEP, STRAIGHT </answer>", "<answer> STOP, STRAIGHT </answer>"
+    for tag, outputs in {"untrained": [right, wrong, wrong, wrong], "sft": [right, right, wrong]}.items():
+        (tmp_path / "eval" / tag).mkdir(parents=True)
+        rows = [{"id": r.id, "output": o, "correct": o == right} for r, o in zip(RECORDS, outputs)]
+        (tmp_path / "eval" / tag / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    trainer.restore_correct()
+    # a scene missing from a predictions file counts as wrong, as the evaluation counts it
+    assert trainer.correct == {"untrained": [True, False, False, False], "sft": [True, True, False, False]}
+    trainer.correct["final"] = [True, True, True, False]
+    assert set(compare_stages(trainer.correct)) == {"sft_vs_untrained", "final_vs_sft"}
+    (tmp_path / "eval" / "lost").mkdir()
+    (tmp_path / "eval" / "lost" / "predictions.jsonl").write_text("not json\n")
+    trainer.correct = {}
+    trainer.restore_correct()
+    assert "lost" not in trainer.correct and "cannot compare with the lost stage" in said[0]
