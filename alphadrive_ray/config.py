@@ -297,7 +297,10 @@ class LearnerConfig:
 @dataclass(frozen=True)
 class SyncConfig:
     backend: str = "object_store"
-    """Weight sync: object_store (CPU, cross-node) or nccl (GPU learners and vLLM engines)."""
+    """Weight sync: object_store (CPU, cross-node), nccl (learner rank 0 broadcasts to the vLLM engines
+    on GPUs) or gloo (the same broadcast protocol for HF engines, over TCP; CPU clusters and tests).
+    A rollout worker that Ray restarts re-joins the broadcast group and gets the current weights
+    before it generates again."""
     bucket_mb: int = 256
     """Tensors are packed into buckets of about this size for the transfer."""
     zero_copy: bool = True
@@ -554,7 +557,7 @@ def validate(c: Config, source: str = "config") -> None:
     choice(c.rollout.hf_loop, "rollout.hf_loop", ("lean", "generate"))
     choice(c.reward.variant, "reward.variant", ("paper", "release"))
     choice(c.learner.backend, "learner.backend", ("auto", "gloo", "nccl"))
-    choice(c.sync.backend, "sync.backend", ("object_store", "nccl"))
+    choice(c.sync.backend, "sync.backend", ("object_store", "nccl", "gloo"))
     choice(c.ray.omp_wait_policy, "ray.omp_wait_policy", ("PASSIVE", "ACTIVE", ""))
     for role in ("rollout", "reward", "learner"):
         choice(getattr(c, role).placement, f"{role}.placement", PLACEMENT_STRATEGIES)
@@ -654,6 +657,7 @@ def validate(c: Config, source: str = "config") -> None:
             "data.prompt_template must contain the {speed} and {navigation} slots",
         )
     check(c.sync.backend != "nccl" or c.rollout.engine == "vllm", "sync.backend=nccl needs rollout.engine=vllm on GPUs")
+    check(c.sync.backend != "gloo" or c.rollout.engine == "hf", "sync.backend=gloo needs rollout.engine=hf (vLLM: nccl or object_store)")
     check(
         c.rollout.engine != "vllm" or c.rollout.temperature <= 2.0,
         f"rollout.temperature {c.rollout.temperature} is above 2.0, the largest vLLM accepts",

@@ -210,7 +210,6 @@ class Trainer:
         self.eval_records = list(eval_records)[: c.eval.samples or None]
         self.version = 0
         self.last_sync_bytes = 0
-        self._nccl_open = False
         self.accuracy: dict[str, float] = {}  # held-out planning accuracy by stage
         self.correct: dict[str, list[bool]] = {}  # per held-out scene, by stage: plan right
         self.ceiling: float | None = None
@@ -229,6 +228,8 @@ class Trainer:
                 rollout_spec, c.rollout.num_workers, Resources(c.rollout.cpus_per_worker, c.rollout.gpus_per_worker), placement=c.rollout.placement
             )
             self._groups.append(self.rollout)
+            if c.sync.backend in ("nccl", "gloo"):
+                self.rollout.use_broadcast(self.learners, c.sync.backend)
             say(f"starting {c.reward.num_workers} reward worker(s) ({c.reward.variant} rewards: {', '.join(c.reward.components)})")
             self.rewards = RewardPool.start(
                 reward_spec, c.reward.num_workers, Resources(c.reward.cpus_per_worker, 0), c.reward.timeout_s, placement=c.reward.placement
@@ -255,12 +256,9 @@ class Trainer:
         """Learners -> engines; returns seconds taken. Every sync bumps the weight version."""
         start = time.monotonic()
         self.version += 1
-        if self.config.sync.backend == "nccl":
-            # NOTE: GPU only: learner rank 0 broadcasts to the vLLM workers over NCCL
-            if not self._nccl_open:
-                self.learners.open_nccl_sync(self.rollout)
-                self._nccl_open = True
-            self.last_sync_bytes = self.learners.broadcast_weights(self.rollout, self.version)
+        if self.config.sync.backend in ("nccl", "gloo"):
+            # learner rank 0 broadcasts to every engine (vLLM on GPUs: NCCL; HF engine: gloo)
+            self.last_sync_bytes = self.rollout.broadcast_weights(self.version)
         else:
             bucket_refs = self.learners.export_weights(self.config.sync.bucket_mb)
             self.rollout.load_weights(bucket_refs, self.version)

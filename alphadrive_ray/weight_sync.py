@@ -22,7 +22,7 @@ also drives an NCCL broadcast (alphadrive_ray/engines/vllm_engine.py).
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -271,3 +271,63 @@ def load_into_parameters(
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
         n += 1
     return n
+
+
+# --- broadcast groups (learner rank 0 -> every engine) --------------------------------------
+#
+# `sync.backend: nccl` (GPU, vLLM; alphadrive_ray/engines/vllm_engine.py) and `sync.backend:
+# gloo` (CPU, HF engine; below) share one protocol, driven by `LearnerGroup.open_broadcast_sync`
+# and `LearnerGroup.broadcast_weights`:
+# 1. open: learner rank 0 (rank 0) and every engine worker (ranks 1..) join a fresh group at a
+#    fresh address; a member that held a group before closes it first. The group lives beside
+#    the learners' own torch.distributed world (it is not the default group).
+# 2. broadcast: rank 0 sends each synced parameter in the order of the metadata [(name, dtype,
+#    shape)] that every engine received with the call; the engines load them as they arrive.
+# A rollout worker that Ray restarts lost its group and its weights: the rollout group re-opens
+# the broadcast group for every member and broadcasts the current weights again before the
+# restarted worker generates (`RolloutGroup.rejoin`). On CPU this runs in the tests with gloo.
+
+
+class GlooBroadcastGroup:
+    """A process group of its own (a TCP store at rank 0's address, gloo), for broadcasts only."""
+
+    def __init__(self, master_address: str, master_port: int, rank: int, world_size: int, timeout_s: float = 600.0):
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        timeout = timedelta(seconds=timeout_s)
+        self.store: Any = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
+        # Any: torch's stubs do not list the backend's own collectives (`broadcast` with options)
+        self.group: Any = dist.ProcessGroupGloo(dist.PrefixStore("weight-sync", self.store), rank, world_size, timeout)
+        self.rank = rank
+        self.world_size = world_size
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        self.group.broadcast([tensor], opts).wait()
+
+    def close(self) -> None:
+        # the store's server (rank 0) and connections go with the objects
+        self.group = None
+        self.store = None
+
+
+def broadcast_tensors(group: GlooBroadcastGroup, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Rank 0 of a gloo broadcast group: send each tensor in metadata order (via host memory)."""
+    n = 0
+    for _, tensor in named_tensors:
+        group.broadcast(tensor.detach().cpu().contiguous(), src=0)
+        n += 1
+    return n
+
+
+def receive_broadcast(group: GlooBroadcastGroup, metas: Iterable[tuple[str, str, Iterable[int]]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """An engine in a gloo broadcast group: receive each tensor [(name, dtype, shape)] in order."""
+    for name, dtype, shape in metas:
+        tensor = torch.empty(tuple(shape), dtype=to_dtype(dtype))
+        group.broadcast(tensor, src=0)
+        yield name, tensor

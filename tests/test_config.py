@@ -173,6 +173,7 @@ COMBINATION_CASES = [
     (["rollout.batch_size=4"], "rollout.batch_size (4) must hold at least one group (grpo.group_size = 8)"),
     # NCCL weight sync needs vLLM engines
     (["sync.backend=nccl"], "sync.backend=nccl needs rollout.engine=vllm"),
+    (["sync.backend=gloo", "rollout.engine=vllm"], "sync.backend=gloo needs rollout.engine=hf"),
     # vLLM needs GPUs
     (["rollout.engine=vllm"], "rollout.engine=vllm needs GPUs: set rollout.gpus_per_worker"),
     # tensor parallelism: vLLM only, and each engine holds as many GPUs as it has shards

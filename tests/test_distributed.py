@@ -215,3 +215,74 @@ def test_reward_timeout_is_a_clear_error(ray_cluster):
     with pytest.raises(RuntimeError, match="reward.timeout_s"):
         pool.gather([actor.score.remote([])])
     ray.kill(actor)
+
+
+def test_broadcast_sync_brings_a_restarted_rollout_worker_back_into_the_group(ray_cluster, tiny_vl_dir, scenes):
+    """`sync.backend: gloo`, the CPU stand-in for NCCL's protocol: learner rank 0 broadcasts to
+    every engine. A rollout worker killed while idle, and one killed while it generates, re-join
+    the group and hold the current weights and version before their plans are used; the next
+    broadcast reaches every engine (no member is missing, nothing hangs)."""
+    import os
+    import signal
+
+    import ray
+
+    from alphadrive_ray.workers.group import LearnerGroup, Resources, RolloutGroup, wait_alive
+    from alphadrive_ray.workers.rollout import RolloutSpec
+
+    learners = LearnerGroup.start(learner_spec(tiny_vl_dir, 3), 2, Resources(cpus=1))
+    rollout = RolloutGroup.start(RolloutSpec(model_path=tiny_vl_dir, prompt_template=TEST_PROMPT, batch_size=16), 2, Resources(cpus=1))
+    rollout.use_broadcast(learners, "gloo")
+
+    def engines_hold_the_learner_weights(version):
+        learner_state = learners.state_dict_cpu()
+        for actor in rollout.actors:
+            engine_state = ray.get(actor.get_weights.remote())
+            assert all(torch.equal(engine_state[name], tensor) for name, tensor in learner_state.items())
+            assert ray.get(actor.weight_version.remote()) == version
+
+    def pid(actor):
+        return ray.get(actor.pid.remote())
+
+    def train_a_little():
+        for batch in sft_batches(scenes):
+            learners.sft_step(batch, 4, 1e-2)
+
+    try:
+        greedy = SamplingParams(n=1, max_new_tokens=8, greedy=True)
+        learners.begin_stage("sft")
+        train_a_little()
+        sent = rollout.broadcast_weights(1)
+        assert sent == sum(t.numel() * t.element_size() for t in learners.state_dict_cpu().values())
+        engines_hold_the_learner_weights(1)
+        reference = [g.completions[0].token_ids for g in rollout.generate(scenes[:4], greedy)]
+
+        # killed while idle: Ray restarts it with the base weights before the next call reaches it
+        old = pid(rollout.actors[0])
+        os.kill(old, signal.SIGKILL)
+        wait_alive(rollout.actors[0])
+        assert pid(rollout.actors[0]) != old
+        groups = rollout.generate(scenes[:4], greedy)
+        assert {c.weight_version for g in groups for c in g.completions} == {1}
+        assert [g.completions[0].token_ids for g in groups] == reference
+        assert rollout.restarts == 1
+        engines_hold_the_learner_weights(1)
+
+        # killed while it generates: its share is generated again, after the group is re-formed
+        old = pid(rollout.actors[1])  # asked first: the actor answers only after its generation
+        jobs = rollout.submit(scenes[:8], SamplingParams(n=4, max_new_tokens=64, temperature=1.0, seed=3))
+        os.kill(old, signal.SIGKILL)
+        groups, _ = rollout.collect(jobs)
+        assert [g.record.id for g in groups] == [r.id for r in scenes[:8]]
+        assert {c.weight_version for g in groups for c in g.completions} == {1}
+        assert rollout.restarts == 2
+        engines_hold_the_learner_weights(1)
+
+        # the re-formed group carries the next sync to every engine
+        train_a_little()
+        rollout.broadcast_weights(2)
+        engines_hold_the_learner_weights(2)
+        assert [g.completions[0].token_ids for g in rollout.generate(scenes[:4], greedy)] != reference
+    finally:
+        learners.shutdown()
+        rollout.shutdown()

@@ -212,6 +212,25 @@ class HFEngine:
         self.weight_version = version
         return n
 
+    def init_weight_sync_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        """`sync.backend: gloo`: join learner rank 0's broadcast group (rank `rank_offset`),
+        replacing any group joined before (see weight_sync, "broadcast groups")."""
+        from alphadrive_ray.weight_sync import GlooBroadcastGroup
+
+        old, self._sync_group = getattr(self, "_sync_group", None), None
+        if old is not None:
+            old.close()
+        self._sync_group = GlooBroadcastGroup(master_address, master_port, rank_offset, world_size)
+
+    def receive_weights_broadcast(self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int) -> int:
+        """Receive [(name, dtype, shape)] from learner rank 0's broadcast; each tensor is loaded as it arrives."""
+        from alphadrive_ray.weight_sync import receive_broadcast
+
+        group = getattr(self, "_sync_group", None)
+        if group is None:
+            raise RuntimeError("weight sync: receive_weights_broadcast before init_weight_sync_group")
+        return self.load_weights(receive_broadcast(group, metas), version)
+
 
 class _RepeatedKVCache:
     """A preallocated KV cache for the lean loop: the prefill of B prompts repeated G times.

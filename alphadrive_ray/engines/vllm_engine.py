@@ -24,7 +24,7 @@ and called with `LLM.collective_rpc`:
   unpacked tensors to `VLLMEngine.load_weights`, which passes them to the workers in chunks;
 - NCCL (GPU): learner rank 0 and the vLLM workers form a broadcast group
   (`init_weight_sync_group` / `open_weight_sync_group`); rank 0 broadcasts each tensor in the
-  order of the metadata [(name, dtype, shape)] the workers received (`receive_weights_nccl` /
+  order of the metadata [(name, dtype, shape)] the workers received (`receive_weights_broadcast` /
   `broadcast_weights`).
 
 Both paths load through vLLM 0.32's in-place reload lifecycle (`initialize_layerwise_reload`,
@@ -275,7 +275,7 @@ def open_weight_sync_group(master_address: str, master_port: int, world_size: in
 
 
 def broadcast_weights(group, named_tensors: Iterable[tuple[str, Any]]) -> int:
-    """Broadcast each CUDA tensor in metadata order (the engines run `receive_weights_nccl` meanwhile)."""
+    """Broadcast each CUDA tensor in metadata order (the engines run `receive_weights_broadcast` meanwhile)."""
     import torch
 
     stream = torch.cuda.current_stream()
@@ -415,7 +415,7 @@ class VLLMEngine:
         """GPU: join learner rank 0's NCCL broadcast group (see `open_weight_sync_group`)."""
         self.llm.collective_rpc("init_weight_sync_group", args=(master_address, master_port, rank_offset, world_size))
 
-    def receive_weights_nccl(self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int) -> int:
+    def receive_weights_broadcast(self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int) -> int:
         """GPU: receive [(name, dtype, shape)] from learner rank 0's `broadcast_weights`."""
         metas = [(name, dtype, tuple(shape)) for name, dtype, shape in metas]
         for name, _, shape in metas:

@@ -142,6 +142,7 @@ class Job:
     gen_ref: Any
     reward: Any = None  # actor handle
     score_ref: Any = None
+    version: int = 0  # the weight version the engines held when the job was submitted
 
 
 def _dead(exc: BaseException) -> bool:
@@ -183,6 +184,11 @@ class RolloutGroup(_ActorGroup):
         self.tensor_parallel_size = tensor_parallel_size  # vLLM workers per engine (NCCL ranks)
         # the weights every engine holds; a restarted worker loads them again
         self.weights: tuple[list, int] | None = None
+        self.version = 0  # of the last sync (0: the weights the engines started with)
+        # broadcast sync (sync.backend nccl / gloo): the learners that send, the backend, and
+        # whether the group's members are all joined (a restarted worker is not)
+        self._broadcast: tuple[LearnerGroup, str] | None = None
+        self._group_open = False
         self.restarts = 0
         self.last_wait = {"rollout": 0.0, "reward": 0.0}
 
@@ -202,7 +208,7 @@ class RolloutGroup(_ActorGroup):
                 continue
             # distinct seeds per worker, so their samples differ
             worker_params = SamplingParams(**{**params.__dict__, "seed": params.seed * 1009 + i})
-            job = Job(actor, list(chunk), worker_params, actor.generate.remote(list(chunk), worker_params))
+            job = Job(actor, list(chunk), worker_params, actor.generate.remote(list(chunk), worker_params), version=self.version)
             if rewards is not None:
                 job.reward = rewards.actors[len(jobs) % len(rewards.actors)]
                 job.score_ref = job.reward.score.remote(job.gen_ref)
@@ -228,6 +234,13 @@ class RolloutGroup(_ActorGroup):
                     continue
                 t1 = time.monotonic()
                 self.last_wait["rollout"] += t1 - t0
+                if any(c.weight_version < job.version for g in part for c in g.completions):
+                    # the worker died between calls and Ray restarted it: it generated with the
+                    # weights it started with, and its scores (if any) are of those completions
+                    if attempt == self.max_retries:
+                        raise RuntimeError(f"rollout worker generated with weight version < {job.version} after {attempt + 1} attempts")
+                    self._redo_generation(job, rewards)
+                    continue
                 if job.score_ref is None:
                     break
                 assert rewards is not None  # a job is scored only when it was submitted with rewards
@@ -249,7 +262,12 @@ class RolloutGroup(_ActorGroup):
     def _redo_generation(self, job: Job, rewards: "RewardPool | None") -> None:
         self.restarts += 1
         wait_alive(job.rollout)
-        if self.weights is not None:
+        if self._broadcast is not None:
+            if self.version > 0:
+                # the restarted worker left the group: every member joins a new one, then the
+                # current weights go out again (the others receive what they hold)
+                self.broadcast_weights(self.version, rejoin=True)
+        elif self.weights is not None:
             bucket_refs, version = self.weights
             job.rollout.load_weights.remote(bucket_refs, version)  # runs first on the restarted actor
         job.gen_ref = job.rollout.generate.remote(job.records, job.params)
@@ -261,6 +279,7 @@ class RolloutGroup(_ActorGroup):
 
     def load_weights(self, bucket_refs: list, version: int) -> list[int]:
         self.weights = (bucket_refs, version)
+        self.version = version
         out = []
         for actor in self.actors:
             for attempt in range(self.max_retries + 1):
@@ -273,6 +292,44 @@ class RolloutGroup(_ActorGroup):
                     self.restarts += 1
                     wait_alive(actor)
         return out
+
+    def use_broadcast(self, learners: "LearnerGroup", backend: str) -> None:
+        """Sync by broadcast from learner rank 0 (`sync.backend` nccl on GPUs, gloo on CPU) instead
+        of through the object store; the group is opened at the first `broadcast_weights`."""
+        self._broadcast = (learners, backend)
+        self._group_open = False
+
+    def broadcast_weights(self, version: int, rejoin: bool = False) -> int:
+        """Learner rank 0 -> every engine; returns the bytes sent. A worker that Ray restarted
+        since the last sync (it answers with an older weight version, or died and is waited
+        for) lost its group membership: the group is re-formed with every member first, as it
+        is with `rejoin` (the caller already knows of a restart)."""
+        assert self._broadcast is not None, "use_broadcast first"
+        learners, backend = self._broadcast
+        if rejoin or self._restarted_since_sync():
+            self._group_open = False
+        if not self._group_open:
+            learners.open_broadcast_sync(self, backend)
+            self._group_open = True
+        n = learners.broadcast_weights(self, version)
+        self.version = version
+        return n
+
+    def _restarted_since_sync(self) -> bool:
+        refs = [a.weight_version.remote() for a in self.actors]
+        restarted = False
+        for actor, ref in zip(self.actors, refs):
+            try:
+                held = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - only dead actors are waited for
+                if not _dead(exc):
+                    raise
+                wait_alive(actor)
+                held = -1
+            if held != self.version:
+                self.restarts += 1
+                restarted = True
+        return restarted
 
 
 class RewardPool(_ActorGroup):
@@ -370,22 +427,24 @@ class LearnerGroup(_ActorGroup):
     def export_weights(self, bucket_mb: int) -> list:
         return self._all("export_weights", bucket_mb)[0]
 
-    def open_nccl_sync(self, rollout: "RolloutGroup") -> None:
-        """GPU: one NCCL group of learner rank 0 (rank 0) and every vLLM worker (`nccl_sync_layout`)."""
+    def open_broadcast_sync(self, rollout: "RolloutGroup", backend: str) -> None:
+        """A fresh broadcast group (nccl or gloo, at a fresh port) of learner rank 0 (rank 0) and
+        every engine worker (`nccl_sync_layout`); members leave the group they were in."""
         addr, port = ray.get(
             _free_address.options(scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0)).remote()
         )
         world, offsets = nccl_sync_layout(len(rollout.actors), rollout.tensor_parallel_size)
-        refs = [self.actors[0].open_weight_sync_group.remote(addr, port, world)]
-        refs += [a.init_weight_sync_group.remote(addr, port, offset, world) for a, offset in zip(rollout.actors, offsets)]
-        self._get(refs, "open_weight_sync_group")
+        sender = self.actors[0].open_weight_sync_group.remote(addr, port, world, backend)
+        ray.get([a.init_weight_sync_group.remote(addr, port, offset, world) for a, offset in zip(rollout.actors, offsets)])
+        self._get([sender], "open_weight_sync_group")
 
     def broadcast_weights(self, rollout: "RolloutGroup", version: int) -> int:
-        """GPU: stream the weights over NCCL; engines receive concurrently. Returns the bytes sent."""
+        """Stream the weights from rank 0 to every engine of an open broadcast group (engines
+        receive concurrently). Returns the bytes sent."""
         from alphadrive_ray.weight_sync import to_dtype
 
         metas = ray.get(self.actors[0].weight_metas.remote())
-        refs = [a.receive_weights_nccl.remote(metas, version) for a in rollout.actors]
+        refs = [a.receive_weights_broadcast.remote(metas, version) for a in rollout.actors]
         self._all("broadcast_weights")
         ray.get(refs)
         return sum(math.prod(shape) * to_dtype(dtype).itemsize for _, dtype, shape in metas)

@@ -451,7 +451,7 @@ class LearnerWorker(ProcessInfo):
             buckets = weight_sync.group_buckets(tensors, bucket_mb * 2**20)
         return weight_sync.publish(buckets)
 
-    # --- NCCL weight sync (GPU learners -> vLLM engines) --------------------------------
+    # --- broadcast weight sync (learner rank 0 -> every engine; see weight_sync) ---------
 
     def weight_metas(self) -> list[tuple[str, str, list[int]]]:
         """(name, dtype, shape) of each synced parameter, in the broadcast order."""
@@ -462,12 +462,20 @@ class LearnerWorker(ProcessInfo):
                 out.append((name, weight_sync.dtype_name(param.dtype), shape))
         return out
 
-    def open_weight_sync_group(self, master_address: str, master_port: int, world_size: int) -> None:
-        """Rank 0 joins the NCCL group with every vLLM worker (they join concurrently)."""
-        if self.rank == 0:
+    def open_weight_sync_group(self, master_address: str, master_port: int, world_size: int, backend: str = "nccl") -> None:
+        """Rank 0 joins a fresh broadcast group with every engine worker (they join concurrently);
+        a group it held before is closed first."""
+        if self.rank != 0:
+            return
+        old, self._sync_group = getattr(self, "_sync_group", None), None
+        if old is not None and hasattr(old, "close"):
+            old.close()
+        if backend == "gloo":
+            self._sync_group = weight_sync.GlooBroadcastGroup(master_address, master_port, 0, world_size)
+        else:
             from alphadrive_ray.engines.vllm_engine import open_weight_sync_group
 
-            self._nccl_group = open_weight_sync_group(master_address, master_port, world_size)
+            self._sync_group = open_weight_sync_group(master_address, master_port, world_size)
 
     def broadcast_weights(self) -> int:
         """Rank 0 broadcasts every synced parameter; other ranks join the ZeRO-3 gathers."""
@@ -476,9 +484,11 @@ class LearnerWorker(ProcessInfo):
             for _ in tensors:
                 pass
             return 0
+        if isinstance(self._sync_group, weight_sync.GlooBroadcastGroup):
+            return weight_sync.broadcast_tensors(self._sync_group, tensors)
         from alphadrive_ray.engines.vllm_engine import broadcast_weights
 
-        return broadcast_weights(self._nccl_group, tensors)
+        return broadcast_weights(self._sync_group, tensors)
 
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """Every parameter, gathered, on CPU (tests compare these with the engines')."""

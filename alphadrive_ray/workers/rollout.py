@@ -106,12 +106,13 @@ class RolloutWorker(ProcessInfo):
         return self.engine.load_weights(weight_sync.receive(bucket_refs), version)
 
     def init_weight_sync_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        """GPU (vLLM): join learner rank 0's NCCL broadcast group."""
+        """Join learner rank 0's broadcast group (vLLM: NCCL on GPUs; HF engine: gloo), replacing any
+        group joined before."""
         self.engine.init_weight_sync_group(master_address, master_port, rank_offset, world_size)
 
-    def receive_weights_nccl(self, metas: list, version: int) -> int:
-        """GPU (vLLM): receive the weights learner rank 0 broadcasts, described by `metas`."""
-        return self.engine.receive_weights_nccl(metas, version)
+    def receive_weights_broadcast(self, metas: list, version: int) -> int:
+        """Receive the weights learner rank 0 broadcasts, described by `metas` [(name, dtype, shape)]."""
+        return self.engine.receive_weights_broadcast(metas, version)
 
     def weight_version(self) -> int:
         return self.engine.weight_version
