@@ -294,6 +294,23 @@ class LearnerConfig:
     model.gradient_checkpointing)."""
 
 
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank of the learner's adapters (peft); 0 trains every weight instead. With LoRA the
+    learners train and checkpoint only the adapters (and the vision tower unless
+    model.freeze_vision); engines receive merged weights, and the export is merged."""
+    alpha: int = 32
+    """LoRA scaling numerator: the update is (alpha / rank) * B @ A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input in training (0 keeps learner and engine log-probs equal)."""
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    """Names of the linear layers that get adapters (the language model's attention and MLP)."""
+
+
 @dataclass(frozen=True)
 class SyncConfig:
     backend: str = "object_store"
@@ -373,6 +390,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -579,6 +597,14 @@ def validate(c: Config, source: str = "config") -> None:
         choice(comp, "reward.components[]", ABLATION_COMPONENTS)
     check(len(set(c.reward.components)) == len(c.reward.components), "reward.components lists a component twice")
     check(c.learner.zero_stage in (0, 1, 2, 3), f"learner.zero_stage must be 0, 1, 2 or 3; got {c.learner.zero_stage}")
+    check(c.lora.rank >= 0, f"lora.rank must be 0 (off) or positive; got {c.lora.rank}")
+    check(c.lora.rank == 0 or c.lora.alpha > 0, f"lora.alpha must be positive; got {c.lora.alpha}")
+    check(0.0 <= c.lora.dropout < 1.0, f"lora.dropout must be in [0, 1); got {c.lora.dropout}")
+    check(c.lora.rank == 0 or len(c.lora.target_modules) > 0, "lora.target_modules must name at least one layer")
+    check(
+        c.lora.rank == 0 or c.learner.zero_stage < 3,
+        "lora.rank > 0 works with learner.zero_stage 0-2 (adapters and their optimizer state are small); ZeRO-3 is not supported with LoRA",
+    )
     for key, value in (
         ("rollout.num_workers", c.rollout.num_workers),
         ("reward.num_workers", c.reward.num_workers),

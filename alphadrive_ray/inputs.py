@@ -213,9 +213,15 @@ def returned_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
+def core_model(model):
+    """The transformers model under a DeepSpeed engine (`module`) and a peft wrapper (LoRA)."""
+    core = getattr(model, "module", model)
+    return core.get_base_model() if hasattr(core, "get_base_model") else core
+
+
 def cache_argument(model) -> str:
     """The name under which `model`'s forward takes a KV cache (see `returned_cache`)."""
-    core = getattr(model, "module", model)  # the model under a DeepSpeed engine
+    core = core_model(model)
     return "cache" if "cache" in inspect.signature(core.forward).parameters else "past_key_values"
 
 
@@ -229,7 +235,7 @@ def prompt_positions(model, prompt: dict) -> tuple[torch.Tensor | None, torch.Te
     mask = prompt["attention_mask"]  # [B, P]
     if "mm_token_type_ids" not in prompt:
         return None, torch.full((mask.shape[0], 1), mask.shape[1], dtype=torch.long, device=mask.device)
-    core = getattr(model, "module", model).model  # the Qwen2-VL model (also under a DeepSpeed engine)
+    core = core_model(model).model  # the Qwen2-VL model (also under a DeepSpeed engine or peft)
     positions, rope_delta = core.get_rope_index(
         prompt["input_ids"],
         mm_token_type_ids=prompt["mm_token_type_ids"],

@@ -61,6 +61,10 @@ class LearnerSpec:
     min_pixels: int = 0  # image-size bounds (data.min_pixels / data.max_pixels; 0: the model's own)
     max_pixels: int = 0
     zero_stage: int = 2
+    lora_rank: int = 0  # 0: full fine-tuning (alphadrive_ray/lora.py)
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()
     backend: str = "gloo"
     grad_clip: float = 1.0
     cpus: float = 1.0
@@ -78,6 +82,10 @@ class LearnerSpec:
             share_prompts=c.learner.share_prompts,
             freeze_vision=c.model.freeze_vision,
             zero_stage=c.learner.zero_stage,
+            lora_rank=c.lora.rank,
+            lora_alpha=c.lora.alpha,
+            lora_dropout=c.lora.dropout,
+            lora_targets=tuple(c.lora.target_modules),
             backend=c.learner.backend if c.learner.backend != "auto" else ("nccl" if gpu else "gloo"),
             grad_clip=c.learner.grad_clip,
             cpus=c.learner.cpus_per_worker,
@@ -126,8 +134,15 @@ class LearnerWorker(ProcessInfo):
         self.model = load_model(spec.model_path, spec.dtype, spec.attn_implementation)
         if spec.freeze_vision and hasattr(self.model, "model") and hasattr(self.model.model, "visual"):
             self.model.model.visual.requires_grad_(False)
+        self.lora = spec.lora_rank > 0
+        if self.lora:
+            from alphadrive_ray.lora import apply_lora
+
+            self.model = apply_lora(self.model, spec.lora_rank, spec.lora_alpha, spec.lora_dropout, spec.lora_targets, not spec.freeze_vision)
         if spec.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+            if self.lora:  # frozen embeddings: the checkpointed blocks' inputs must carry gradients
+                self.model.enable_input_require_grads()
         self.encoder = PromptEncoder(
             load_processor(spec.model_path, spec.min_pixels, spec.max_pixels), spec.prompt_template, cache_mb=spec.image_cache_mb
         )
@@ -424,8 +439,14 @@ class LearnerWorker(ProcessInfo):
         """(name, full tensor) of every parameter that syncs, in a fixed order, on every rank.
 
         Under ZeRO-3 each parameter is gathered first, a collective: all ranks must iterate
-        together. With `freeze_vision` the vision tower is skipped (engines keep theirs).
+        together. With `freeze_vision` the vision tower is skipped (engines keep theirs). With
+        LoRA, adapted layers come merged, under the base model's names (alphadrive_ray/lora.py).
         """
+        if self.lora:
+            from alphadrive_ray.lora import merged_parameters
+
+            yield from merged_parameters(self.model, everything)
+            return
         for name, param in self.model.named_parameters():
             if not everything and not param.requires_grad:
                 continue
@@ -455,6 +476,8 @@ class LearnerWorker(ProcessInfo):
 
     def weight_metas(self) -> list[tuple[str, str, list[int]]]:
         """(name, dtype, shape) of each synced parameter, in the broadcast order."""
+        if self.lora:
+            return [(name, weight_sync.dtype_name(t.dtype), list(t.shape)) for name, t in self.iter_full_parameters()]
         out = []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
