@@ -22,11 +22,11 @@ COMMAND_MODULES: tuple[str, ...] = (
     "alphadrive_ray.models.cli",
     "alphadrive_ray.data.cli",
     "alphadrive_ray.evaluation.cli",
-    "alphadrive_ray.train",
+    "alphadrive_ray.train.cli",
     "alphadrive_ray.distill.cli",
-    "alphadrive_ray.serve",
+    "alphadrive_ray.serve.cli",
     "alphadrive_ray.run_report",
-    "alphadrive_ray.export",
+    "alphadrive_ray.train.export",
 )
 
 

@@ -15,7 +15,7 @@ application metrics from each node's metrics agent (`ray start --metrics-export-
 with a `ray_` prefix. Values are numbers and the only tags are the run name and the stage:
 nothing else from the config or the environment reaches a metric.
 
-    tracker.add_sink(RayMetricsSink(config.run.name))   # in alphadrive_ray.trainer.train
+    tracker.add_sink(RayMetricsSink(config.run.name))   # in alphadrive_ray.train.trainer.train
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ from alphadrive_ray.config import Config, load_config, parse_override  # noqa: E
 from alphadrive_ray.data.synth import DEFAULT_PATH_MIX, DEFAULT_SPEED_MIX  # noqa: E402
 from alphadrive_ray.errors import UserError  # noqa: E402
 from alphadrive_ray.rewards import ABLATION_COMPONENTS  # noqa: E402
-from alphadrive_ray.trainer import torch_extensions_dir  # noqa: E402
+from alphadrive_ray.train.trainer import torch_extensions_dir  # noqa: E402
 
 DEFAULT_BASE = REPO / "jobs" / "quickstart_cpu.yaml"
 DEFAULT_OUT = REPO / "bench" / "out" / "ablation"

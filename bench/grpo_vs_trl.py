@@ -223,7 +223,7 @@ def run_trl(args, workdir: Path) -> dict:
 
 def run_ours(args, workdir: Path) -> dict:
     from alphadrive_ray.config import load_config
-    from alphadrive_ray.trainer import train
+    from alphadrive_ray.train.trainer import train
 
     model_dir, train_path, held_out = prepare(workdir, args)
     run_root = workdir / "runs"

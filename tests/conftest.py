@@ -81,7 +81,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         # workers import test helpers (classes defined in test modules) from the repo
-        from alphadrive_ray.trainer import torch_extensions_dir
+        from alphadrive_ray.train.trainer import torch_extensions_dir
 
         env = {
             "TOKENIZERS_PARALLELISM": "false",

@@ -325,7 +325,7 @@ def test_cli_train_reports_config_errors_without_traceback(tmp_path):
     ],
 )
 def test_summary_names_the_stages_the_run_had(overrides, untrained, final):
-    from alphadrive_ray.trainer import stage_labels
+    from alphadrive_ray.train.trainer import stage_labels
 
     labels = stage_labels(load_config(None, list(overrides)))
     assert (labels["untrained"], labels["final"]) == (untrained, final)

@@ -221,7 +221,7 @@ def test_unreachable_hub_is_a_clear_error(tmp_path):
 
 def test_training_reads_a_save_to_disk_folder(scenes, tmp_path):
     from alphadrive_ray.config import load_config
-    from alphadrive_ray.trainer import prepare_data
+    from alphadrive_ray.train.trainer import prepare_data
 
     train_dir = tmp_path / "train"
     to_hf_dataset(scenes[:4]).save_to_disk(str(train_dir))

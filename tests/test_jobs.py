@@ -103,7 +103,7 @@ def test_working_dir_excludes_environments_outputs_and_large_files(tmp_path):
         "weights/policy.bin",
         "data/train.parquet",
         "ckpt/optim.pt",
-        "alphadrive_ray/trainer.py",
+        "alphadrive_ray/train/trainer.py",
         "jobs/qwen2vl_2b.yaml",
         "pyproject.toml",
         "README.md",
@@ -111,12 +111,23 @@ def test_working_dir_excludes_environments_outputs_and_large_files(tmp_path):
         (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
         (checkout / rel).write_text("x")
     names, _ = package_names(checkout, tmp_path)
-    assert sorted(n for n in names if not n.endswith("/")) == ["README.md", "alphadrive_ray/trainer.py", "jobs/qwen2vl_2b.yaml", "pyproject.toml"]
+    assert sorted(n for n in names if not n.endswith("/")) == [
+        "README.md",
+        "alphadrive_ray/train/trainer.py",
+        "jobs/qwen2vl_2b.yaml",
+        "pyproject.toml",
+    ]
 
 
 def test_this_checkout_packs_small(tmp_path):
     names, size = package_names(REPO, tmp_path)
-    for needed in ("alphadrive_ray/trainer.py", "alphadrive_ray/train.py", "jobs/qwen2vl_2b.yaml", "jobs/quickstart_cpu.yaml", "pyproject.toml"):
+    for needed in (
+        "alphadrive_ray/train/trainer.py",
+        "alphadrive_ray/train/cli.py",
+        "jobs/qwen2vl_2b.yaml",
+        "jobs/quickstart_cpu.yaml",
+        "pyproject.toml",
+    ):
         assert needed in names, needed
     assert not [n for n in names if n.startswith((".venv", ".git/", "runs/", "artifacts/"))]
     assert size < 20 * 2**20  # code and docs only (Ray's limit for a working dir is 500 MiB)

@@ -176,7 +176,7 @@ def test_resume_on_fewer_learners_agrees_with_an_unchanged_resume(tmp_path, tiny
 
 
 def test_crash_while_writing_keeps_the_latest_checkpoint(tmp_path):
-    from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+    from alphadrive_ray.train.checkpoint import CheckpointManager, TrainerState
 
     manager = CheckpointManager(tmp_path, keep=2)
     state = TrainerState("grpo", 1, 2, {"grpo": {"epoch": 0, "position": 4}}, {})
@@ -202,7 +202,7 @@ def test_trainer_state_holds_only_what_a_resume_restores(tmp_path):
     # numpy's 624 state words and never restore them). Learner ranks keep their torch RNG.
     import dataclasses
 
-    from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+    from alphadrive_ray.train.checkpoint import CheckpointManager, TrainerState
 
     assert {f.name for f in dataclasses.fields(TrainerState)} == {"stage", "step", "version", "samplers", "accuracy"}
     # a checkpoint written by an earlier version (with its `rng` entry) still loads
@@ -216,7 +216,7 @@ def test_trainer_state_holds_only_what_a_resume_restores(tmp_path):
 
 
 def test_pruning_orders_by_stage_and_step_not_by_file_times(tmp_path):
-    from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+    from alphadrive_ray.train.checkpoint import CheckpointManager, TrainerState
 
     manager = CheckpointManager(tmp_path, keep=2)
     # file times that say the opposite of the run order (a copied or restored run folder)
@@ -240,7 +240,7 @@ def test_pruning_orders_by_stage_and_step_not_by_file_times(tmp_path):
     ],
 )
 def test_resuming_grpo_without_its_kl_reference_is_refused(tmp_path, stage, beta, reference, refused):
-    from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+    from alphadrive_ray.train.checkpoint import CheckpointManager, TrainerState
     from alphadrive_ray.errors import UserError
 
     manager = CheckpointManager(tmp_path)
@@ -255,7 +255,7 @@ def test_resuming_grpo_without_its_kl_reference_is_refused(tmp_path, stage, beta
 
 
 def test_resume_without_the_kl_reference_stops_before_starting_anything(tmp_path):
-    from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+    from alphadrive_ray.train.checkpoint import CheckpointManager, TrainerState
 
     # no model, data or learner state is needed: the run must stop before it looks for them
     overrides = tiny_overrides(tmp_path, str(tmp_path / "model"), "no-reference", 4)
@@ -287,7 +287,7 @@ def test_killed_rollout_and_reward_workers_are_replaced(ray_cluster, tmp_path, t
     import ray
 
     from alphadrive_ray.config import load_config
-    from alphadrive_ray.trainer import train
+    from alphadrive_ray.train.trainer import train
 
     overrides = tiny_overrides(tmp_path, tiny_vl_dir, "faults", 8)  # 8 steps x 4 prompts = 2 epochs of 16
     overrides = [o for o in overrides if not o.startswith("checkpoint.")] + ["checkpoint.export_hf=false"]

@@ -27,7 +27,7 @@ PACKAGE = REPO / "alphadrive_ray"
 LOCAL_CLUSTER = """
 import json, psutil, ray
 from alphadrive_ray.config import load_config
-from alphadrive_ray.trainer import connect_ray
+from alphadrive_ray.train.trainer import connect_ray
 
 connect_ray(load_config(None, ["ray.num_cpus=1"]), say=lambda text: None)
 url = ray._private.worker.get_dashboard_url()

@@ -288,7 +288,7 @@ def test_serve_errors(tiny_vl_dir, server, tmp_path):
 
 
 def test_local_files_are_off_by_default(dataset):
-    from alphadrive_ray.serving import ApiError, load_image_url
+    from alphadrive_ray.serve.app import ApiError, load_image_url
 
     image = load_records(dataset)[0].image
     with pytest.raises(ApiError, match="local image files are disabled"):
@@ -340,7 +340,7 @@ def image_host():
 
 
 def test_image_urls_are_fetched_only_from_allowed_hosts(image_host):
-    from alphadrive_ray.serving import ApiError, load_image_url
+    from alphadrive_ray.serve.app import ApiError, load_image_url
 
     url = f"http://127.0.0.1:{image_host['port']}/image.png"
     with pytest.raises(ApiError) as info:  # the default: no fetching at all
@@ -356,7 +356,7 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(image_host):
 
 
 def test_a_redirect_to_another_host_is_refused(image_host):
-    from alphadrive_ray.serving import ApiError, load_image_url
+    from alphadrive_ray.serve.app import ApiError, load_image_url
 
     image_host["location"] = f"http://localhost:{image_host['port']}/image.png"
     with pytest.raises(ApiError) as info:

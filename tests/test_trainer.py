@@ -10,7 +10,7 @@ import pytest
 from alphadrive_ray.config import load_config
 from alphadrive_ray.data.records import Record
 from alphadrive_ray.engines.base import Completion, Group
-from alphadrive_ray.trainer import Trainer, uniform_group
+from alphadrive_ray.train.trainer import Trainer, uniform_group
 
 
 def totals(*values):
@@ -162,7 +162,7 @@ def test_the_ledger_records_what_was_trained_and_what_was_dropped(tmp_path):
 
 
 def test_grpo_samples_carry_each_completion_with_its_group_relative_advantage():
-    from alphadrive_ray.trainer import grpo_samples
+    from alphadrive_ray.train.trainer import grpo_samples
 
     groups = [Group(r, [Completion(f"{r.id}-{k}", [k, k + 1], [-0.5, -0.25], "stop", 3) for k in range(3)]) for r in RECORDS[:2]]
     scores = [totals(0.0, 1.0, 2.0), totals(4.0, 4.0, 4.0)]  # a spread group, then a uniform one
@@ -179,7 +179,7 @@ def test_grpo_samples_carry_each_completion_with_its_group_relative_advantage():
 
 
 def test_a_resumed_run_reads_back_the_per_scene_correctness_of_stages_evaluated_before_it_stopped(tmp_path):
-    from alphadrive_ray.trainer import compare_stages
+    from alphadrive_ray.train.trainer import compare_stages
 
     trainer = Trainer.__new__(Trainer)  # the parts restore_correct uses; no actors
     trainer.run_dir = tmp_path

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alphadrive_ray import zero_checkpoint as zc
+from alphadrive_ray.train import zero_checkpoint as zc
 
 LAYOUTS = [(2, 2), (3, 3), (2, 5)]  # (ZeRO stage, learners) of the checkpoints written here
 N_EXAMPLES = 30  # splits evenly over 1, 2, 3 and 5 learners
@@ -157,7 +157,7 @@ def test_export_loads_in_from_pretrained_serve_and_the_rollout_engine(checkpoint
     from alphadrive_ray.engines.base import SamplingParams
     from alphadrive_ray.engines.hf import HFEngine
     from alphadrive_ray.prompts import planning_prompt
-    from alphadrive_ray.serving import ServerOptions, create_app, load_backend
+    from alphadrive_ray.serve.app import ServerOptions, create_app, load_backend
 
     ckpt = checkpoints[layout]
     out = tmp_path / "hf"
@@ -171,7 +171,7 @@ def test_export_loads_in_from_pretrained_serve_and_the_rollout_engine(checkpoint
     provenance = json.loads((out / "alphadrive_export.json").read_text())
     assert (provenance["zero_stage"], provenance["learners"]) == layout
     # the processor keeps the image-size bounds a run trained with (the CLI reads them from its config.yaml)
-    from alphadrive_ray.export import export_checkpoint, resolve_checkpoint
+    from alphadrive_ray.train.export import export_checkpoint, resolve_checkpoint
 
     bounded = export_checkpoint(resolve_checkpoint(ckpt["folder"])[0], tmp_path / "bounded", model_dir, min_pixels=3136, max_pixels=401408)
     size = AutoProcessor.from_pretrained(bounded).image_processor.size

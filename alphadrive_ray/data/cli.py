@@ -9,7 +9,23 @@ alphadrive-ray data from-trajectories samples.json data/train.jsonl       # see 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from typing import Any
+
+from alphadrive_ray.data.convert import check_paths, convert_items, finish
+from alphadrive_ray.data.release import convert_release_item
+from alphadrive_ray.data.trajectory import (
+    ACCEL_DELTA,
+    ANGLE_THRESHOLD_DEG,
+    DT,
+    LATERAL_THRESHOLD,
+    MIN_POINTS,
+    NUM_POINTS,
+    STOP_SPEED,
+    convert_trajectory_item,
+)
+from alphadrive_ray.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -39,12 +55,8 @@ def register(subparsers) -> None:
     validate.add_argument("--no-images", action="store_true", help="skip opening the images (faster)")
     validate.set_defaults(func=run_validate)
 
-    for module in ("alphadrive_ray.data.release", "alphadrive_ray.data.trajectory"):
-        try:
-            __import__(module, fromlist=["register"]).register(sub)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    register_import_release(sub)
+    register_from_trajectories(sub)
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -98,3 +110,100 @@ def run_validate(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.path}: {len(report.records)} record(s), all valid")
     return 0
+
+
+# --- converters: release records, trajectories ------------------------------------
+
+
+def add_io_arguments(parser, what: str) -> None:
+    """The arguments every converter shares: input, output, --image-root, --skip-bad, --no-images."""
+    parser.add_argument("input", help=f"{what} file: a JSON array, JSONL, or JSON objects (e.g. one pretty-printed)")
+    parser.add_argument("output", help="canonical JSONL to write (image paths relative to it)")
+    parser.add_argument("--image-root", default=None, help="folder the input's image paths are relative to (default: the input file's folder)")
+    parser.add_argument("--skip-bad", action="store_true", help="convert the good records and report how many bad ones were skipped")
+    parser.add_argument("--no-images", action="store_true", help="do not open the images (faster; `data validate` can check them later)")
+
+
+def register_import_release(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "import-release",
+        help="convert the AlphaDrive release format (image, problem, solution, thinking) to canonical JSONL",
+        description="Convert AlphaDrive release records {image, problem, solution, thinking} to the canonical "
+        "format. Exit 1 listing every bad record (file:line or file[index], field) unless --skip-bad.",
+    )
+    add_io_arguments(parser, "release")
+    parser.set_defaults(func=run_import_release)
+
+
+def run_import_release(args: argparse.Namespace) -> int:
+    image_root = check_paths(args.input, args.output, args.image_root)
+
+    def convert_one(obj: Any, line: int, index: int | None):
+        return convert_release_item(obj, file=args.input, line=line, index=index, image_root=image_root, check_images=not args.no_images)
+
+    return finish(convert_items(args.input, convert_one), args.output, args.skip_bad)
+
+
+def register_from_trajectories(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "from-trajectories",
+        help="label samples with SPEED/PATH from their future trajectory and write canonical JSONL",
+        description="Convert samples {id, image, speed, navigation, trajectory: [[x, y], ...], reasoning?} to "
+        "canonical records, labelling SPEED/PATH from the trajectory (ego frame: x right, y forward, metres; "
+        "one waypoint every --dt seconds; the rules are in alphadrive_ray/data/trajectory.py).",
+    )
+    add_io_arguments(parser, "samples")
+    add = parser.add_argument
+    add("--num-points", type=int, default=NUM_POINTS, help=f"waypoints per trajectory (default {NUM_POINTS})")
+    add("--dt", type=float, default=DT, help=f"seconds between waypoints (default {DT})")
+    add("--stop-speed", type=float, default=STOP_SPEED, help=f"STOP when every interval speed is below this, m/s (default {STOP_SPEED})")
+    add(
+        "--accel-delta",
+        type=float,
+        default=ACCEL_DELTA,
+        help=f"ACCELERATE / DECELERATE when v_last - v_first reaches +/- this, m/s (default {ACCEL_DELTA})",
+    )
+    add(
+        "--lateral-threshold",
+        type=float,
+        default=LATERAL_THRESHOLD,
+        help=f"end-point lateral offset that leaves the lane, m (default {LATERAL_THRESHOLD})",
+    )
+    add(
+        "--angle-threshold",
+        type=float,
+        default=ANGLE_THRESHOLD_DEG,
+        help=f"end-point bearing that makes a lateral move a turn, degrees (default {ANGLE_THRESHOLD_DEG})",
+    )
+    parser.set_defaults(func=run_from_trajectories)
+
+
+def run_from_trajectories(args: argparse.Namespace) -> int:
+    thresholds = dict(
+        dt=args.dt,
+        stop_speed=args.stop_speed,
+        accel_delta=args.accel_delta,
+        lateral_threshold=args.lateral_threshold,
+        angle_threshold_deg=args.angle_threshold,
+    )
+    flags = ("--dt", "--stop-speed", "--accel-delta", "--lateral-threshold", "--angle-threshold")
+    for flag, value in zip(flags, thresholds.values()):
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} must be a positive number, got {value}")
+    if args.num_points < MIN_POINTS:
+        raise UserError(f"--num-points must be at least {MIN_POINTS}, got {args.num_points}")
+    image_root = check_paths(args.input, args.output, args.image_root)
+
+    def convert_one(obj: Any, line: int, index: int | None):
+        return convert_trajectory_item(
+            obj,
+            file=args.input,
+            line=line,
+            index=index,
+            image_root=image_root,
+            num_points=args.num_points,
+            check_images=not args.no_images,
+            **thresholds,
+        )
+
+    return finish(convert_items(args.input, convert_one), args.output, args.skip_bad)

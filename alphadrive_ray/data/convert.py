@@ -68,15 +68,6 @@ def convert_items(path: str | Path, convert_one: ConvertOne) -> Conversion:
     return Conversion(file, records, problems, n_items, n_bad)
 
 
-def add_io_arguments(parser, what: str) -> None:
-    """The arguments every converter shares: input, output, --image-root, --skip-bad, --no-images."""
-    parser.add_argument("input", help=f"{what} file: a JSON array, JSONL, or JSON objects (e.g. one pretty-printed)")
-    parser.add_argument("output", help="canonical JSONL to write (image paths relative to it)")
-    parser.add_argument("--image-root", default=None, help="folder the input's image paths are relative to (default: the input file's folder)")
-    parser.add_argument("--skip-bad", action="store_true", help="convert the good records and report how many bad ones were skipped")
-    parser.add_argument("--no-images", action="store_true", help="do not open the images (faster; `data validate` can check them later)")
-
-
 def check_paths(in_path: str | Path, out_path: str | Path, image_root: str | Path | None) -> Path:
     """Refuse a missing input, a folder, an output that would overwrite the input, or a bad
     --image-root; return the (absolute) folder image paths are relative to."""

@@ -36,14 +36,13 @@ opened unless --no-images), so the output passes `alphadrive-ray data validate`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 from pathlib import Path
 from typing import Any
 
 from alphadrive_ray.actions import PATH_ACTIONS, SPEED_ACTIONS
-from alphadrive_ray.data.convert import add_io_arguments, check_paths, convert_items, derived_id, finish
+from alphadrive_ray.data.convert import derived_id
 from alphadrive_ray.data.records import (
     OPTIONAL_FIELDS,
     REQUIRED_FIELDS,
@@ -231,23 +230,3 @@ def convert_release_item(
         message = f"parsed {p.field}: {p.message}" if p.field in _SOURCE_FIELD else p.message
         problems.append(dataclasses.replace(p, field=source, message=message, index=index))
     return (None, problems) if problems else (record, [])
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "import-release",
-        help="convert the AlphaDrive release format (image, problem, solution, thinking) to canonical JSONL",
-        description="Convert AlphaDrive release records {image, problem, solution, thinking} to the canonical "
-        "format. Exit 1 listing every bad record (file:line or file[index], field) unless --skip-bad.",
-    )
-    add_io_arguments(parser, "release")
-    parser.set_defaults(func=run_import_release)
-
-
-def run_import_release(args: argparse.Namespace) -> int:
-    image_root = check_paths(args.input, args.output, args.image_root)
-
-    def convert_one(obj: Any, line: int, index: int | None):
-        return convert_release_item(obj, file=args.input, line=line, index=index, image_root=image_root, check_images=not args.no_images)
-
-    return finish(convert_items(args.input, convert_one), args.output, args.skip_bad)

@@ -44,14 +44,11 @@ too many waypoints, and everything `data validate` checks).
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
 
-from alphadrive_ray.data.convert import add_io_arguments, check_paths, convert_items, finish
 from alphadrive_ray.data.records import Problem, Record, parse_record
-from alphadrive_ray.errors import UserError
 
 DT = 0.5  # seconds between waypoints (nuScenes)
 STOP_SPEED = 2.0  # m/s: below this maximum speed the ego is stopping / stopped
@@ -228,68 +225,3 @@ def convert_trajectory_item(
     record, found = parse_record(canonical, image_root, file, line, check_images)
     problems += [Problem(p.file, p.line, p.field, p.message, index) for p in found]
     return (None, problems) if problems else (record, [])
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "from-trajectories",
-        help="label samples with SPEED/PATH from their future trajectory and write canonical JSONL",
-        description="Convert samples {id, image, speed, navigation, trajectory: [[x, y], ...], reasoning?} to "
-        "canonical records, labelling SPEED/PATH from the trajectory (ego frame: x right, y forward, metres; "
-        "one waypoint every --dt seconds; the rules are in alphadrive_ray/data/trajectory.py).",
-    )
-    add_io_arguments(parser, "samples")
-    add = parser.add_argument
-    add("--num-points", type=int, default=NUM_POINTS, help=f"waypoints per trajectory (default {NUM_POINTS})")
-    add("--dt", type=float, default=DT, help=f"seconds between waypoints (default {DT})")
-    add("--stop-speed", type=float, default=STOP_SPEED, help=f"STOP when every interval speed is below this, m/s (default {STOP_SPEED})")
-    add(
-        "--accel-delta",
-        type=float,
-        default=ACCEL_DELTA,
-        help=f"ACCELERATE / DECELERATE when v_last - v_first reaches +/- this, m/s (default {ACCEL_DELTA})",
-    )
-    add(
-        "--lateral-threshold",
-        type=float,
-        default=LATERAL_THRESHOLD,
-        help=f"end-point lateral offset that leaves the lane, m (default {LATERAL_THRESHOLD})",
-    )
-    add(
-        "--angle-threshold",
-        type=float,
-        default=ANGLE_THRESHOLD_DEG,
-        help=f"end-point bearing that makes a lateral move a turn, degrees (default {ANGLE_THRESHOLD_DEG})",
-    )
-    parser.set_defaults(func=run_from_trajectories)
-
-
-def run_from_trajectories(args: argparse.Namespace) -> int:
-    thresholds = dict(
-        dt=args.dt,
-        stop_speed=args.stop_speed,
-        accel_delta=args.accel_delta,
-        lateral_threshold=args.lateral_threshold,
-        angle_threshold_deg=args.angle_threshold,
-    )
-    flags = ("--dt", "--stop-speed", "--accel-delta", "--lateral-threshold", "--angle-threshold")
-    for flag, value in zip(flags, thresholds.values()):
-        if not (math.isfinite(value) and value > 0):
-            raise UserError(f"{flag} must be a positive number, got {value}")
-    if args.num_points < MIN_POINTS:
-        raise UserError(f"--num-points must be at least {MIN_POINTS}, got {args.num_points}")
-    image_root = check_paths(args.input, args.output, args.image_root)
-
-    def convert_one(obj: Any, line: int, index: int | None):
-        return convert_trajectory_item(
-            obj,
-            file=args.input,
-            line=line,
-            index=index,
-            image_root=image_root,
-            num_points=args.num_points,
-            check_images=not args.no_images,
-            **thresholds,
-        )
-
-    return finish(convert_items(args.input, convert_one), args.output, args.skip_bad)

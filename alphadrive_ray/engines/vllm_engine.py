@@ -448,7 +448,7 @@ class VLLMEngine:
 
 
 class VLLMChatBackend:
-    """`alphadrive-ray serve --engine vllm`: the ChatBackend of alphadrive_ray.serving on vLLM."""
+    """`alphadrive-ray serve --engine vllm`: the ChatBackend of alphadrive_ray.serve.app on vLLM."""
 
     MAX_IMAGES = 8
 
@@ -465,7 +465,7 @@ class VLLMChatBackend:
         self._lock = threading.Lock()
 
     def prompt(self, messages: list[dict], images: list) -> dict:
-        from alphadrive_ray.serving import bad_request
+        from alphadrive_ray.serve.backend import bad_request
 
         if images and not self.vision:
             raise bad_request("this model is text-only; send no image parts", "messages", "images_not_supported")
@@ -483,7 +483,7 @@ class VLLMChatBackend:
     def generate(self, messages: list[dict], images: list, params):
         from vllm import SamplingParams as VLLMSamplingParams
 
-        from alphadrive_ray.serving import ChatChoice, ChatResult
+        from alphadrive_ray.serve.backend import ChatChoice, ChatResult
 
         kwargs = sampling_kwargs(
             n=params.n,
@@ -508,7 +508,7 @@ class VLLMChatBackend:
 
 
 def build_chat_backend(model_dir: str, *, dtype: str = "bfloat16", min_pixels: int = 0, max_pixels: int = 0, **llm_kwargs) -> VLLMChatBackend:
-    """The backend `alphadrive-ray serve --engine vllm` loads (alphadrive_ray.serving.load_vllm_backend)."""
+    """The backend `alphadrive-ray serve --engine vllm` loads (alphadrive_ray.serve.app.load_vllm_backend)."""
     from alphadrive_ray.models.loading import is_vision_model, load_processor, pixel_bounds
 
     processor = load_processor(model_dir, min_pixels, max_pixels)

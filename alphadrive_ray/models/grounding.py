@@ -148,7 +148,7 @@ def _pretrain_language(model, processor, steps: int, seed: int, batch_size: int,
     from alphadrive_ray.data.synth import random_scene, render_scene
     from alphadrive_ray.inputs import EncodedPrompt, PromptEncoder, completion_logits
     from alphadrive_ray.prompts import chat_messages
-    from alphadrive_ray.schedule import cosine_lr
+    from alphadrive_ray.train.schedule import cosine_lr
 
     rng = random.Random(20_000 + seed)  # scenes unlike any dataset split's
     encoder = PromptEncoder(processor, cache_mb=0)

@@ -235,7 +235,7 @@ class LearnerWorker(ProcessInfo):
         `learner.num_workers`) is first re-sharded into this group's layout (`_resharded`).
         """
         assert self.engine is not None  # restored after begin_stage
-        from alphadrive_ray import zero_checkpoint
+        from alphadrive_ray.train import zero_checkpoint
 
         stage, world = zero_checkpoint.checkpoint_layout(os.path.join(path, "state"))
         if self.spec.zero_stage > 0 and (stage, world) != (self.spec.zero_stage, self.world_size):
@@ -258,7 +258,7 @@ class LearnerWorker(ProcessInfo):
 
         import torch.distributed as dist
 
-        from alphadrive_ray import zero_checkpoint
+        from alphadrive_ray.train import zero_checkpoint
 
         assert self.engine is not None  # called from load_state, after begin_stage
         target = Path(path).with_name(f"learner-w{self.world_size}-z{self.spec.zero_stage}")

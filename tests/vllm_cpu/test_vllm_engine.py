@@ -62,7 +62,7 @@ def chat(engine):
 @pytest.fixture(scope="module")
 def synced(engine, hf, chat, learner_tensors, scenes):
     """Both engines after a sync of the learner's weights; what the vLLM engine answered before it."""
-    from alphadrive_ray.serving import ChatSampling
+    from alphadrive_ray.serve.backend import ChatSampling
 
     before = {
         "greedy": engine.generate(scenes[:8], GREEDY),
@@ -210,7 +210,7 @@ def test_logprobs_agree_with_the_learners(engine, hf, synced, scenes, temperatur
 def test_chat_backend_matches_the_hf_chat_backend(chat, synced, learner_run, learner_tensors):
     """`serve --engine vllm`: the vLLM chat backend answers greedy requests as the HF one does,
     also for a prompt whose KV blocks were cached before the sync."""
-    from alphadrive_ray.serving import ChatSampling, HFChatBackend
+    from alphadrive_ray.serve.app import ChatSampling, HFChatBackend
 
     assert chat.vision is False
     reference = HFChatBackend(learner_run["model"])

@@ -112,7 +112,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from alphadrive_ray.serving import ServerOptions, create_app, load_backend
+    from alphadrive_ray.serve.app import ServerOptions, create_app, load_backend
 
     name = args.served_model_name or Path(args.model_dir).resolve().name
     backend = load_backend(args.engine, args.model_dir, device=args.device, dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels)

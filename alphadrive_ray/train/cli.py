@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from alphadrive_ray.config import load_config
 
     config = load_config(args.config, args.overrides)
-    from alphadrive_ray.trainer import stage_labels, train
+    from alphadrive_ray.train.trainer import stage_labels, train
 
     summary = train(config, resume=args.resume)
     acc = summary.accuracy

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     """(the DeepSpeed learner folder, the run folder or None) for what a user may pass."""
-    from alphadrive_ray.checkpoint import CheckpointManager
+    from alphadrive_ray.train.checkpoint import CheckpointManager
 
     path = Path(path)
     if not path.exists():
@@ -96,7 +96,7 @@ def export_checkpoint(
     data.max_pixels; 0: the base model's own)."""
     import torch
 
-    from alphadrive_ray import zero_checkpoint
+    from alphadrive_ray.train import zero_checkpoint
     from alphadrive_ray.models.loading import load_model, load_processor, read_model_type, torch_dtype
 
     out = Path(out_dir)

@@ -27,13 +27,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 from urllib.parse import unquote, urljoin, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from alphadrive_ray.data.records import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
 from alphadrive_ray.errors import UserError
+from alphadrive_ray.serve.backend import ApiError, ChatBackend, ChatChoice, ChatResult, ChatSampling, bad_request
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 HTTP_IMAGE_TIMEOUT_S = 10.0
@@ -41,58 +42,6 @@ MAX_REDIRECTS = 5
 MAX_N = 16
 # looked up with a request's role as sent (any JSON value)
 ROLES: dict[Any, str] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-class ApiError(Exception):
-    """An error answered to the client as an OpenAI-style JSON body."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None, kind: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
-
-
-@dataclass(frozen=True)
-class ChatSampling:
-    n: int = 1
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    max_tokens: int = 256
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class ChatChoice:
-    text: str
-    finish_reason: str  # "stop" | "length"
-    completion_tokens: int
-
-
-@dataclass
-class ChatResult:
-    choices: list[ChatChoice]
-    prompt_tokens: int
-
-
-class ChatBackend(Protocol):
-    vision: bool
-    """Whether the model takes images."""
-
-    def generate(self, messages: list[dict], images: list, params: ChatSampling) -> ChatResult:
-        """`messages`: [{"role", "content": [{"type": "text", "text"} | {"type": "image"}]}], the
-        i-th image part standing for `images[i]` (PIL RGB images)."""
-        ...
 
 
 # --- images ------------------------------------------------------------------------------

@@ -22,13 +22,13 @@ from typing import Sequence
 
 from alphadrive_ray import interrupts
 from alphadrive_ray.actions import format_completion
-from alphadrive_ray.checkpoint import CheckpointManager, TrainerState
+from alphadrive_ray.train.checkpoint import CheckpointManager, TrainerState
 from alphadrive_ray.config import Config
 from alphadrive_ray.dashboard import RayMetricsSink
 from alphadrive_ray.data.records import Record, load_records
 from alphadrive_ray.engines.base import Group, SamplingParams
 from alphadrive_ray.errors import RunAborted, UserError
-from alphadrive_ray.schedule import EpochSampler, constant_lr, cosine_lr
+from alphadrive_ray.train.schedule import EpochSampler, constant_lr, cosine_lr
 from alphadrive_ray.tracking import Tracker, progress_line
 
 
@@ -389,7 +389,7 @@ class Trainer:
         self.ckpt.check_resumable(self.config.grpo.beta)
         state = self.ckpt.load_state(path)
         c = self.config
-        from alphadrive_ray.zero_checkpoint import checkpoint_layout
+        from alphadrive_ray.train.zero_checkpoint import checkpoint_layout
 
         stage, world = checkpoint_layout(path / "learner" / "state")
         if c.learner.zero_stage > 0 and (stage, world) != (c.learner.zero_stage, c.learner.num_workers):
