@@ -25,8 +25,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "alphadrive_ray.train.cli",
     "alphadrive_ray.distill.cli",
     "alphadrive_ray.serve.cli",
-    "alphadrive_ray.run_report",
-    "alphadrive_ray.train.export",
 )
 
 

@@ -27,7 +27,6 @@ are left out with a note.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -719,20 +718,3 @@ def write_run_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str
 # --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "report",
-        help="write one self-contained HTML page for a run (curves, stages side by side, scenes, timings, config)",
-        description="Write RUN_DIR/run_report.html (or --out): every figure and image inside the one file.",
-    )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/quickstart")
-    parser.add_argument("--out", default=None, metavar="FILE", help=f"where to write the page (default RUN_DIR/{REPORT_NAME})")
-    parser.set_defaults(func=run_report_command)
-
-
-def run_report_command(args: argparse.Namespace) -> int:
-    path = write_run_report(args.run_dir, args.out)
-    print(f"wrote {path}")
-    return 0

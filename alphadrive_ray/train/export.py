@@ -1,4 +1,4 @@
-"""`alphadrive-ray export CHECKPOINT_DIR OUT_DIR`: a resumable checkpoint as a Hugging Face model folder.
+"""A resumable checkpoint as a Hugging Face model folder (`alphadrive-ray export CHECKPOINT_DIR OUT_DIR`, train/cli.py).
 
     alphadrive-ray export runs/quickstart/checkpoints/grpo-000020 exported/
     alphadrive-ray export runs/quickstart exported/            # the run's latest checkpoint
@@ -13,30 +13,10 @@ vision tower) and saved with `save_pretrained` next to the processor. `serve`, `
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from alphadrive_ray.errors import UserError
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "export",
-        help="turn a resumable checkpoint (any ZeRO stage, any learner count) into a Hugging Face model folder",
-        description=(
-            "Write OUT_DIR with save_pretrained: the weights of a checkpoint of a run "
-            "(runs/<name>/checkpoints/<stage>-<step>, the checkpoints folder or the run folder: its latest "
-            "checkpoint), in the run's base model, with its processor."
-        ),
-    )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint folder, a run's checkpoints/ folder or a run folder")
-    parser.add_argument("out", metavar="OUT_DIR", help="the Hugging Face folder to write (must not exist, or be empty)")
-    parser.add_argument("--model", default=None, metavar="BASE", help="base model folder (default: model.path of the run's config.yaml)")
-    parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="weights dtype (default: model.dtype of the run, else float32)"
-    )
-    parser.set_defaults(func=run_export)
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
@@ -60,32 +40,6 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
         return path / "learner", run_dir
     return path, None  # a DeepSpeed folder given directly: --model says what it belongs to
-
-
-def run_export(args: argparse.Namespace) -> int:
-    learner_dir, run_dir = resolve_checkpoint(args.checkpoint)
-    config: dict = {}
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        import yaml
-
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    model_cfg = config.get("model") or {}
-    base = args.model or model_cfg.get("path")
-    if not base:
-        raise UserError(f"{args.checkpoint}: no run config names the base model; pass --model BASE (the model.path the run trained)")
-    if not Path(base).is_dir() and run_dir is not None and (run_dir.parent.parent / base).is_dir():
-        base = str(run_dir.parent.parent / base)  # a relative model.path, from where the run was started
-    data_cfg = config.get("data") or {}
-    out = export_checkpoint(
-        learner_dir,
-        args.out,
-        base,
-        args.dtype or model_cfg.get("dtype") or "float32",
-        min_pixels=int(data_cfg.get("min_pixels") or 0),
-        max_pixels=int(data_cfg.get("max_pixels") or 0),
-    )
-    print(f"exported {learner_dir} -> {out}")
-    return 0
 
 
 def export_checkpoint(
