@@ -159,6 +159,20 @@ def test_a_lora_learner_trains_syncs_checkpoints_and_exports_merged_weights(ray_
         group.load_state(str(tmp_path / "ckpt"))
         assert all(torch.equal(saved[n], t) for n, t in group.state_dict_cpu().items())
 
+        # `alphadrive-ray export` of that checkpoint merges its adapters into the base weights
+        from alphadrive_ray.errors import UserError
+        from alphadrive_ray.train.export import export_checkpoint
+
+        with pytest.raises(UserError, match="holds LoRA adapters but no run config gives lora.alpha"):
+            export_checkpoint(tmp_path / "ckpt", tmp_path / "from-ckpt", tiny_vl_dir)
+        exported = dict(
+            Qwen2VLForConditionalGeneration.from_pretrained(
+                export_checkpoint(tmp_path / "ckpt", tmp_path / "from-ckpt", tiny_vl_dir, lora_alpha=ALPHA)
+            ).named_parameters()
+        )
+        for name, tensor in saved.items():
+            torch.testing.assert_close(exported[name].detach(), tensor, rtol=0, atol=1e-6)
+
         # the export: a plain Qwen2-VL with the merged weights
         out = group.save_hf(str(tmp_path / "export"))
         exported = dict(Qwen2VLForConditionalGeneration.from_pretrained(out).named_parameters())

@@ -87,6 +87,9 @@ def register_export(subparsers) -> None:
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="weights dtype (default: model.dtype of the run, else float32)"
     )
+    parser.add_argument(
+        "--lora-alpha", type=int, default=None, help="a LoRA run's lora.alpha, to merge its adapters (default: from the run's config.yaml)"
+    )
     parser.set_defaults(func=run_export)
 
 
@@ -114,6 +117,7 @@ def run_export(args: argparse.Namespace) -> int:
         args.dtype or model_cfg.get("dtype") or "float32",
         min_pixels=int(data_cfg.get("min_pixels") or 0),
         max_pixels=int(data_cfg.get("max_pixels") or 0),
+        lora_alpha=args.lora_alpha if args.lora_alpha is not None else (config.get("lora") or {}).get("alpha"),
     )
     print(f"exported {learner_dir} -> {out}")
     return 0

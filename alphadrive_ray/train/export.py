@@ -42,12 +42,47 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     return path, None  # a DeepSpeed folder given directly: --model says what it belongs to
 
 
+def merge_lora(weights: dict, base: dict, alpha: int | None, source: str) -> dict:
+    """A LoRA run's checkpoint tensors (peft names: adapters, and whatever else trained) as
+    base-model tensors: each adapted layer's weight `W + (alpha / r) * B @ A` (W from the base
+    model, which LoRA never changes), the rest renamed. `weights` without adapters pass through."""
+    from alphadrive_ray.lora import PEFT_PREFIX, base_name
+
+    if not any(".lora_A." in name for name in weights):
+        return weights
+    if alpha is None:
+        raise UserError(f"{source}: the checkpoint holds LoRA adapters but no run config gives lora.alpha; pass --lora-alpha")
+    out = {}
+    for name, tensor in weights.items():
+        if ".lora_B." in name or ".base_layer." in name:
+            continue  # B: merged with its A; an adapted layer's own weight: the base model's, unchanged
+        if ".lora_A." in name:
+            layer, adapter = name.split(".lora_A.")
+            b = weights.get(f"{layer}.lora_B.{adapter}")
+            target = base_name(f"{layer}.weight")
+            if b is None or target not in base:
+                raise UserError(f"{source}: adapter {name} has no matching lora_B or base layer {target}")
+            a = tensor.float()
+            out[target] = base[target].detach().float() + (alpha / a.shape[0]) * (b.float() @ a)
+        else:
+            out[base_name(name) if name.startswith(PEFT_PREFIX) else name] = tensor
+    return out
+
+
 def export_checkpoint(
-    learner_dir: str | Path, out_dir: str | Path, base_model: str | Path, dtype: str = "float32", *, min_pixels: int = 0, max_pixels: int = 0
+    learner_dir: str | Path,
+    out_dir: str | Path,
+    base_model: str | Path,
+    dtype: str = "float32",
+    *,
+    min_pixels: int = 0,
+    max_pixels: int = 0,
+    lora_alpha: int | None = None,
 ) -> Path:
     """Write `out_dir`: `base_model` with the weights of the ZeRO checkpoint in `learner_dir`,
     and its processor with the image-size bounds the run trained with (data.min_pixels /
-    data.max_pixels; 0: the base model's own)."""
+    data.max_pixels; 0: the base model's own). A LoRA run's adapters are merged into the base
+    weights (`lora_alpha`: the run's lora.alpha)."""
     import torch
 
     from alphadrive_ray.train import zero_checkpoint
@@ -65,6 +100,7 @@ def export_checkpoint(
     model = load_model(base_model, "float32")
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
+    weights = merge_lora(weights, own, lora_alpha, str(learner_dir))
     unknown = sorted(set(weights) - set(own))
     if unknown:
         raise UserError(
