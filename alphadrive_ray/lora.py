@@ -55,12 +55,6 @@ def base_name(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
 
 
-def is_wrapped(model: Any) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
 def lora_layers(model: Any) -> dict[str, Any]:
     """Adapted layers by their name in the peft-wrapped model."""
     from peft.tuners.lora import LoraLayer
@@ -68,19 +62,50 @@ def lora_layers(model: Any) -> dict[str, Any]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
+def _synced(model: Any, everything: bool) -> Iterator[tuple[str, torch.nn.Parameter, Any]]:
+    """(base-model name, parameter, its adapted layer or None) of each tensor that leaves the
+    learner, in `named_parameters` order: every adapted layer's own weight, the other trainable
+    parameters (all with `everything`); never the adapters themselves."""
+    layers = lora_layers(model)
+    for name, param in model.named_parameters():
+        if ".lora_" in name:  # lora_A, lora_B (lora_embedding_*): their effect is in the merged weights
+            continue
+        layer = layers.get(name.removesuffix(".base_layer.weight")) if name.endswith(".base_layer.weight") else None
+        if layer is not None or everything or param.requires_grad:
+            yield base_name(name), param, layer
+
+
 @torch.no_grad()
 def merged_parameters(model: Any, everything: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(base-model name, tensor) in a fixed order: each adapted layer's merged weight, then the
-    other trainable parameters (all parameters with `everything`). Adapters themselves are not
-    yielded; their effect is in the merged weights."""
-    layers = lora_layers(model)
-    merged_names = {f"{name}.base_layer.weight" for name in layers}
-    for name, param in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name or ".lora_embedding_" in name:
-            continue
-        if name in merged_names:
-            layer = layers[name.removesuffix(".base_layer.weight")]
-            delta = layer.get_delta_weight(ADAPTER)
-            yield base_name(name), (param.data + delta.to(param.dtype)).detach()
-        elif everything or param.requires_grad:
-            yield base_name(name), param.data.detach()
+    """(base-model name, tensor): adapted layers merged, `W + (alpha / r) * B @ A` (peft's delta)."""
+    for name, param, layer in _synced(model, everything):
+        if layer is None:
+            yield name, param.data.detach()
+        else:
+            yield name, (param.data + layer.get_delta_weight(ADAPTER).to(param.dtype)).detach()
+
+
+def synced_metas(model: Any) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of what `merged_parameters(model)` yields, without merging anything."""
+    return [(name, param.dtype, tuple(param.shape)) for name, param, _ in _synced(model, False)]
+
+
+def merge_adapters(weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor], alpha: int) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's tensors (peft names: adapters and whatever else it holds) as base-model
+    tensors: each adapted layer `W + (alpha / r) * B @ A` with W from `base` (LoRA never changes
+    it), the rest renamed. Raises ValueError for an adapter without its pair or base layer."""
+    out = {}
+    for name, tensor in weights.items():
+        if ".lora_B." in name or ".base_layer." in name:
+            continue  # B: merged with its A; an adapted layer's own weight: the base model's, unchanged
+        if ".lora_A." in name:
+            layer, adapter = name.split(".lora_A.")
+            b = weights.get(f"{layer}.lora_B.{adapter}")
+            target = base_name(f"{layer}.weight")
+            if b is None or target not in base:
+                raise ValueError(f"adapter {name} has no matching lora_B or base layer {target}")
+            a = tensor.float()
+            out[target] = base[target].detach().float() + (alpha / a.shape[0]) * (b.float() @ a)
+        else:
+            out[base_name(name)] = tensor
+    return out

@@ -310,11 +310,6 @@ class GlooBroadcastGroup:
         opts.rootRank = src
         self.group.broadcast([tensor], opts).wait()
 
-    def close(self) -> None:
-        # the store's server (rank 0) and connections go with the objects
-        self.group = None
-        self.store = None
-
 
 def broadcast_tensors(group: GlooBroadcastGroup, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
     """Rank 0 of a gloo broadcast group: send each tensor in metadata order (via host memory)."""

@@ -42,18 +42,6 @@ def shape_counts(model: torch.nn.Module, rank: int, targets, train_vision: bool)
     return {"full": full, "lora": adapted + (vision if train_vision else 0), "adapters": adapters}
 
 
-def qwen2vl_2b_meta() -> torch.nn.Module:
-    from qwen2vl_2b import SIZES, VOCABULARY
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    from alphadrive_ray.models.tiny import TinySpec, size_configs
-
-    text, vision = size_configs(TinySpec(**SIZES))
-    config = Qwen2VLConfig(text_config={**text, **VOCABULARY}, vision_config=vision, tie_word_embeddings=VOCABULARY["tie_word_embeddings"])
-    with torch.device("meta"):
-        return Qwen2VLForConditionalGeneration(config)
-
-
 def tiny_measured(model_dir: str, rank: int, train_vision: bool) -> dict[str, int]:
     """The tiny model through the real path: peft wrapping, then the sync's iterator."""
     from alphadrive_ray.lora import apply_lora, merged_parameters
@@ -89,7 +77,9 @@ def main() -> None:
             )
     else:
         print(f"(no tiny model at {args.tiny}: run the demo once, or pass --tiny)")
-    model = qwen2vl_2b_meta()
+    from qwen2vl_2b import meta_model
+
+    model = meta_model()
     for vision in (False, True):
         report(
             f"Qwen2-VL-2B shapes, rank {args.rank}, vision tower {'trained' if vision else 'frozen'}, bf16",

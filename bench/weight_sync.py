@@ -46,17 +46,9 @@ GB = 1e9
 
 def qwen2vl_2b_shapes() -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every parameter of Qwen2-VL-2B-Instruct (config values of the release)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from qwen2vl_2b import meta_model
 
-    from qwen2vl_2b import SIZES, VOCABULARY
-
-    from alphadrive_ray.models.tiny import TinySpec, size_configs
-
-    text, vision = size_configs(TinySpec(**SIZES))
-    config = Qwen2VLConfig(text_config={**text, **VOCABULARY}, vision_config=vision, tie_word_embeddings=VOCABULARY["tie_word_embeddings"])
-    with torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration(config)
-    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    return [(name, tuple(p.shape)) for name, p in meta_model().named_parameters()]
 
 
 def scaled(shapes, scale: float):

@@ -62,6 +62,10 @@ def test_merged_weights_are_the_base_plus_the_scaled_low_rank_update(tiny_vl_dir
     torch.testing.assert_close(merged[name], base[name].detach() + (ALPHA / RANK) * b.detach() @ a.detach())
     assert len(merged) == 7 * sum(1 for n in base if n.endswith("self_attn.q_proj.weight"))  # 7 targets per block
     assert all(".lora_" not in n for n in merged)
+    # what a broadcast announces before it sends, computed without merging
+    from alphadrive_ray.lora import synced_metas
+
+    assert synced_metas(model) == [(n, t.dtype, tuple(t.shape)) for n, t in merged_parameters(model)]
 
 
 def test_targets_that_match_nothing_are_a_clear_error(tiny_vl_dir):

@@ -217,9 +217,7 @@ class HFEngine:
         replacing any group joined before (see weight_sync, "broadcast groups")."""
         from alphadrive_ray.weight_sync import GlooBroadcastGroup
 
-        old, self._sync_group = getattr(self, "_sync_group", None), None
-        if old is not None:
-            old.close()
+        self._sync_group = None  # the old group (its connections) goes first
         self._sync_group = GlooBroadcastGroup(master_address, master_port, rank_offset, world_size)
 
     def receive_weights_broadcast(self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int) -> int:

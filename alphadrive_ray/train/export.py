@@ -42,33 +42,6 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     return path, None  # a DeepSpeed folder given directly: --model says what it belongs to
 
 
-def merge_lora(weights: dict, base: dict, alpha: int | None, source: str) -> dict:
-    """A LoRA run's checkpoint tensors (peft names: adapters, and whatever else trained) as
-    base-model tensors: each adapted layer's weight `W + (alpha / r) * B @ A` (W from the base
-    model, which LoRA never changes), the rest renamed. `weights` without adapters pass through."""
-    from alphadrive_ray.lora import PEFT_PREFIX, base_name
-
-    if not any(".lora_A." in name for name in weights):
-        return weights
-    if alpha is None:
-        raise UserError(f"{source}: the checkpoint holds LoRA adapters but no run config gives lora.alpha; pass --lora-alpha")
-    out = {}
-    for name, tensor in weights.items():
-        if ".lora_B." in name or ".base_layer." in name:
-            continue  # B: merged with its A; an adapted layer's own weight: the base model's, unchanged
-        if ".lora_A." in name:
-            layer, adapter = name.split(".lora_A.")
-            b = weights.get(f"{layer}.lora_B.{adapter}")
-            target = base_name(f"{layer}.weight")
-            if b is None or target not in base:
-                raise UserError(f"{source}: adapter {name} has no matching lora_B or base layer {target}")
-            a = tensor.float()
-            out[target] = base[target].detach().float() + (alpha / a.shape[0]) * (b.float() @ a)
-        else:
-            out[base_name(name) if name.startswith(PEFT_PREFIX) else name] = tensor
-    return out
-
-
 def export_checkpoint(
     learner_dir: str | Path,
     out_dir: str | Path,
@@ -100,7 +73,15 @@ def export_checkpoint(
     model = load_model(base_model, "float32")
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
-    weights = merge_lora(weights, own, lora_alpha, str(learner_dir))
+    if any(".lora_A." in name for name in weights):
+        from alphadrive_ray.lora import merge_adapters
+
+        if lora_alpha is None:
+            raise UserError(f"{learner_dir}: the checkpoint holds LoRA adapters but no run config gives lora.alpha; pass --lora-alpha")
+        try:
+            weights = merge_adapters(weights, own, lora_alpha)
+        except ValueError as exc:
+            raise UserError(f"{learner_dir}: {exc}") from None
     unknown = sorted(set(weights) - set(own))
     if unknown:
         raise UserError(

@@ -280,10 +280,7 @@ class Trainer:
         return {g.record.id: g.completions[0].text for g in self.rollout.generate(self.eval_records, params)}
 
     def planning_accuracy(self, predictions: dict[str, str]) -> float:
-        from alphadrive_ray.rewards import parse_plan
-
-        right = sum(parse_plan(predictions[r.id]) == (r.speed_action, r.path_action) for r in self.eval_records)
-        return right / len(self.eval_records)
+        return sum(self._correct(predictions)) / len(self.eval_records)
 
     def _correct(self, predictions: dict[str, str]) -> list[bool]:
         """Per held-out scene (in the split's order): is the plan in `predictions` the label?"""

@@ -182,8 +182,8 @@ class RolloutGroup(_ActorGroup):
         self.pg = pg
         self.max_retries = max_retries
         self.tensor_parallel_size = tensor_parallel_size  # vLLM workers per engine (NCCL ranks)
-        # the weights every engine holds; a restarted worker loads them again
-        self.weights: tuple[list, int] | None = None
+        # the object-store buckets of the last sync, which a restarted worker loads again
+        self.bucket_refs: list | None = None
         self.version = 0  # of the last sync (0: the weights the engines started with)
         # broadcast sync (sync.backend nccl / gloo): the learners that send, the backend, and
         # whether the group's members are all joined (a restarted worker is not)
@@ -267,9 +267,8 @@ class RolloutGroup(_ActorGroup):
                 # the restarted worker left the group: every member joins a new one, then the
                 # current weights go out again (the others receive what they hold)
                 self.broadcast_weights(self.version, rejoin=True)
-        elif self.weights is not None:
-            bucket_refs, version = self.weights
-            job.rollout.load_weights.remote(bucket_refs, version)  # runs first on the restarted actor
+        elif self.bucket_refs is not None:
+            job.rollout.load_weights.remote(self.bucket_refs, self.version)  # runs first on the restarted actor
         job.gen_ref = job.rollout.generate.remote(job.records, job.params)
         if job.reward is not None:
             job.score_ref = job.reward.score.remote(job.gen_ref)
@@ -278,7 +277,7 @@ class RolloutGroup(_ActorGroup):
         return self.collect(self.submit(records, params))[0]
 
     def load_weights(self, bucket_refs: list, version: int) -> list[int]:
-        self.weights = (bucket_refs, version)
+        self.bucket_refs = bucket_refs
         self.version = version
         out = []
         for actor in self.actors:

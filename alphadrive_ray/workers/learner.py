@@ -477,7 +477,9 @@ class LearnerWorker(ProcessInfo):
     def weight_metas(self) -> list[tuple[str, str, list[int]]]:
         """(name, dtype, shape) of each synced parameter, in the broadcast order."""
         if self.lora:
-            return [(name, weight_sync.dtype_name(t.dtype), list(t.shape)) for name, t in self.iter_full_parameters()]
+            from alphadrive_ray.lora import synced_metas
+
+            return [(name, weight_sync.dtype_name(dtype), list(shape)) for name, dtype, shape in synced_metas(self.model)]
         out = []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
@@ -490,9 +492,7 @@ class LearnerWorker(ProcessInfo):
         a group it held before is closed first."""
         if self.rank != 0:
             return
-        old, self._sync_group = getattr(self, "_sync_group", None), None
-        if old is not None and hasattr(old, "close"):
-            old.close()
+        self._sync_group = None  # the old group (its connections) goes first
         if backend == "gloo":
             self._sync_group = weight_sync.GlooBroadcastGroup(master_address, master_port, 0, world_size)
         else:
