@@ -268,3 +268,33 @@ def test_mismatched_lengths_are_rejected():
         compute_caption_metrics(["a"], [])
     with pytest.raises(ValueError):
         compute_caption_metrics(["a"], [[]])
+
+
+def test_work_beside_the_tokenizer_runs_in_the_calling_thread_and_changes_no_score(ours):
+    import threading
+
+    seen = []
+
+    def work():
+        # runs here while the tokenizer's thread waits on its JVM
+        seen.append((threading.current_thread() is threading.main_thread(), [t.name for t in threading.enumerate()]))
+
+    beside = compute_caption_metrics([h for h, _ in PAIRS], [[r] for _, r in PAIRS], while_tokenizing=work)
+    ((in_main, threads),) = seen
+    assert in_main and "ptb-tokenizer" in threads
+    for name in ("bleu4", "cider", "meteor"):
+        assert beside[name] == ours[name] and beside["per_sample"][name] == ours["per_sample"][name]
+
+
+def test_a_failure_beside_the_tokenizer_propagates_once_the_tokenizer_is_done():
+    import threading
+
+    from alphadrive_ray.evaluation import captions
+
+    def work():
+        raise ValueError("figure failed")
+
+    with pytest.raises(ValueError, match="figure failed"):
+        compute_caption_metrics(["a red light"], [["a red light"]], while_tokenizing=work)
+    assert not [t for t in threading.enumerate() if t.name in ("ptb-tokenizer", "meteor")]
+    assert captions._prestarted == []

@@ -72,6 +72,7 @@ def compute_caption_metrics(
     *,
     on_stage: Callable[[str], None] | None = None,
     meteor_timeout_s: float | None = None,
+    while_tokenizing: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Corpus BLEU-4, CIDEr and METEOR of `hypotheses[i]` against the references `references[i]`.
 
@@ -83,7 +84,9 @@ def compute_caption_metrics(
     both on the PTB tokens the other scores use; `bleu4_check` compares nltk's and
     pycocoevalcap's corpus BLEU-4 where they are defined alike (`nltk_bleu`). Texts are sanitised with
     `sanitize_caption` first. `on_stage(name)` is called as each stage ends (progress bars).
-    Raises UserError when Java is missing.
+    `while_tokenizing()` runs in the calling thread while the PTB tokenizer's JVM works (which
+    leaves Python idle for a second or more per 10k pairs); an exception from it propagates once
+    the tokenizer is done. Raises UserError when Java is missing.
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
@@ -112,7 +115,7 @@ def compute_caption_metrics(
 
     meteor = _take_prestarted() or _start_meteor()  # the JVM loads its tables while the tokenizer runs
     try:
-        gts_tok, res_tok = tokenize(gts, res)
+        gts_tok, res_tok = _tokenize_beside(gts, res, while_tokenizing)
         stage("tokenize")
 
         meteor_result: dict[str, Any] = {}
@@ -211,6 +214,29 @@ def coco_bleu4_of(scorer: Any, indices: Sequence[int]) -> float:
     subset.ctest = [scorer.ctest[i] for i in indices]
     score, _ = subset.compute_score(option="closest", verbose=0)
     return float(score[3])
+
+
+def _tokenize_beside(gts: dict, res: dict, work: Callable[[], None] | None) -> tuple[dict, dict]:
+    """`tokenize(gts, res)`, in a thread while `work()` runs in this one (without work: here)."""
+    if work is None:
+        return tokenize(gts, res)
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["tokens"] = tokenize(gts, res)
+        except BaseException as exc:  # noqa: BLE001 - raised by the calling thread
+            result["error"] = exc
+
+    tokenizer = threading.Thread(target=run, name="ptb-tokenizer", daemon=True)
+    tokenizer.start()
+    try:
+        work()
+    finally:
+        tokenizer.join()
+    if "error" in result:
+        raise result["error"]
+    return result["tokens"]
 
 
 def tokenize(gts: dict, res: dict) -> tuple[dict, dict]:

@@ -42,14 +42,13 @@ def write_report(
     extra: Mapping[str, Any] | None = None,
     *,
     title: str = "AlphaDrive evaluation",
+    figures_drawn: bool = False,
 ) -> Path:
-    """Write `out_dir/report.html` and the PNGs of `FIGURES`; returns the report's path."""
+    """Write `out_dir/report.html` and the PNGs of `FIGURES` (unless `figures_drawn`: an earlier
+    `draw_figures` of the same metrics wrote them); returns the report's path."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    draw_f1_bars(metrics, out / FIGURES["f1"])
-    for family in FAMILIES:
-        draw_confusion(metrics, family, out / FIGURES[f"confusion_{family}"])
-    draw_parse_rates(metrics, out / FIGURES["format"])
+    if not figures_drawn:
+        draw_figures(metrics, out)
     page = render_html(metrics, samples, extra, title=title)
     path = out / "report.html"
     tmp = path.with_name(path.name + ".tmp")
@@ -61,6 +60,17 @@ def write_report(
 # --------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------
+
+
+def draw_figures(metrics: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> None:
+    """The PNGs of `FIGURES` into `out_dir`. They need only the planning sections of `metrics`
+    (planning, confusion, parse), so `evaluate` draws them while the reasoning is tokenised."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    draw_f1_bars(metrics, out / FIGURES["f1"])
+    for family in FAMILIES:
+        draw_confusion(metrics, family, out / FIGURES[f"confusion_{family}"])
+    draw_parse_rates(metrics, out / FIGURES["format"])
 
 
 def _figure(width: float, height: float):

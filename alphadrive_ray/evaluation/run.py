@@ -107,18 +107,28 @@ def evaluate(
             metrics["planning"].update({k: ceiling[k] for k in ("ceiling", "ceiling_expected", "bayes_agreement")})
         metrics["parse"] = planning["parse"]
         stage("planning")
-        metrics["reasoning"], per_sample = compute_reasoning_metrics(parsed, alignment.records, enabled=reasoning_metrics, on_stage=stage)
+        out = Path(out_dir)
+        drawn: list[bool] = []
+
+        def figures_while_tokenizing() -> None:  # the planning figures, while the JVM tokenises the reasoning
+            from alphadrive_ray.evaluation.report import draw_figures
+
+            draw_figures({**metrics, "confusion": planning["confusion"]}, out)
+            drawn.append(True)
+
+        metrics["reasoning"], per_sample = compute_reasoning_metrics(
+            parsed, alignment.records, enabled=reasoning_metrics, on_stage=stage, while_tokenizing=figures_while_tokenizing
+        )
         metrics["ids"] = alignment.summary(len(predictions), len(references))
         metrics["confusion"] = planning["confusion"]
 
-        out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         samples = build_samples(alignment.records, alignment.outputs, parsed, per_sample, n_samples)
         write_json(out / "metrics.json", metrics)  # first, so that a failing report loses nothing
         write_scored_predictions(out / SCORED_PREDICTIONS, predictions, alignment.records, parsed, per_sample)
         from alphadrive_ray.evaluation.report import write_report
 
-        write_report(out, metrics, samples, extra, title=title)
+        write_report(out, metrics, samples, extra, title=title, figures_drawn=bool(drawn))
         stage("report")
         timing["total"] = round(time.perf_counter() - started, 3)
         metrics["timing_s"] = timing
@@ -154,11 +164,14 @@ def compute_reasoning_metrics(
     *,
     enabled: bool = True,
     on_stage: Callable[[str], None] | None = None,
+    while_tokenizing: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Any], dict[int, dict[str, float]]]:
     """The `reasoning` section and per-sample scores (by sample index) for the report.
 
     Pairs are (predicted <think> text, reference reasoning) over the samples whose reference
     has a non-blank reasoning; an output without a <think> block is scored as an empty text.
+    `while_tokenizing` runs in this thread while the PTB tokenizer's JVM works (only when
+    there is something to score; see `compute_caption_metrics`).
     """
     with_reference = [i for i, record in enumerate(records) if record.reasoning and record.reasoning.strip()]
     no_think = sum(1 for i in with_reference if parsed[i].reasoning is None)
@@ -188,6 +201,7 @@ def compute_reasoning_metrics(
         [parsed[i].reasoning or "" for i in with_reference],
         [[cast(str, records[i].reasoning)] for i in with_reference],  # with_reference: those with a reasoning
         on_stage=on_stage,
+        while_tokenizing=while_tokenizing,
     )
     section.update(computed=True, bleu4=scores["bleu4"], cider=scores["cider"], meteor=scores["meteor"])
     if scores["failures"]:  # the other scores are kept; say which one failed and why, in one line
