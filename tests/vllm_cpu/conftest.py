@@ -25,27 +25,48 @@ else:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; the default takes several
 
 
-@pytest.fixture(scope="session")
-def learner_run() -> dict:
-    """What tests/test_vllm_cpu.py left for us: the model folder and the learner's buckets."""
-    folder = os.environ.get("ALPHADRIVE_VLLM_TEST_DIR")
+def _run(variable: str) -> dict:
+    """What tests/test_vllm_cpu.py left in the folder $variable names: the model folder, the
+    learner's buckets."""
+    folder = os.environ.get(variable)
     if not folder:
-        pytest.fail("ALPHADRIVE_VLLM_TEST_DIR is not set: run these tests through tests/test_vllm_cpu.py")
+        pytest.fail(f"{variable} is not set: run these tests through tests/test_vllm_cpu.py")
     manifest = json.loads((Path(folder) / "manifest.json").read_text())
     manifest["folder"] = folder
     return manifest
 
 
-@pytest.fixture(scope="session")
-def learner_tensors(learner_run) -> list:
-    """The learner's exported parameters, (name, tensor), rebuilt by `weight_sync.unpack_bucket`."""
+def _tensors(run: dict) -> list:
+    """A run's exported parameters, (name, tensor), rebuilt by `weight_sync.unpack_bucket`."""
     import numpy as np
 
     from alphadrive_ray.engines.base import TensorMeta
     from alphadrive_ray.weight_sync import unpack_bucket
 
     tensors = []
-    for bucket in learner_run["buckets"]:
+    for bucket in run["buckets"]:
         metas = [TensorMeta(m["name"], m["dtype"], tuple(m["shape"]), m["offset"], m["nbytes"]) for m in bucket["metas"]]
-        tensors += list(unpack_bucket(metas, np.load(Path(learner_run["folder"]) / bucket["file"])))
+        tensors += list(unpack_bucket(metas, np.load(Path(run["folder"]) / bucket["file"])))
     return tensors
+
+
+@pytest.fixture(scope="session")
+def learner_run() -> dict:
+    """The text-only tiny Qwen2 and its learner's buckets."""
+    return _run("ALPHADRIVE_VLLM_TEST_DIR")
+
+
+@pytest.fixture(scope="session")
+def learner_tensors(learner_run) -> list:
+    return _tensors(learner_run)
+
+
+@pytest.fixture(scope="session")
+def vl_run() -> dict:
+    """The tests' tiny Qwen2-VL and its learner's buckets (vision tower included)."""
+    return _run("ALPHADRIVE_VLLM_VL_TEST_DIR")
+
+
+@pytest.fixture(scope="session")
+def vl_tensors(vl_run) -> list:
+    return _tensors(vl_run)

@@ -10,24 +10,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alphadrive_ray import algo
 from alphadrive_ray.engines.base import SamplingParams
 from alphadrive_ray.engines.vllm_engine import RPC_CHUNK_BYTES
-from alphadrive_ray.inputs import completion_logits
 from tests.conftest import TEST_PROMPT
+from tests.vllm_cpu.common import GREEDY, LOGPROB_TOL, max_logprob_gap, token_ids
 
 pytestmark = pytest.mark.vllm_cpu
-
-GREEDY = SamplingParams(n=1, max_new_tokens=24, greedy=True)
 
 # A chat prompt longer than a KV block (128 tokens on CPU), so that vLLM's prefix cache keeps it:
 # answered before and after the sync, it checks that the sync drops KV computed with old weights.
 LONG_CHAT = [{"role": "user", "content": [{"type": "text", "text": "Speed 4.0m/s, navigation 'turn left'. " * 30 + "Plan:"}]}]
 CHAT_GREEDY = dict(n=1, temperature=0.0, max_tokens=16)
-
-# Largest |engine log-prob - learner log-prob| per token accepted, float32 on both sides (see
-# test_logprobs_agree_with_the_learners for the measured gaps).
-LOGPROB_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +65,6 @@ def synced(engine, hf, chat, learner_tensors, scenes):
     assert engine.load_weights(iter(learner_tensors), version=1) == len(learner_tensors)
     assert hf.load_weights(iter(learner_tensors), version=1) == len(learner_tensors)
     return before
-
-
-def token_ids(groups) -> list[list[list[int]]]:
-    return [[c.token_ids for c in g.completions] for g in groups]
 
 
 def test_generates_whole_groups_with_token_ids_and_logprobs(engine, scenes):
@@ -174,22 +163,6 @@ def test_a_partial_sync_keeps_the_other_weights(engine, hf, synced, learner_tens
     finally:
         engine.load_weights(iter(learner_tensors), version=5)
         hf.load_weights(iter(learner_tensors), version=5)
-
-
-def max_logprob_gap(hf, groups, temperature: float, top_p: float) -> float:
-    """Largest |engine log-prob - learner log-prob| over the groups' tokens, the learner's being
-    `algo.compute_token_logprobs` on the HF model's logits (the learner's own code path)."""
-    enc = hf.encoder
-    worst = 0.0
-    for group in groups:
-        tokens = [c.token_ids for c in group.completions]
-        batch = enc.collate([enc.encode(group.record)] * len(tokens), tokens)
-        with torch.no_grad():
-            logits = completion_logits(hf.model, batch)  # [G, C, V]
-        learner = algo.compute_token_logprobs(logits, batch["completion_ids"], temperature, top_p, enc.banned_token_ids)
-        for i, c in enumerate(group.completions):
-            worst = max(worst, (learner[i, : len(c.token_ids)] - torch.tensor(c.logprobs)).abs().max().item())
-    return worst
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.9)])
