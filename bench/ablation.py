@@ -12,11 +12,13 @@ SPEED and PATH class, after training variants that differ only in what is ablate
   the paper's table (`reward.components`; `alphadrive_ray.rewards.score_group` says what leaving
   a component out means): base accuracy only; + format; planning F1 + format; + action weight;
   + diversity (no weight); all four;
-- strategy ablation: SFT only, RL only (GRPO from the untrained tiny model), SFT + RL (the
-  "all four" run of the reward ablation; it runs once), with the untrained model for reference.
+- strategy ablation: SFT only, SFT without reasoning on every label, RL only (GRPO from the
+  untrained tiny model), SFT + RL (the "all four" run of the reward ablation; it runs once),
+  with the untrained model for reference; and, not in the paper, GRPO from the SFT without
+  reasoning (does RL still add to a warm-up that already saw every label?).
 
 Every GRPO run has the same budget (steps, prompts per step, group size, learning rate) and
-starts either from the SFT export of the one SFT run (`checkpoint.export_sft`; then
+starts either from the SFT export of an SFT run (`checkpoint.export_sft`; then
 `model.path=<export>`, `model.init_tiny=false`, `sft.enabled=false`) or, for RL only, from the
 untrained model. Wall seconds of each run and the seconds of its training stages are recorded.
 
@@ -27,8 +29,8 @@ compare with the demo's figures, ceiling included. A policy that only learned th
 prior is exposed by the targets instead: RL only must beat the split's best constant plan by
 20 points.
 
-Budget: every GRPO run takes --grpo-steps (default 40, not the demo's 120: nine runs of the
-real pipeline must fit 90 minutes on 2 cores; the GRPO learning rate is constant after warm-up,
+Budget: every GRPO run takes --grpo-steps (default 40, not the demo's 120: the nine runs of
+the paper's rows must fit 90 minutes on 2 cores; the GRPO learning rate is constant after warm-up,
 so a 40-step run is the first 40 steps of the demo's); SFT without reasoning sees every labelled
 scene once (`sft.epochs: 1`; two epochs over all 8000 would take longer than the reasoning SFT
 and RL together).
@@ -125,7 +127,7 @@ class RunSpec:
 
     key: str  # the run's name (its folder under OUT/runs)
     stage: str  # "sft" (stage 1 only, exports the SFT policy) or "grpo" (stage 2 only)
-    start: str  # "untrained" (the base config's model) or "sft" (the SFT run's export)
+    start: str  # "untrained" (the base config's model) or the key of an SFT run (its export)
     components: tuple[str, ...] = ABLATION_COMPONENTS
     baseline: bool = False  # also evaluate the model before training (eval/untrained)
     sft_target: str = "reasoning"  # stage "sft": `sft.target` (answer: every labelled scene, no reasoning)
@@ -140,7 +142,7 @@ class Row:
     paper: float | None  # the paper's planning accuracy (MetaAD, %), for orientation
     tag: str = "final"  # which evaluation of the run: "final" or "untrained"
     components: str = ""  # shown in the reward table
-    with_sft_run: bool = False  # its seconds include the shared SFT run (the strategy table's SFT + RL)
+    sft_run: str = ""  # its seconds include this SFT run's (the strategy table's SFT + RL rows)
 
 
 RUNS: dict[str, RunSpec] = {
@@ -155,6 +157,7 @@ RUNS: dict[str, RunSpec] = {
         RunSpec("reward-f1-weight-format", "grpo", "sft", ("accuracy", "weight", "format")),
         RunSpec("reward-f1-diversity-format", "grpo", "sft", ("accuracy", "diversity", "format")),
         RunSpec("reward-all", "grpo", "sft", ABLATION_COMPONENTS),
+        RunSpec("sft-answers-rl", "grpo", "sft-answers", ABLATION_COMPONENTS),
     )
 }
 
@@ -178,7 +181,8 @@ TABLES: dict[str, tuple[str, tuple[Row, ...]]] = {
             Row("SFT on the reasoning share", "sft", 65.40),
             Row("SFT without reasoning, every label", "sft-answers", 56.97),
             Row("RL only, from the base", "rl-only", 72.41),
-            Row("SFT + RL", "reward-all", 77.12, with_sft_run=True),
+            Row("SFT + RL", "reward-all", 77.12, sft_run="sft"),
+            Row("SFT without reasoning + RL (not in the paper)", "sft-answers-rl", None, sft_run="sft-answers"),
         ),
     ),
 }
@@ -194,8 +198,9 @@ PATH_HEADERS = {
 
 
 def runs_for(tables: Sequence[str]) -> list[RunSpec]:
-    """The runs the chosen tables need, the SFT run first (the others may start from its export)."""
+    """The runs the chosen tables need, the SFT runs first (the others may start from their exports)."""
     keys = {row.run for name in tables for row in TABLES[name][1]} | {"sft"}
+    keys |= {RUNS[key].start for key in keys if RUNS[key].start != "untrained"}
     return [spec for key, spec in RUNS.items() if key in keys]
 
 
@@ -215,8 +220,8 @@ def run_overrides(spec: RunSpec, common: list[str], user: list[str], base: Confi
     if spec.sft_target == "answer":
         # every labelled scene of the training split, once (the module docstring says why)
         own += [f"sft.samples={max(base.sft.samples, base.data.synth_train.n)}", "sft.epochs=1"]
-    if spec.start == "sft":
-        own += [f"model.path={yaml_value(str(out / 'runs' / 'sft' / 'export-sft'))}", "model.init_tiny=false"]
+    if spec.start != "untrained":
+        own += [f"model.path={yaml_value(str(out / 'runs' / spec.start / 'export-sft'))}", "model.init_tiny=false"]
     else:
         own += [f"model.path={yaml_value(base.model.path)}", f"model.init_tiny={yaml_value(base.model.init_tiny)}"]
     if spec.stage == "sft":
@@ -346,10 +351,10 @@ def run_all(specs: list[RunSpec], planned: dict[str, tuple[list[str], dict]], ba
         overrides, resolved = planned[spec.key]
         run_dir = out / "runs" / spec.key
         result = RunResult(spec.key, run_dir, overrides)
-        what = f"{spec.stage.upper()} from the {'SFT export' if spec.start == 'sft' else 'untrained model'}"
+        what = f"{spec.stage.upper()} from the {'untrained model' if spec.start == 'untrained' else f'export of {spec.start}'}"
         if spec.stage == "grpo":
             what += f", reward components: {', '.join(spec.components) or '(none: exact match)'}"
-        record = finished_run(run_dir, resolved) if reuse and not (spec.start == "sft" and "sft" in rerun) else None
+        record = finished_run(run_dir, resolved) if reuse and spec.start not in rerun else None
         if record is not None:
             result.wall_s, result.reused = record["wall_s"], True
             print(f"[{i}/{len(specs)}] {spec.key}: {what}: reusing the finished run in {run_dir}", flush=True)
@@ -391,8 +396,8 @@ def row_figures(row: Row, results: dict[str, RunResult]) -> dict:
     seconds = result.summary.get("seconds", {})
     train_s = sum(seconds.get(k, 0.0) for k in ("sft", "grpo")) if row.tag == "final" else 0.0
     wall_s = result.wall_s
-    if row.with_sft_run:
-        sft = results["sft"]
+    if row.sft_run:
+        sft = results[row.sft_run]
         train_s += sft.summary.get("seconds", {}).get("sft", 0.0)
         wall_s += sft.wall_s
     return {
@@ -465,6 +470,13 @@ def check_targets(figures: dict[str, list[dict]], results: dict[str, RunResult],
         }
     if both and both["ceiling"]:
         out["sft_rl_vs_ceiling"] = {"share": both["share_of_ceiling"], "met": both["share_of_ceiling"] >= 0.9}
+    answers, answers_rl = by_run.get("sft-answers"), by_run.get("sft-answers-rl")
+    if answers and answers_rl:  # not a target: whether GRPO still adds to a stronger warm-up
+        a = per_scene_right(results["sft-answers"].run_dir, "final", records)
+        b = per_scene_right(results["sft-answers-rl"].run_dir, "final", records)
+        ids = sorted(a)
+        out["answers_rl_vs_answers"] = compare_paired([a[i] for i in ids], [b[i] for i in ids])
+        out["answers_rl_vs_answers"]["share_of_ceiling"] = answers_rl["share_of_ceiling"]
     return out
 
 
@@ -488,6 +500,12 @@ def targets_markdown(t: dict) -> str:
     if "sft_rl_vs_ceiling" in t:
         c = t["sft_rl_vs_ceiling"]
         lines.append(f"- SFT + RL ≥ 0.9 x ceiling: {100 * c['share']:.1f}% of the ceiling: {mark(c['met'])}")
+    if "answers_rl_vs_answers" in t:
+        c = t["answers_rl_vs_answers"]
+        lines.append(
+            f"- Also measured, not a target: RL after SFT without reasoning, {100 * c['delta']:+.2f} points ({c['fixed']} fixed, "
+            f"{c['broken']} broken; p = {c['p_value']:.3g}), {100 * c['share_of_ceiling']:.1f}% of the ceiling"
+        )
     return "\n".join(lines)
 
 
@@ -775,10 +793,13 @@ def write_outputs(plan: Plan, args: argparse.Namespace, results: dict[str, RunRe
         json.dumps({"budget": budget, "tables": figures, "targets": targets, "runs": runs}, indent=2) + "\n", encoding="utf-8"
     )
     written = [out / "results.md", out / "results.json"]
-    sft_accuracy = results["sft"].metrics["final"]["planning"]["accuracy"]
+
+    def start_accuracy(spec: RunSpec) -> float | None:
+        return None if spec.start == "untrained" else results[spec.start].metrics["final"]["planning"]["accuracy"]
+
     for name in plan.tables:
         curves = [
-            Curve(row.label, results[row.run].curve, sft_accuracy if RUNS[row.run].start == "sft" else None)
+            Curve(row.label, results[row.run].curve, start_accuracy(RUNS[row.run]))
             for row in TABLES[name][1]
             if RUNS[row.run].stage == "grpo" and row.tag == "final"
         ]
