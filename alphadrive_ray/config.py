@@ -323,6 +323,12 @@ class SyncConfig:
     zero_copy: bool = True
     """object_store, HF engines on CPU: use the received shared-memory buffers as the engine's
     parameters instead of copying them (read-only; engines on a node share one copy)."""
+    verify: bool = False
+    """After every sync, check that each engine holds the learner's synced tensors bit for bit
+    (a SHA-256 per tensor, taken in the engine's dtype) and stop the run naming the tensors that
+    differ. Costs a hash of the whole model on both sides per sync: for bring-up and debugging
+    (bench/gpu_readiness.py turns it on). hf engine only: vLLM fuses and repacks the tensors it
+    loads; there, `rollout/logp_diff` (engine against learner log-probs) checks the weights."""
 
 
 @dataclass(frozen=True)
@@ -342,7 +348,9 @@ class CheckpointConfig:
     every_steps: int = 0
     """Save a resumable checkpoint every this many GRPO steps (0: only the final one)."""
     keep: int = 2
-    """Resumable checkpoints kept (older ones are deleted)."""
+    """Resumable checkpoints kept (older ones are deleted); 0: none is written, and the run cannot
+    be resumed (quick checks such as bench/gpu_readiness.py, where a 2B model's optimizer state
+    would be 30 GB a checkpoint)."""
     export_hf: bool = True
     """Export the final policy in Hugging Face format (`from_pretrained` loads it) to run_dir/export."""
     export_sft: bool = False
@@ -632,7 +640,11 @@ def validate(c: Config, source: str = "config") -> None:
     check(c.grpo.off_policy_steps in (0, 1), f"grpo.off_policy_steps must be 0 (on-policy) or 1; got {c.grpo.off_policy_steps}")
     check(c.reward.timeout_s > 0, "reward.timeout_s must be > 0")
     check(c.eval.samples >= 0 and c.eval.every_steps >= 0, "eval.samples and eval.every_steps must be >= 0")
-    check(c.checkpoint.keep >= 1, f"checkpoint.keep must be at least 1; got {c.checkpoint.keep}")
+    check(c.checkpoint.keep >= 0, f"checkpoint.keep must be 0 (no checkpoints) or more; got {c.checkpoint.keep}")
+    check(
+        c.checkpoint.keep > 0 or c.checkpoint.every_steps == 0,
+        f"checkpoint.every_steps {c.checkpoint.every_steps} needs checkpoint.keep >= 1 (0 writes no checkpoint)",
+    )
     errors.extend(pixel_bound_problems(c.data.min_pixels, c.data.max_pixels))
     for split in ("synth_train", "synth_eval"):
         synth: SynthSplitConfig = getattr(c.data, split)
@@ -691,6 +703,10 @@ def validate(c: Config, source: str = "config") -> None:
     check(
         c.rollout.engine != "vllm" or c.rollout.gpus_per_worker > 0,
         "rollout.engine=vllm needs GPUs: set rollout.gpus_per_worker (e.g. 1)",
+    )
+    check(
+        not (c.sync.verify and c.rollout.engine == "vllm"),
+        "sync.verify needs rollout.engine=hf: vLLM fuses and repacks the synced tensors (watch rollout/logp_diff instead)",
     )
     check(c.learner.backend != "nccl" or c.learner.gpus_per_worker > 0, "learner.backend=nccl needs learner.gpus_per_worker > 0")
     tp = c.rollout.tensor_parallel_size

@@ -22,6 +22,7 @@ also drives an NCCL broadcast (alphadrive_ray/engines/vllm_engine.py).
 from __future__ import annotations
 
 import bisect
+import hashlib
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
@@ -60,6 +61,24 @@ def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes as a flat uint8 CPU tensor (contiguous CPU tensors: a view, no copy)."""
     return _raw_bytes(t).cpu()
+
+
+def tensor_digest(t: torch.Tensor, dtype: torch.dtype | None = None) -> str:
+    """`dtype[shape]:sha256` of the tensor's bytes (cast to `dtype` first, as a load into a
+    parameter of that dtype casts): equal digests mean bit-equal tensors."""
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return f"{dtype_name(t.dtype)}{list(t.shape)}:{hashlib.sha256(tensor_bytes(t).data).hexdigest()}"
+
+
+def digest_dtype(digest: str) -> torch.dtype:
+    """The dtype a `tensor_digest` was taken in."""
+    return to_dtype(digest.split("[", 1)[0])
+
+
+def digest_mismatches(sent: dict[str, str], held: dict[str, str]) -> list[str]:
+    """Names of the sent tensors that the receiver lacks or holds with other bits (in `sent`'s order)."""
+    return [name for name, digest in sent.items() if held.get(name) != digest]
 
 
 def _part_starts(parts: list[np.ndarray]) -> list[int]:

@@ -176,6 +176,11 @@ COMBINATION_CASES = [
     (["sync.backend=gloo", "rollout.engine=vllm"], "sync.backend=gloo needs rollout.engine=hf"),
     # vLLM needs GPUs
     (["rollout.engine=vllm"], "rollout.engine=vllm needs GPUs: set rollout.gpus_per_worker"),
+    # sync.verify compares the HF engine's parameters by name; vLLM fuses them
+    (["sync.verify=true", "rollout.engine=vllm", "rollout.gpus_per_worker=1"], "sync.verify needs rollout.engine=hf"),
+    # checkpoint.keep 0 writes none, so periodic checkpoints make no sense
+    (["checkpoint.keep=-1"], "checkpoint.keep must be 0 (no checkpoints) or more; got -1"),
+    (["checkpoint.keep=0", "checkpoint.every_steps=10"], "checkpoint.every_steps 10 needs checkpoint.keep >= 1"),
     # tensor parallelism: vLLM only, and each engine holds as many GPUs as it has shards
     (["rollout.tensor_parallel_size=0"], "rollout.tensor_parallel_size must be at least 1; got 0"),
     (["rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size 2 needs rollout.engine=vllm"),

@@ -3,18 +3,24 @@
 - data parallelism does not change the update: 2 ranks (ZeRO-2, ZeRO-3) == 1 rank;
 - gradient accumulation does not change it: micro-batch 1 x 4 == micro-batch 4 x 1;
 - ZeRO-2 ranks hold bit-identical weights;
-- after a sync the engines hold exactly the learner's weights and their outputs change;
+- after a sync the engines hold exactly the learner's weights and their outputs change, and
+  `sync.verify` says so (and names a tensor an engine holds with other bits);
 - groups are never split across rollout workers; the reward pool equals serial scoring.
 """
 
 from __future__ import annotations
 
 import random
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from alphadrive_ray import weight_sync
 from alphadrive_ray.engines.base import SamplingParams
+from alphadrive_ray.errors import RunAborted
+from alphadrive_ray.train.trainer import Trainer
 from tests.conftest import TEST_PROMPT
 
 LR = 1e-4
@@ -151,6 +157,21 @@ def test_sync_puts_the_learner_weights_into_every_engine(ray_cluster, tiny_vl_di
         after = rollout.generate(scenes[:4], greedy)
         assert [g.completions[0].token_ids for g in after] != [g.completions[0].token_ids for g in before]
         assert {c.weight_version for g in after for c in g.completions} == {1}
+
+        # sync.verify's check agrees, and names the one tensor an engine holds with other bits
+        trainer = SimpleNamespace(rollout=rollout, learners=learners, version=1, tracker=SimpleNamespace(say=print), _verified_said=False)
+        assert Trainer.verify_sync(trainer) == len(learner_state)
+        name = next(iter(learner_state))
+        bent = learner_state[name].clone()
+        bent.view(-1)[0] = torch.nextafter(bent.view(-1)[0], torch.tensor(float("inf")))  # one bit of one element
+        ray.get(rollout.actors[1].load_weights.remote(weight_sync.publish(weight_sync.group_buckets([(name, bent)], 2**20)), 1))
+        wrong = rf"rollout worker 1 differs from learner rank 0 in 1 of {len(learner_state)} synced tensors \(first: {re.escape(name)}\)"
+        with pytest.raises(RunAborted, match=wrong):
+            Trainer.verify_sync(trainer)
+        # a learner in float32 checked against a bfloat16 engine compares in the engine's dtype
+        digests = learners.weight_digests({name: "bfloat16"})
+        assert digests[name] == weight_sync.tensor_digest(learner_state[name].to(torch.bfloat16))
+        assert digests[name].startswith(f"bfloat16{list(learner_state[name].shape)}:")
     finally:
         learners.shutdown()
         rollout.shutdown()

@@ -212,6 +212,13 @@ class HFEngine:
         self.weight_version = version
         return n
 
+    @torch.no_grad()
+    def weight_digests(self) -> dict[str, str]:
+        """`weight_sync.tensor_digest` of every parameter, by its checkpoint name (`sync.verify`)."""
+        from alphadrive_ray.weight_sync import tensor_digest
+
+        return {name: tensor_digest(param) for name, param in self._params.items()}
+
     def init_weight_sync_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
         """`sync.backend: gloo`: join learner rank 0's broadcast group (rank `rank_offset`),
         replacing any group joined before (see weight_sync, "broadcast groups")."""

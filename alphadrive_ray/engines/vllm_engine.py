@@ -365,6 +365,13 @@ class VLLMEngine:
     def parameter_names(self) -> list[str]:
         return list(self._shapes)
 
+    def weight_digests(self) -> dict[str, str]:
+        """Not available: vLLM fuses and repacks the checkpoint's tensors on load (q/k/v, gate/up,
+        CPU kernel layouts), so its parameters have no per-name bits to compare. Config
+        validation refuses `sync.verify` with this engine; the GRPO metric `rollout/logp_diff`
+        (engine against learner log-probs of the sampled tokens) checks its weights instead."""
+        raise NotImplementedError("sync.verify needs the hf engine: vLLM fuses and repacks the synced tensors; watch rollout/logp_diff instead")
+
     def generate(self, records: Sequence[Record], params: SamplingParams) -> list[Group]:
         from vllm import SamplingParams as VLLMSamplingParams
 

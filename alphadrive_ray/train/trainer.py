@@ -41,6 +41,7 @@ class RunSummary:
     sft_steps: int = 0
     export_dir: str | None = None
     peak_memory_mb: dict[str, float] = field(default_factory=dict)  # per role, largest process
+    peak_gpu_mb: dict[str, float] = field(default_factory=dict)  # per role that used a GPU, largest process (torch's allocator)
     ceiling: float | None = None  # held-out accuracy of always answering the most likely plan (noisy labels)
     # per-scene comparisons of stages on the held-out split, e.g. "final_vs_sft": fixed, broken,
     # delta and the one-sided exact McNemar p-value (evaluation.metrics.compare_paired)
@@ -210,6 +211,9 @@ class Trainer:
         self.eval_records = list(eval_records)[: c.eval.samples or None]
         self.version = 0
         self.last_sync_bytes = 0
+        self.last_verified = 0  # tensors checked by the last sync's `verify_sync` (sync.verify)
+        self.last_verify_s = 0.0
+        self._verified_said = False
         self.accuracy: dict[str, float] = {}  # held-out planning accuracy by stage
         self.correct: dict[str, list[bool]] = {}  # per held-out scene, by stage: plan right
         self.ceiling: float | None = None
@@ -263,15 +267,44 @@ class Trainer:
             bucket_refs = self.learners.export_weights(self.config.sync.bucket_mb)
             self.rollout.load_weights(bucket_refs, self.version)
             self.last_sync_bytes = sum(meta.nbytes for metas, _ in bucket_refs for meta in metas)
-        return time.monotonic() - start
+        seconds = time.monotonic() - start
+        if self.config.sync.verify:
+            start = time.monotonic()
+            self.last_verified = self.verify_sync()
+            self.last_verify_s = time.monotonic() - start
+        return seconds
 
-    def peak_memory_mb(self) -> dict[str, float]:
-        """Peak resident memory of each role's largest process (MB)."""
+    def verify_sync(self) -> int:
+        """`sync.verify`: every engine must hold learner rank 0's synced tensors bit for bit
+        (compared in the engine's dtype). Returns how many tensors were checked on each engine;
+        raises RunAborted naming the first tensors that differ."""
+        from alphadrive_ray import weight_sync
+
+        held = self.rollout.weight_digests()
+        dtypes = {name: weight_sync.dtype_name(weight_sync.digest_dtype(d)) for name, d in held[0].items()}
+        sent = self.learners.weight_digests(dtypes)
+        for index, engine in enumerate(held):
+            wrong = weight_sync.digest_mismatches(sent, engine)
+            if wrong:
+                raise RunAborted(
+                    f"sync.verify: after weight sync {self.version}, rollout worker {index} differs from learner rank 0 in "
+                    f"{len(wrong)} of {len(sent)} synced tensors (first: {', '.join(wrong[:3])})"
+                )
+        if not self._verified_said:
+            self.tracker.say(f"sync.verify: {len(sent)} synced tensors bit-equal on all {len(held)} engine(s)")
+            self._verified_said = True
+        return len(sent)
+
+    def peak_memory_mb(self, kind: str = "rss") -> dict[str, float]:
+        """Each role's largest process: peak resident memory (MB), or with `kind="gpu"` peak GPU
+        memory allocated through torch (roles that used no GPU are left out)."""
         import ray
 
         out = {}
         for role, actors in (("learner", self.learners.actors), ("rollout", self.rollout.actors), ("reward", self.rewards.actors)):
-            out[role] = round(max(ray.get([a.peak_rss_mb.remote() for a in actors])), 1)
+            peak = round(max(ray.get([getattr(a, f"peak_{kind}_mb").remote() for a in actors])), 1)
+            if kind == "rss" or peak > 0:
+                out[role] = peak
         return out
 
     def predict(self) -> dict[str, str]:
@@ -364,6 +397,8 @@ class Trainer:
         return format_completion(reasoning or "", record.speed_action, record.path_action)
 
     def save_checkpoint(self, stage: str, step: int, sampler_state: dict) -> None:
+        if self.config.checkpoint.keep == 0:
+            return  # checkpoint.keep 0: no resumable checkpoints
         t0 = time.monotonic()
         tmp = self.ckpt.begin(stage, step)
         self.learners.save_state(str(tmp / "learner"), {"stage": stage, "step": step})
@@ -470,7 +505,9 @@ class Trainer:
                 f"stage 2: GRPO, {c.steps} steps of {c.prompts_per_step} prompts x {c.group_size} completions "
                 f"({'one-step off-policy' if c.off_policy_steps else 'on-policy'})"
             )
-            self.learners.begin_stage("grpo", c.beta, str(self.ckpt.reference_path), c.weight_decay)
+            # the reference is saved for a resume; without checkpoints (keep 0) there is none
+            reference = str(self.ckpt.reference_path) if self.config.checkpoint.keep else None
+            self.learners.begin_stage("grpo", c.beta, reference, c.weight_decay)
         use_engine_logprobs = c.off_policy_steps > 0 or c.updates_per_batch > 1
         started = time.monotonic()
         every = self.config.checkpoint.every_steps
@@ -572,6 +609,8 @@ class Trainer:
                 "rollout/weight_version_lag": self.version - 1 - min(c.weight_version for g in groups for c in g.completions),
             }
         )
+        if self.config.sync.verify:
+            out.update({"perf/sync_verified_tensors": self.last_verified, "perf/sync_verify_s": self.last_verify_s})
         return out
 
     def _rollout_metrics(self, groups: Sequence[Group], scores: Sequence[Sequence[dict]]) -> dict:
@@ -729,6 +768,7 @@ def train(config: Config, resume: bool = False) -> RunSummary:
             summary.export_dir = trainer.learners.save_hf(str(run_dir / "export"))
             tracker.say(f"exported the policy in Hugging Face format to {summary.export_dir}")
         summary.peak_memory_mb = trainer.peak_memory_mb()
+        summary.peak_gpu_mb = trainer.peak_memory_mb("gpu")
         summary.seconds["total"] = round(time.monotonic() - t_start, 1)
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         write_run_report(run_dir, say=tracker.say)

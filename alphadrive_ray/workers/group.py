@@ -292,6 +292,10 @@ class RolloutGroup(_ActorGroup):
                     wait_alive(actor)
         return out
 
+    def weight_digests(self) -> list[dict[str, str]]:
+        """Each worker's `weight_digests` (parameter name -> dtype, shape and SHA-256 of its bits)."""
+        return ray.get([actor.weight_digests.remote() for actor in self.actors])
+
     def use_broadcast(self, learners: "LearnerGroup", backend: str) -> None:
         """Sync by broadcast from learner rank 0 (`sync.backend` nccl on GPUs, gloo on CPU) instead
         of through the object store; the group is opened at the first `broadcast_weights`."""
@@ -447,6 +451,10 @@ class LearnerGroup(_ActorGroup):
         self._all("broadcast_weights")
         ray.get(refs)
         return sum(math.prod(shape) * to_dtype(dtype).itemsize for _, dtype, shape in metas)
+
+    def weight_digests(self, dtypes: dict[str, str] | None = None) -> dict[str, str]:
+        # every rank takes part (ZeRO-3 gathers are collectives); rank 0 answers
+        return self._all("weight_digests", dtypes)[0]
 
     def save_hf(self, out_dir: str) -> str:
         return self._all("save_hf", out_dir)[0]

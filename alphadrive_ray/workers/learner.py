@@ -513,6 +513,18 @@ class LearnerWorker(ProcessInfo):
 
         return broadcast_weights(self._sync_group, tensors)
 
+    def weight_digests(self, dtypes: dict[str, str] | None = None) -> dict[str, str]:
+        """Rank 0: `weight_sync.tensor_digest` of every synced parameter, each cast to the dtype
+        `dtypes` names for it (the engine's), as a sync casts on load; other ranks join the
+        ZeRO-3 gathers and return {}."""
+        dtypes = dtypes or {}
+        tensors = self.iter_full_parameters()
+        if self.rank != 0:
+            for _ in tensors:
+                pass
+            return {}
+        return {name: weight_sync.tensor_digest(t, weight_sync.to_dtype(dtypes[name]) if name in dtypes else None) for name, t in tensors}
+
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """Every parameter, gathered, on CPU (tests compare these with the engines')."""
         return {name: t.cpu().clone() for name, t in self.iter_full_parameters(everything=True)}

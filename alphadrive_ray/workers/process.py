@@ -25,7 +25,7 @@ def policy_fields(c: Config) -> dict[str, Any]:
 
 
 class ProcessInfo:
-    """Mixed into the worker actor classes: `pid` and `peak_rss_mb` of the actor's process."""
+    """Mixed into the worker actor classes: `pid`, `peak_rss_mb` and `peak_gpu_mb` of the actor's process."""
 
     def pid(self) -> int:
         return os.getpid()
@@ -33,3 +33,13 @@ class ProcessInfo:
     def peak_rss_mb(self) -> float:
         """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def peak_gpu_mb(self) -> float:
+        """Peak GPU memory this process allocated through torch, on the busiest of its GPUs (0
+        without CUDA, or when the process never used it). A vLLM engine allocates in its own
+        engine process, so a vLLM rollout worker reports about 0 here."""
+        import torch
+
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return 0.0
+        return max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / 2**20

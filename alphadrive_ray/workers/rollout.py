@@ -122,6 +122,10 @@ class RolloutWorker(ProcessInfo):
         params = dict(self.engine.model.named_parameters())
         return {n: params[n].detach().cpu().clone() for n in (names or params)}
 
+    def weight_digests(self) -> dict[str, str]:
+        """`weight_sync.tensor_digest` of each of the engine's parameters, by name (`sync.verify`)."""
+        return self.engine.weight_digests()
+
     def ping(self) -> int:
         return self.index
 
