@@ -12,6 +12,7 @@ NOTE: never `ray stop` here: it stops every Ray process on the machine, other cl
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,6 +24,12 @@ import urllib.request
 from pathlib import Path
 
 VENV_BIN = str(Path(sys.executable).parent)
+# NOTE: one token for every head and client of the test session, passed in the environment.
+# `ray start --head` (Ray 2.60) turns token authentication on only when a token already exists
+# (~/.ray/auth_token, which the first local `ray.init()` of a machine writes): on a fresh
+# machine, a head started before any `ray.init()` ran without authentication while its
+# clients asked for it, and failed.
+AUTH_TOKEN = secrets.token_hex(32)
 
 
 def free_ports(n: int) -> list[int]:
@@ -44,8 +51,9 @@ def client_env(**extra: str) -> dict[str, str]:
     """Environment of Ray clients (`ray job submit`, drivers): the venv first on PATH, token auth."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
-    # NOTE: `ray start --head` (Ray 2.60) turns token authentication on; clients must opt in
+    # token authentication, with the session's token (see AUTH_TOKEN)
     env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = AUTH_TOKEN
     env.update(extra)
     return env
 
@@ -106,8 +114,7 @@ class LocalHead:
             f"--temp-dir={self.temp_dir}",
         ]
         # the venv first on PATH: job entrypoints resolve `python` through the head's PATH
-        env = client_env(**self.extra_env)
-        env.pop("RAY_AUTH_MODE")  # `ray start --head` picks token auth itself
+        env = client_env(**self.extra_env)  # token authentication on, with the session's token
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + timeout_s

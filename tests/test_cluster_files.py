@@ -133,6 +133,17 @@ def test_launcher_dashboard_stays_on_loopback(name):
 
 
 @pytest.mark.parametrize("name", LAUNCHER)
+def test_launcher_turns_token_authentication_on_on_every_node(name):
+    # Ray 2.60's `ray start` turns it on by itself only where a token file already exists
+    config = load(name)
+    starts = [cmd for cmd in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in cmd]
+    assert len(starts) == 2 and all(cmd.startswith("export RAY_AUTH_MODE=token;") for cmd in starts)
+    # every node gets the token the user generated (`ray get-auth-token --generate`), clients too
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    assert "ray get-auth-token --generate" in (REPO / "cluster" / name).read_text()
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
 @pytest.mark.parametrize("job", GPU_JOBS)
 def test_gpu_jobs_fit_the_8_gpu_worker_type(name, job):
     config = load(name)
