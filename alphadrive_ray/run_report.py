@@ -648,12 +648,16 @@ def _timings(run: RunData) -> str:
             + "</table>"
         )
         memory = run.summary.get("peak_memory_mb") or {}
+        gpu = run.summary.get("peak_gpu_mb") or {}
         if memory:
-            parts.append(
-                "<table><tr><th>role</th><th>peak resident memory (MB, largest process)</th></tr>"
-                + "".join(f"<tr><td>{escape(k)}</td>{_num(v, 0)}</tr>" for k, v in memory.items())
-                + "</table>"
-            )
+            header = "<tr><th>role</th><th>peak resident memory (MB, largest process)</th>"
+            if gpu:  # roles that used a GPU (GPU runs only)
+                header += "<th>peak GPU memory (MB, torch's allocator, largest process)</th>"
+            rows = []
+            for role, rss in memory.items():
+                cells = _num(rss, 0) + ((_num(gpu[role], 0) if role in gpu else "<td></td>") if gpu else "")
+                rows.append(f"<tr><td>{escape(role)}</td>{cells}</tr>")
+            parts.append(f"<table>{header}</tr>{''.join(rows)}</table>")
     per_step = []
     for stage in ("sft", "grpo"):
         rows = run.stage_rows(stage)

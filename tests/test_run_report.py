@@ -194,6 +194,21 @@ def test_find_ceilings():
         assert find_ceilings(metrics) == expected
 
 
+def test_peak_gpu_memory_is_a_column_only_for_gpu_runs(run_without_ceiling, tmp_path):
+    import shutil
+
+    assert "peak GPU memory" not in _page(run_without_ceiling)  # a CPU run
+    run_dir = shutil.copytree(run_without_ceiling, tmp_path / "gpu-run")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["peak_memory_mb"] = {"learner": 900.0, "rollout": 700.0, "reward": 300.0}
+    summary["peak_gpu_mb"] = {"learner": 41234.0, "rollout": 5120.0}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    page = _page(run_dir)
+    assert "peak GPU memory (MB, torch's allocator, largest process)" in page
+    assert "<tr><td>learner</td><td>900</td><td>41234</td></tr>" in page.replace(' class="num"', "")
+    assert "<tr><td>reward</td><td>300</td><td></td></tr>" in page.replace(' class="num"', "")
+
+
 def test_a_run_without_summary_or_evaluations_still_renders(tmp_path):
     from alphadrive_ray.tracking import Tracker
 
