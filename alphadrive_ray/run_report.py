@@ -653,11 +653,11 @@ def _timings(run: RunData) -> str:
             header = "<tr><th>role</th><th>peak resident memory (MB, largest process)</th>"
             if gpu:  # roles that used a GPU (GPU runs only)
                 header += "<th>peak GPU memory (MB, torch's allocator, largest process)</th>"
-            rows = []
+            memory_rows = []
             for role, rss in memory.items():
                 cells = _num(rss, 0) + ((_num(gpu[role], 0) if role in gpu else "<td></td>") if gpu else "")
-                rows.append(f"<tr><td>{escape(role)}</td>{cells}</tr>")
-            parts.append(f"<table>{header}</tr>{''.join(rows)}</table>")
+                memory_rows.append(f"<tr><td>{escape(role)}</td>{cells}</tr>")
+            parts.append(f"<table>{header}</tr>{''.join(memory_rows)}</table>")
     per_step = []
     for stage in ("sft", "grpo"):
         rows = run.stage_rows(stage)
