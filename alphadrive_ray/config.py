@@ -349,8 +349,8 @@ class CheckpointConfig:
     """Save a resumable checkpoint every this many GRPO steps (0: only the final one)."""
     keep: int = 2
     """Resumable checkpoints kept (older ones are deleted); 0: none is written, and the run cannot
-    be resumed (quick checks such as bench/gpu_readiness.py, where a 2B model's optimizer state
-    would be 30 GB a checkpoint)."""
+    be resumed (quick checks such as bench/gpu_readiness.py: a 2B model's ZeRO checkpoint, bf16
+    weights plus fp32 master weights and two Adam moments, is 2.2B x 14 bytes, about 31 GB)."""
     export_hf: bool = True
     """Export the final policy in Hugging Face format (`from_pretrained` loads it) to run_dir/export."""
     export_sft: bool = False

@@ -71,9 +71,9 @@ def tensor_digest(t: torch.Tensor, dtype: torch.dtype | None = None) -> str:
     return f"{dtype_name(t.dtype)}{list(t.shape)}:{hashlib.sha256(tensor_bytes(t).data).hexdigest()}"
 
 
-def digest_dtype(digest: str) -> torch.dtype:
-    """The dtype a `tensor_digest` was taken in."""
-    return to_dtype(digest.split("[", 1)[0])
+def digest_dtype(digest: str) -> str:
+    """The name of the dtype a `tensor_digest` was taken in (e.g. "bfloat16")."""
+    return digest.split("[", 1)[0]
 
 
 def digest_mismatches(sent: dict[str, str], held: dict[str, str]) -> list[str]:

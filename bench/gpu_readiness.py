@@ -11,7 +11,7 @@ for each rollout engine, the HF engine and vLLM when it is installed, the real c
 DeepSpeed ZeRO-2 over NCCL, gradient checkpointing, flash attention where installed, the
 release prompt and image bounds, G = 2) and only the scale cut down: a few SFT steps and GRPO
 steps on the synthetic scenes, one learner, one rollout worker, one reward worker, no
-checkpoints (a 2B model's optimizer state is 30 GB a checkpoint; `checkpoint.keep: 0`).
+checkpoints (`checkpoint.keep: 0`; a 2B ZeRO checkpoint is 2.2B x 14 bytes, about 31 GB).
 
 On one GPU the learner and the engine share it (half a GPU each in Ray's accounting; vLLM
 gets --vllm-memory of its memory) and weights go through the object store; with two or more
@@ -104,6 +104,12 @@ class GpuMemoryPoller:
             self._sample()
 
 
+def sync_backend(engine: str, gpus: int) -> str:
+    """vLLM on its own GPU receives the weights over NCCL; on a shared GPU (and the HF engine)
+    they go through the object store."""
+    return "nccl" if engine == "vllm" and gpus >= 2 else "object_store"
+
+
 def overrides(args, engine: str, work: Path, model_dir: Path, gpus: int) -> list[str]:
     """The recipe's settings that change for this check: scale, paths and the machine's shape."""
     cuda = args.device == "cuda"
@@ -116,7 +122,6 @@ def overrides(args, engine: str, work: Path, model_dir: Path, gpus: int) -> list
         attn = "flash_attention_2"  # the recipe's
     else:
         attn = "sdpa"
-    sync = "nccl" if engine == "vllm" and gpus >= 2 else "object_store"
     items = [
         f"run.name=readiness-{engine}",
         f"run.output_dir={work / 'runs'}",
@@ -150,7 +155,7 @@ def overrides(args, engine: str, work: Path, model_dir: Path, gpus: int) -> list
         f"learner.gpus_per_worker={gpu_share}",
         f"learner.cpus_per_worker={max(1, min(8, cores // 2))}",
         f"learner.backend={'nccl' if cuda else 'gloo'}",
-        f"sync.backend={sync}",
+        f"sync.backend={sync_backend(engine, gpus)}",
         f"sync.verify={'true' if engine == 'hf' else 'false'}",
         f"eval.samples={args.eval_samples}",
         "eval.every_steps=0",
@@ -160,23 +165,10 @@ def overrides(args, engine: str, work: Path, model_dir: Path, gpus: int) -> list
         "checkpoint.keep=0",
         "checkpoint.export_hf=false",
         "checkpoint.export_sft=false",
-        "ray.dashboard_host=127.0.0.1",
     ]
     if not cuda:
         items.append("model.gradient_checkpointing=false")
     return items
-
-
-def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
-    """metrics.jsonl by stage."""
-    out: dict[str, list[dict]] = {}
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                out.setdefault(row["stage"], []).append(row)
-    return out
 
 
 def finite(rows: list[dict], key: str) -> bool:
@@ -191,6 +183,9 @@ def median(rows: list[dict], key: str) -> float | None:
 
 def run_engine(args, engine: str, work: Path, model_dir: Path, gpus: int) -> dict:
     """One `alphadrive-ray train` of the recipe with `engine`; its checks and figures."""
+    from alphadrive_ray.errors import UserError
+    from alphadrive_ray.run_report import load_run
+
     cmd = [sys.executable, "-m", "alphadrive_ray.train", str(RECIPE)]
     for item in overrides(args, engine, work, model_dir, gpus):
         cmd += ["--set", item]
@@ -209,10 +204,11 @@ def run_engine(args, engine: str, work: Path, model_dir: Path, gpus: int) -> dic
         rc = proc.wait()
     wall = time.monotonic() - t0
     run_dir = work / "runs" / f"readiness-{engine}"
-    metrics = read_metrics(run_dir)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    sft, grpo = metrics.get("sft", []), metrics.get("grpo", [])
+    try:
+        run = load_run(run_dir)  # the run report's reader: metrics.jsonl (a step logged twice: its last line) and summary.json
+        sft, grpo, summary = run.stage_rows("sft"), run.stage_rows("grpo"), run.summary or {}
+    except UserError:  # the run stopped before it wrote its directory
+        sft, grpo, summary = [], [], {}
     checks: dict[str, bool] = {"exit 0": rc == 0}
     checks["SFT steps ran, losses finite"] = len(sft) == args.sft_steps and finite(sft, "loss/sft")
     checks["GRPO steps ran, losses and KL finite"] = len(grpo) == args.grpo_steps and finite(grpo, "loss/policy") and finite(grpo, "loss/kl")
@@ -241,7 +237,7 @@ def run_engine(args, engine: str, work: Path, model_dir: Path, gpus: int) -> dic
         "sft_step_s": median(sft, "perf/step_s"),
         "sync_gb": sync_mb * 2**20 / 1e9 if sync_mb else None,
         "sync_gb_per_s": (sync_mb * 2**20 / 1e9) / statistics.median(sync_s) if sync_mb and sync_s else None,
-        "sync_backend": "nccl" if engine == "vllm" and gpus >= 2 else "object_store",
+        "sync_backend": sync_backend(engine, gpus),
         "verified_tensors": int(max((r.get("perf/sync_verified_tensors", 0) for r in grpo), default=0)) if engine == "hf" else None,
         "logp_diff": logp_diff,
         "sft_loss": [r.get("loss/sft") for r in sft],

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ import torch
 from alphadrive_ray import weight_sync
 from alphadrive_ray.engines.base import SamplingParams
 from alphadrive_ray.errors import RunAborted
-from alphadrive_ray.train.trainer import Trainer
 from tests.conftest import TEST_PROMPT
 
 LR = 1e-4
@@ -159,15 +157,14 @@ def test_sync_puts_the_learner_weights_into_every_engine(ray_cluster, tiny_vl_di
         assert {c.weight_version for g in after for c in g.completions} == {1}
 
         # sync.verify's check agrees, and names the one tensor an engine holds with other bits
-        trainer = SimpleNamespace(rollout=rollout, learners=learners, version=1, tracker=SimpleNamespace(say=print), _verified_said=False)
-        assert Trainer.verify_sync(trainer) == len(learner_state)
+        assert rollout.verify_weights(learners, 1) == len(learner_state)
         name = next(iter(learner_state))
         bent = learner_state[name].clone()
         bent.view(-1)[0] = torch.nextafter(bent.view(-1)[0], torch.tensor(float("inf")))  # one bit of one element
         ray.get(rollout.actors[1].load_weights.remote(weight_sync.publish(weight_sync.group_buckets([(name, bent)], 2**20)), 1))
         wrong = rf"rollout worker 1 differs from learner rank 0 in 1 of {len(learner_state)} synced tensors \(first: {re.escape(name)}\)"
         with pytest.raises(RunAborted, match=wrong):
-            Trainer.verify_sync(trainer)
+            rollout.verify_weights(learners, 1)
         # a learner in float32 checked against a bfloat16 engine compares in the engine's dtype
         digests = learners.weight_digests({name: "bfloat16"})
         assert digests[name] == weight_sync.tensor_digest(learner_state[name].to(torch.bfloat16))

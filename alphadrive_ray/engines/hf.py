@@ -212,7 +212,6 @@ class HFEngine:
         self.weight_version = version
         return n
 
-    @torch.no_grad()
     def weight_digests(self) -> dict[str, str]:
         """`weight_sync.tensor_digest` of every parameter, by its checkpoint name (`sync.verify`)."""
         from alphadrive_ray.weight_sync import tensor_digest

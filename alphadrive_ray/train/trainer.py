@@ -211,9 +211,8 @@ class Trainer:
         self.eval_records = list(eval_records)[: c.eval.samples or None]
         self.version = 0
         self.last_sync_bytes = 0
-        self.last_verified = 0  # tensors checked by the last sync's `verify_sync` (sync.verify)
+        self.last_verified = 0  # tensors each engine was checked on at the last sync (sync.verify)
         self.last_verify_s = 0.0
-        self._verified_said = False
         self.accuracy: dict[str, float] = {}  # held-out planning accuracy by stage
         self.correct: dict[str, list[bool]] = {}  # per held-out scene, by stage: plan right
         self.ceiling: float | None = None
@@ -269,31 +268,12 @@ class Trainer:
             self.last_sync_bytes = sum(meta.nbytes for metas, _ in bucket_refs for meta in metas)
         seconds = time.monotonic() - start
         if self.config.sync.verify:
-            start = time.monotonic()
-            self.last_verified = self.verify_sync()
+            start, first = time.monotonic(), not self.last_verified
+            self.last_verified = self.rollout.verify_weights(self.learners, self.version)
             self.last_verify_s = time.monotonic() - start
+            if first:
+                self.tracker.say(f"sync.verify: {self.last_verified} synced tensors bit-equal on all {len(self.rollout.actors)} engine(s)")
         return seconds
-
-    def verify_sync(self) -> int:
-        """`sync.verify`: every engine must hold learner rank 0's synced tensors bit for bit
-        (compared in the engine's dtype). Returns how many tensors were checked on each engine;
-        raises RunAborted naming the first tensors that differ."""
-        from alphadrive_ray import weight_sync
-
-        held = self.rollout.weight_digests()
-        dtypes = {name: weight_sync.dtype_name(weight_sync.digest_dtype(d)) for name, d in held[0].items()}
-        sent = self.learners.weight_digests(dtypes)
-        for index, engine in enumerate(held):
-            wrong = weight_sync.digest_mismatches(sent, engine)
-            if wrong:
-                raise RunAborted(
-                    f"sync.verify: after weight sync {self.version}, rollout worker {index} differs from learner rank 0 in "
-                    f"{len(wrong)} of {len(sent)} synced tensors (first: {', '.join(wrong[:3])})"
-                )
-        if not self._verified_said:
-            self.tracker.say(f"sync.verify: {len(sent)} synced tensors bit-equal on all {len(held)} engine(s)")
-            self._verified_said = True
-        return len(sent)
 
     def peak_memory_mb(self, kind: str = "rss") -> dict[str, float]:
         """Each role's largest process: peak resident memory (MB), or with `kind="gpu"` peak GPU

@@ -292,9 +292,22 @@ class RolloutGroup(_ActorGroup):
                     wait_alive(actor)
         return out
 
-    def weight_digests(self) -> list[dict[str, str]]:
-        """Each worker's `weight_digests` (parameter name -> dtype, shape and SHA-256 of its bits)."""
-        return ray.get([actor.weight_digests.remote() for actor in self.actors])
+    def verify_weights(self, learners: "LearnerGroup", version: int) -> int:
+        """`sync.verify`: every engine must hold learner rank 0's synced tensors bit for bit
+        (`weight_sync.tensor_digest`, the learner's cast to the engine's dtype). Returns how many
+        tensors each engine was checked on; raises RunAborted naming the first that differ."""
+        from alphadrive_ray.weight_sync import digest_dtype, digest_mismatches
+
+        held = ray.get([actor.weight_digests.remote() for actor in self.actors])
+        sent = learners.weight_digests({name: digest_dtype(d) for name, d in held[0].items()})
+        for index, engine in enumerate(held):
+            wrong = digest_mismatches(sent, engine)
+            if wrong:
+                raise RunAborted(
+                    f"sync.verify: after weight sync {version}, rollout worker {index} differs from learner rank 0 in "
+                    f"{len(wrong)} of {len(sent)} synced tensors (first: {', '.join(wrong[:3])})"
+                )
+        return len(sent)
 
     def use_broadcast(self, learners: "LearnerGroup", backend: str) -> None:
         """Sync by broadcast from learner rank 0 (`sync.backend` nccl on GPUs, gloo on CPU) instead
